@@ -1,0 +1,515 @@
+//! The `AuthProbe` custom resource (group `authprobe.io`, version `v1alpha1`): the user-facing contract.
+//!
+//! Admission-time validation lives here as schema and CEL rules, so the API server refuses what can be
+//! refused before the controller ever sees it; what only the controller can judge becomes `InvalidSpec`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The annotation on a KSA naming the Google service account it impersonates.
+pub const GSA_ANNOTATION: &str = "iam.gke.io/gcp-service-account";
+/// Setting or changing this annotation on an AuthProbe re-checks it at once, with fresh Google reads.
+pub const PROBE_NOW_ANNOTATION: &str = "authprobe.io/probe-now";
+/// At most this many entries are kept in `status.failures`.
+pub const MAX_FAILURES: usize = 20;
+
+/// What the namespaces and ServiceAccounts selected here must be able to become in Google Cloud.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "authprobe.io",
+    version = "v1alpha1",
+    kind = "AuthProbe",
+    plural = "authprobes",
+    shortname = "ap",
+    status = "AuthProbeStatus",
+    doc = "Checks that every selected Kubernetes ServiceAccount maps to its Google identity",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Namespaces",
+        type_ = "integer",
+        json_path = ".status.summary.namespaces"
+    ),
+    printcolumn(
+        name = "ServiceAccounts",
+        type_ = "integer",
+        json_path = ".status.summary.serviceAccounts"
+    ),
+    printcolumn(name = "Failing", type_ = "integer", json_path = ".status.summary.failing"),
+    printcolumn(name = "Last Probe", type_ = "date", json_path = ".status.lastProbeTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new(
+    "!(self.identity.platform == 'GKE' && self.probe.tokenExchange) || has(self.identity.gke)"
+).message("identity.gke (clusterLocation, clusterName) is required when platform is GKE and probe.tokenExchange is true"))]
+#[serde(rename_all = "camelCase")]
+pub struct AuthProbeSpec {
+    /// Which namespaces to check; `{}` selects every namespace.
+    #[x_kube(validation = Rule::new(SELECTOR_OPERATORS_RULE).message(SELECTOR_OPERATORS_MESSAGE))]
+    #[x_kube(validation = Rule::new(SELECTOR_VALUES_RULE).message(SELECTOR_VALUES_MESSAGE))]
+    pub namespace_selector: LabelSelector,
+
+    /// Which KSAs in each selected namespace; absent: every KSA carrying `iam.gke.io/gcp-service-account`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<ServiceAccountSelection>,
+
+    /// The Google identity every selected KSA must map to.
+    pub identity: Identity,
+
+    /// What each identity must be able to do, tested through the live chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub targets: Vec<Target>,
+
+    /// How and how often to probe.
+    #[serde(default)]
+    pub probe: ProbeSettings,
+}
+
+const SELECTOR_OPERATORS_RULE: &str = "!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'])";
+const SELECTOR_OPERATORS_MESSAGE: &str = "selector operators must be In, NotIn, Exists or DoesNotExist";
+const SELECTOR_VALUES_RULE: &str = "!has(self.matchExpressions) || self.matchExpressions.all(e, (e.operator in ['In', 'NotIn']) == (has(e.values) && size(e.values) > 0))";
+const SELECTOR_VALUES_MESSAGE: &str =
+    "selector values must be non-empty for In and NotIn, and absent for Exists and DoesNotExist";
+
+/// Which ServiceAccounts to check in every selected namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountSelection {
+    /// KSAs that must exist in every selected namespace; a missing one fails with `ServiceAccountMissing`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    #[x_kube(validation = Rule::new(
+        "self.all(n, n.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$'))"
+    ).message("names must be ServiceAccount names: lowercase letters, digits, '-' and '.', at most 253 characters"))]
+    pub names: Vec<String>,
+
+    /// KSAs whose labels match are checked too, in addition to `names`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(SELECTOR_OPERATORS_RULE).message(SELECTOR_OPERATORS_MESSAGE))]
+    #[x_kube(validation = Rule::new(SELECTOR_VALUES_RULE).message(SELECTOR_VALUES_MESSAGE))]
+    pub selector: Option<LabelSelector>,
+}
+
+/// The Google side of the mapping.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.platform != 'Federation' || has(self.federation)")
+    .message("identity.federation is required when platform is Federation"))]
+#[x_kube(validation = Rule::new("self.platform == 'Federation' || !has(self.federation)")
+    .message("identity.federation is only allowed when platform is Federation"))]
+#[x_kube(validation = Rule::new("self.platform != 'GKE' || has(self.projectId)")
+    .message("identity.projectId is required when platform is GKE"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.federation) || !has(self.projectNumber) || self.federation.provider.startsWith('projects/' + self.projectNumber + '/')"
+).message("identity.federation.provider must belong to identity.projectNumber"))]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// Where the KSAs run: `GKE` (the project's `PROJECT_ID.svc.id.goog` pool) or `Federation`.
+    pub platform: Platform,
+
+    /// The Google Cloud project ID (the GKE workload pool is `PROJECT_ID.svc.id.goog`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 30))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z][-a-z0-9]{4,28}[a-z0-9]$')")
+        .message("projectId must be a Google Cloud project ID: 6 to 30 lowercase letters, digits or hyphens, starting with a letter"))]
+    pub project_id: Option<String>,
+
+    /// The project number, needed for `principal://` identifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]{1,20}$')")
+        .message("projectNumber must be digits only, like \"123456789012\""))]
+    pub project_number: Option<String>,
+
+    /// `Impersonation` (KSA -> GSA through `roles/iam.workloadIdentityUser`) or `Direct` (roles granted to the principal).
+    #[serde(default)]
+    pub access: Access,
+
+    /// When set, every GSA named by a KSA must live in one of these projects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub service_account_projects: Vec<String>,
+
+    /// The GKE cluster the KSAs live in, needed for the live GKE token exchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gke: Option<GkeCluster>,
+
+    /// The workload identity pool provider (platform `Federation` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<Federation>,
+}
+
+/// Where the KSAs run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// Workload Identity Federation for GKE.
+    #[serde(rename = "GKE")]
+    Gke,
+    /// A workload identity pool provider trusting the cluster's issuer.
+    Federation,
+}
+
+/// How the principal reaches Google APIs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Access {
+    /// The KSA impersonates the GSA named in its annotation.
+    #[default]
+    Impersonation,
+    /// Roles are granted to the federated principal itself; no annotation is needed.
+    Direct,
+}
+
+/// A GKE cluster.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GkeCluster {
+    /// The cluster's location, e.g. `us-central1`.
+    #[schemars(length(min = 1, max = 64))]
+    pub cluster_location: String,
+    /// The cluster's name.
+    #[schemars(length(min = 1, max = 64))]
+    pub cluster_name: String,
+}
+
+/// A workload identity pool provider.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Federation {
+    /// `projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER`.
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^projects/[0-9]{1,20}/locations/global/workloadIdentityPools/[a-z0-9-]{1,32}/providers/[a-z0-9-]{1,32}$')"
+    ).message("federation.provider must look like projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER"))]
+    pub provider: String,
+
+    /// The audience KSA tokens carry; empty means the provider's default `//iam.googleapis.com/<provider>`.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub audience: String,
+}
+
+/// A Google resource the identity must be able to act on.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// A full resource name, e.g. `//storage.googleapis.com/projects/_/buckets/NAME`.
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('//')")
+        .message("target resource must be a full resource name like //storage.googleapis.com/projects/_/buckets/NAME"))]
+    pub resource: String,
+
+    /// IAM permissions the identity needs there, e.g. `storage.objects.get`.
+    #[schemars(length(min = 1, max = 32), inner(length(max = 128)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    #[x_kube(validation = Rule::new("self.all(p, p.matches('^[a-z][a-zA-Z0-9]*([.][a-zA-Z0-9]+){2}$'))")
+        .message("permissions must look like service.resource.verb, e.g. storage.objects.get"))]
+    pub permissions: Vec<String>,
+}
+
+/// How and how often to probe.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeSettings {
+    /// Periodic re-check; changes to KSAs, Namespaces and the spec re-check at once. 30s to 24h.
+    #[serde(default = "default_interval")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("{DURATION_SHAPE} && duration(self) >= duration('30s') && duration(self) <= duration('24h')"))
+        .message("probe.interval must be a duration from 30s to 24h, like 90s, 10m or 1h30m"))]
+    pub interval: String,
+
+    /// Run the live chain (TokenRequest, exchange, impersonation, targets); false: no token is ever minted.
+    #[serde(default)]
+    pub token_exchange: bool,
+
+    /// Failures within this long after a change are Unknown/PropagationPending instead of False. 0s to 1h.
+    #[serde(default = "default_propagation_grace")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("{DURATION_SHAPE} && duration(self) >= duration('0s') && duration(self) <= duration('1h')"))
+        .message("probe.propagationGrace must be a duration from 0s to 1h, like 0s, 90s or 7m"))]
+    pub propagation_grace: String,
+}
+
+/// A Go/Kubernetes duration such as `90s`, `5m` or `1h30m`; checked first so `duration()` never errors.
+const DURATION_SHAPE: &str = r"self.matches('^([0-9]+([.][0-9]+)?(ns|us|µs|ms|s|m|h))+$')";
+
+fn default_interval() -> String {
+    "10m".into()
+}
+
+fn default_propagation_grace() -> String {
+    "7m".into()
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            interval: default_interval(),
+            token_exchange: false,
+            propagation_grace: default_propagation_grace(),
+        }
+    }
+}
+
+/// What the last probe pass found.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthProbeStatus {
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// When the last probe pass finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<Time>,
+
+    /// Counts over every checked KSA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
+
+    /// `Ready`, `MappingsVerified`, `TokenExchangeVerified` and `CheckerHealthy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Failing entries first, then unknown ones, at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub failures: Vec<Failure>,
+}
+
+/// Counts over every checked KSA.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// Selected namespaces.
+    pub namespaces: u32,
+    /// Checked KSAs, including required names that do not exist.
+    pub service_accounts: u32,
+    /// KSAs that passed every enabled check.
+    pub passing: u32,
+    /// KSAs that are definitely broken.
+    pub failing: u32,
+    /// KSAs authprobe could not decide.
+    pub unknown: u32,
+}
+
+/// One KSA that is failing or could not be decided.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    /// The KSA's namespace.
+    pub namespace: String,
+    /// The KSA's name.
+    pub service_account: String,
+    /// The step of the chain that failed.
+    pub stage: Stage,
+    /// Why, as a stable reason.
+    pub reason: Reason,
+    /// What failed, the upstream error (redacted, at most 1 KiB) and the fix.
+    pub message: String,
+    /// When this reason was first seen for this KSA.
+    pub since: Time,
+}
+
+/// The steps of the chain, in the order a workload goes through them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// The KSA, its annotation and the spec.
+    Static,
+    /// The GSA's allow policy and the GSA itself.
+    #[serde(rename = "IAMPolicy")]
+    IamPolicy,
+    /// The workload identity pool and provider (Federation).
+    Provider,
+    /// TokenRequest and the STS or GKE exchange.
+    TokenExchange,
+    /// `generateAccessToken` on the GSA.
+    Impersonation,
+    /// `testIamPermissions` on a target.
+    Target,
+}
+
+impl Stage {
+    /// The stage as written in status, events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Static => "Static",
+            Stage::IamPolicy => "IAMPolicy",
+            Stage::Provider => "Provider",
+            Stage::TokenExchange => "TokenExchange",
+            Stage::Impersonation => "Impersonation",
+            Stage::Target => "Target",
+        }
+    }
+}
+
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Stable reasons: alerts and dashboards match on them.
+        #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Reason { $($(#[$doc])* $name),* }
+
+        impl Reason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name),*];
+
+            /// The reason as written in status, events and metrics.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Reason::$name => stringify!($name)),* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// A KSA named in `serviceAccounts.names` does not exist.
+    ServiceAccountMissing,
+    /// The KSA has no `iam.gke.io/gcp-service-account` annotation.
+    AnnotationMissing,
+    /// The annotation is not a service-account email.
+    AnnotationInvalid,
+    /// The annotated GSA lives outside `serviceAccountProjects`, or in another project than expected.
+    ServiceAccountProjectNotAllowed,
+    /// The mapped subject exceeds Google's 127-byte limit.
+    SubjectTooLong,
+    /// The spec cannot be checked as written.
+    InvalidSpec,
+    /// No `roles/iam.workloadIdentityUser` binding maps the KSA's principal.
+    PrincipalNotMapped,
+    /// The only binding holds under an IAM condition.
+    MappingConditional,
+    /// The binding's member was deleted.
+    MappingDeleted,
+    /// The annotated GSA does not exist.
+    GoogleServiceAccountNotFound,
+    /// The annotated GSA is disabled.
+    GoogleServiceAccountDisabled,
+    /// The pool or provider does not exist or is deleted.
+    ProviderNotFound,
+    /// The provider is disabled.
+    ProviderDisabled,
+    /// The pool is disabled.
+    PoolDisabled,
+    /// The KSA token's audience is not allowed by the provider.
+    AudienceNotAllowed,
+    /// The provider's issuer is not the cluster's issuer.
+    IssuerMismatch,
+    /// The cluster's signing key is not in the provider's JWKS.
+    SigningKeyNotTrusted,
+    /// The provider's attribute condition rejects the KSA's claims.
+    AttributeConditionRejected,
+    /// The provider's attribute mapping cannot be evaluated for the KSA's claims.
+    AttributeMappingInvalid,
+    /// STS rejected the exchange for a reason nothing more precise covers.
+    ExchangeRejected,
+    /// `generateAccessToken` on the GSA was denied.
+    ImpersonationDenied,
+    /// The identity lacks permissions on a target.
+    PermissionMissing,
+    /// A target's API refuses federated tokens.
+    FederatedTokenUnsupported,
+    /// The cluster's clock and Google's disagree.
+    ClockSkew,
+    /// A recent change may not have propagated yet.
+    PropagationPending,
+    /// Google could not be reached or kept failing.
+    GoogleUnavailable,
+    /// Google throttled the checker.
+    GoogleThrottled,
+    /// Google rejected the operator's own credentials.
+    CheckerUnauthenticated,
+    /// The operator's own identity lacks a permission.
+    CheckerForbidden,
+    /// The operator may not mint the KSA's token.
+    TokenRequestDenied,
+    /// Everything passed.
+    Verified,
+    /// The live chain is off.
+    Disabled,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Condition types.
+pub mod condition {
+    /// Every checked KSA passed every enabled check.
+    pub const READY: &str = "Ready";
+    /// Static, IAM-policy and provider checks passed.
+    pub const MAPPINGS_VERIFIED: &str = "MappingsVerified";
+    /// The live chain succeeded for every KSA.
+    pub const TOKEN_EXCHANGE_VERIFIED: &str = "TokenExchangeVerified";
+    /// The operator's own access to Kubernetes and Google works.
+    pub const CHECKER_HEALTHY: &str = "CheckerHealthy";
+    /// All four, in the order they are written.
+    pub const ALL: [&str; 4] = [READY, MAPPINGS_VERIFIED, TOKEN_EXCHANGE_VERIFIED, CHECKER_HEALTHY];
+}
+
+/// The CRD as YAML, exactly what `crds/authprobe.yaml` holds.
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    let yaml = serde_saphyr::to_string(&AuthProbe::crd())?;
+    Ok(format!(
+        "# Generated by `authprobe crd` from src/api.rs. Do not edit; run `make crd`.\n---\n{yaml}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed CRD is what the Rust types generate; regenerate with `make crd`.
+    #[test]
+    fn committed_crd_matches_the_rust_types() {
+        let committed = include_str!("../crds/authprobe.yaml");
+        let generated = crd_yaml().expect("the CRD renders");
+        assert!(
+            committed == generated,
+            "crds/authprobe.yaml drifted from src/api.rs: run `make crd` and commit it"
+        );
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let spec: AuthProbeSpec = serde_json::from_value(serde_json::json!({
+            "namespaceSelector": {},
+            "identity": {"platform": "GKE", "projectId": "acme-prod"}
+        }))
+        .expect("a minimal spec parses");
+        assert_eq!(spec.probe.interval, "10m");
+        assert_eq!(spec.probe.propagation_grace, "7m");
+        assert!(!spec.probe.token_exchange);
+        assert_eq!(spec.identity.access, Access::Impersonation);
+    }
+
+    #[test]
+    fn reasons_and_stages_serialize_as_the_design_spells_them() {
+        for reason in Reason::ALL {
+            assert_eq!(serde_json::to_value(reason).expect("serializes"), reason.as_str());
+        }
+        assert_eq!(
+            serde_json::to_value(Stage::IamPolicy).expect("serializes"),
+            "IAMPolicy"
+        );
+        assert_eq!(serde_json::to_value(Platform::Gke).expect("serializes"), "GKE");
+    }
+}

@@ -1,0 +1,5 @@
+//! authprobe: proves, continuously and per namespace, that each Kubernetes ServiceAccount can still
+//! become the Google identity it is supposed to become, and says which step fails and how to fix it.
+
+pub mod api;
+pub mod cli;
