@@ -16,6 +16,8 @@ pub const PROBE_NOW_ANNOTATION: &str = "authprobe.io/probe-now";
 pub const MAX_FAILURES: usize = 20;
 
 /// What the namespaces and ServiceAccounts selected here must be able to become in Google Cloud.
+// Each printcolumn repeats the same keys, which this lint mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "authprobe.io",

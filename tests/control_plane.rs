@@ -2,6 +2,8 @@
 //! through the CRD's schema and CEL rules, TokenRequest with tokens that verify against the served
 //! JWKS, and server-side apply on the status subresource.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
+
 use anyhow::{Context, Result};
 use authprobe::api::{AuthProbe, AuthProbeStatus, Summary};
 use authprobe_harness::ControlPlane;

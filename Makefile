@@ -1,0 +1,30 @@
+# authprobe: the newcomer's path is `make demo` (the operator on a local control plane) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+TOOLS_BIN := $(CURDIR)/.tools/bin
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+.PHONY: tools
+tools: ## Build kube-apiserver, kubectl, etcd and helm from the Go module proxy into .tools/bin (only when missing)
+	tools/build.sh
+
+.PHONY: crd
+crd: ## Regenerate crds/authprobe.yaml and the chart's copy from the Rust types
+	$(CARGO) run --quiet -- crd > crds/authprobe.yaml
+	cp crds/authprobe.yaml charts/authprobe/files/authprobe.crd.yaml
+
+.PHONY: test
+test: tools ## Format, lint and run every test against a real local control plane
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) test --workspace --locked
+
+.PHONY: cluster
+cluster: tools ## Run the local control plane until Ctrl-C; prints `export KUBECONFIG=...`
+	$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster

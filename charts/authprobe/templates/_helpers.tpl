@@ -1,0 +1,39 @@
+{{- define "authprobe.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "authprobe.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "authprobe.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "authprobe.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "authprobe.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "authprobe.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "authprobe.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "authprobe.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "authprobe.endpoints" -}}
+{{- $pairs := list }}
+{{- range $service, $url := .Values.google.endpoints }}
+{{- $pairs = append $pairs (printf "%s=%s" $service $url) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
