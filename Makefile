@@ -26,5 +26,6 @@ test: tools ## Format, lint and run every test against a real local control plan
 	$(CARGO) test --workspace --locked
 
 .PHONY: cluster
-cluster: tools ## Run the local control plane until Ctrl-C; prints `export KUBECONFIG=...`
-	$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster
+cluster: ## Run the local control plane until Ctrl-C; prints `export KUBECONFIG=...`
+	@tools/build.sh
+	@$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster

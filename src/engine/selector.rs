@@ -1,0 +1,205 @@
+//! Label selector matching, with Kubernetes' semantics, and validation of what admission cannot check.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// A selector that was checked once and can be matched many times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    requirements: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Requirement {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Selector {
+    /// Parses a LabelSelector; `{}` selects everything.
+    pub fn parse(selector: &LabelSelector) -> Result<Self, String> {
+        let mut requirements = Vec::new();
+        for (key, value) in selector.match_labels.iter().flatten() {
+            check_key(key)?;
+            check_value(value)?;
+            requirements.push(Requirement::In(key.clone(), vec![value.clone()]));
+        }
+        for expr in selector.match_expressions.iter().flatten() {
+            check_key(&expr.key)?;
+            let values = expr.values.clone().unwrap_or_default();
+            for value in &values {
+                check_value(value)?;
+            }
+            let requirement = match (expr.operator.as_str(), values.is_empty()) {
+                ("In", false) => Requirement::In(expr.key.clone(), values),
+                ("NotIn", false) => Requirement::NotIn(expr.key.clone(), values),
+                ("Exists", true) => Requirement::Exists(expr.key.clone()),
+                ("DoesNotExist", true) => Requirement::DoesNotExist(expr.key.clone()),
+                (op, _) => {
+                    return Err(format!(
+                        "selector expression on {:?} with operator {op:?} is malformed",
+                        expr.key
+                    ));
+                }
+            };
+            requirements.push(requirement);
+        }
+        Ok(Self { requirements })
+    }
+
+    /// Whether an object with these labels is selected.
+    pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let get = |k: &str| labels.and_then(|l| l.get(k));
+        self.requirements.iter().all(|r| match r {
+            Requirement::In(k, vs) => get(k).is_some_and(|v| vs.contains(v)),
+            Requirement::NotIn(k, vs) => get(k).is_none_or(|v| !vs.contains(v)),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::DoesNotExist(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// `[prefix/]name`: a DNS subdomain prefix and a name of at most 63 characters.
+fn check_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    if prefix_ok && !name.is_empty() && is_label_value(name) {
+        Ok(())
+    } else {
+        Err(format!("selector label key {key:?} is not a valid label key"))
+    }
+}
+
+fn check_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || is_label_value(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "selector label value {value:?} is not a valid label value"
+        ))
+    }
+}
+
+fn is_label_value(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    s.len() <= 63
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    }
+
+    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).into()).collect()),
+        }
+    }
+
+    #[test]
+    fn empty_selects_everything() {
+        let s = Selector::parse(&LabelSelector::default()).unwrap();
+        assert!(s.matches(None));
+        assert!(s.matches(Some(&labels(&[("a", "b")]))));
+    }
+
+    #[test]
+    fn match_labels_and_expressions_all_hold() {
+        let s = Selector::parse(&LabelSelector {
+            match_labels: Some(labels(&[("team", "payments")])),
+            match_expressions: Some(vec![
+                expr("env", "In", &["prod", "staging"]),
+                expr("legacy", "DoesNotExist", &[]),
+                expr("tier", "NotIn", &["batch"]),
+                expr("owner", "Exists", &[]),
+            ]),
+        })
+        .unwrap();
+        assert!(s.matches(Some(&labels(&[
+            ("team", "payments"),
+            ("env", "prod"),
+            ("owner", "x")
+        ]))));
+        assert!(!s.matches(Some(&labels(&[
+            ("team", "payments"),
+            ("env", "dev"),
+            ("owner", "x")
+        ]))));
+        assert!(!s.matches(Some(&labels(&[("team", "payments"), ("env", "prod")]))));
+        assert!(!s.matches(Some(&labels(&[
+            ("team", "payments"),
+            ("env", "prod"),
+            ("owner", "x"),
+            ("legacy", "")
+        ]))));
+        assert!(!s.matches(Some(&labels(&[
+            ("team", "payments"),
+            ("env", "prod"),
+            ("owner", "x"),
+            ("tier", "batch")
+        ]))));
+        assert!(!s.matches(None));
+    }
+
+    #[test]
+    fn malformed_selectors_are_refused() {
+        for bad in [
+            LabelSelector {
+                match_labels: Some(labels(&[("team payments", "x")])),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_labels: Some(labels(&[("team", "a b")])),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_labels: Some(labels(&[("Bad_Prefix/team", "x")])),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "In", &[])]),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "Exists", &["x"])]),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "Gt", &["1"])]),
+                ..Default::default()
+            },
+        ] {
+            assert!(Selector::parse(&bad).is_err(), "{bad:?}");
+        }
+        let ok = LabelSelector {
+            match_labels: Some(labels(&[("example.com/team", "")])),
+            ..Default::default()
+        };
+        assert!(Selector::parse(&ok).is_ok());
+    }
+}

@@ -1,0 +1,688 @@
+//! The engine on its own: every static and IAM-policy reason, the mistakes a new user makes, the
+//! propagation grace, and how outcomes become conditions, counts and the failure list.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+
+use super::{
+    facts::{Binding, Expr, FailureKind},
+    report::{KsaOutcome, Report, Status, to_status},
+    *,
+};
+use crate::api::{AuthProbeSpec, condition};
+
+const GSA: &str = "payments@acme-prod.iam.gserviceaccount.com";
+const WIU: &str = "roles/iam.workloadIdentityUser";
+
+fn spec(extra: serde_json::Value) -> AuthProbeSpec {
+    let mut base = json!({
+        "namespaceSelector": {"matchLabels": {"team": "payments"}},
+        "serviceAccounts": {"names": ["app"]},
+        "identity": {"platform": "GKE", "projectId": "acme-prod", "projectNumber": "123456789012"},
+        "probe": {"propagationGrace": "7m"}
+    });
+    merge(&mut base, extra);
+    serde_json::from_value(base).unwrap()
+}
+
+fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
+    match (base, extra) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+fn plan() -> Plan {
+    Plan::parse(&spec(json!({}))).unwrap()
+}
+
+fn ksa(ns: &str, name: &str, gsa: Option<&str>) -> Ksa {
+    Ksa {
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("uid-{ns}-{name}"),
+        labels: BTreeMap::new(),
+        gsa_annotation: gsa.map(Into::into),
+        created: None,
+    }
+}
+
+fn candidate(k: Ksa) -> Candidate {
+    Candidate {
+        namespace: k.namespace.clone(),
+        name: k.name.clone(),
+        ksa: Some(k),
+    }
+}
+
+fn gsa(email: &str) -> GsaEmail {
+    annotation::parse_gsa(email).unwrap()
+}
+
+fn policy(members: &[&str]) -> GsaFacts {
+    GsaFacts {
+        account: Ok(Some(facts::GoogleServiceAccount {
+            email: GSA.into(),
+            ..Default::default()
+        })),
+        policy: Ok(Some(Policy {
+            version: 1,
+            etag: "BwX1".into(),
+            bindings: vec![Binding {
+                role: WIU.into(),
+                members: members.iter().map(|m| (*m).into()).collect(),
+                condition: None,
+            }],
+        })),
+    }
+}
+
+fn check(plan: &Plan, k: Ksa, gsas: &BTreeMap<GsaEmail, GsaFacts>) -> Result<KsaIdentity, Finding> {
+    let prepared = plan.static_check(&candidate(k), None)?;
+    plan.check_mapping(
+        &prepared,
+        &Facts {
+            gsas,
+            provider: None,
+            cluster: None,
+            now: 0,
+        },
+        None,
+    )
+}
+
+fn one(email: &str, facts: GsaFacts) -> BTreeMap<GsaEmail, GsaFacts> {
+    BTreeMap::from([(gsa(email), facts)])
+}
+
+fn expect(result: Result<KsaIdentity, Finding>, stage: Stage, reason: Reason, verdict: Verdict) -> Finding {
+    let finding = result.expect_err("a finding");
+    assert_eq!(
+        (finding.stage, finding.reason, finding.verdict),
+        (stage, reason, verdict),
+        "{}",
+        finding.message
+    );
+    assert!(
+        finding.message.contains("Fix:") || verdict == Verdict::Unknown,
+        "no fix in: {}",
+        finding.message
+    );
+    finding
+}
+
+#[test]
+fn a_mapped_ksa_passes_in_every_principal_form() {
+    let p = plan();
+    for member in [
+        "serviceAccount:acme-prod.svc.id.goog[checkout/app]",
+        "principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/subject/ns/checkout/sa/app",
+        "principalSet://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/namespace/checkout",
+        "principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/kubernetes.serviceaccount.uid/uid-checkout-app",
+    ] {
+        assert!(
+            check(
+                &p,
+                ksa("checkout", "app", Some(GSA)),
+                &one(GSA, policy(&[member]))
+            )
+            .is_ok(),
+            "{member}"
+        );
+    }
+}
+
+#[test]
+fn static_reasons() {
+    let p = plan();
+    let none = BTreeMap::new();
+    let missing = Candidate {
+        namespace: "checkout".into(),
+        name: "app".into(),
+        ksa: None,
+    };
+    let f = p.static_check(&missing, Some(&gsa(GSA))).unwrap_err();
+    assert_eq!(f.reason, Reason::ServiceAccountMissing);
+    assert!(
+        f.message
+            .contains("kubectl create serviceaccount app -n checkout"),
+        "{}",
+        f.message
+    );
+    assert!(
+        f.message.contains(GSA),
+        "suggests the GSA the other KSAs use: {}",
+        f.message
+    );
+
+    let f = expect(
+        check(&p, ksa("checkout", "app", None), &none),
+        Stage::Static,
+        Reason::AnnotationMissing,
+        Verdict::Fail,
+    );
+    assert!(
+        f.message
+            .contains("kubectl annotate serviceaccount app -n checkout iam.gke.io/gcp-service-account="),
+        "{}",
+        f.message
+    );
+    expect(
+        check(&p, ksa("checkout", "app", Some("payments")), &none),
+        Stage::Static,
+        Reason::AnnotationInvalid,
+        Verdict::Fail,
+    );
+    expect(
+        check(
+            &p,
+            ksa(
+                "checkout",
+                "app",
+                Some("payments@acme-prod.iam.gserviceaccount.com.evil.example"),
+            ),
+            &none,
+        ),
+        Stage::Static,
+        Reason::AnnotationInvalid,
+        Verdict::Fail,
+    );
+
+    let guarded = Plan::parse(&spec(
+        json!({"identity": {"serviceAccountProjects": ["acme-prod"]}}),
+    ))
+    .unwrap();
+    let f = expect(
+        check(
+            &guarded,
+            ksa(
+                "checkout",
+                "app",
+                Some("payments@acme-dev.iam.gserviceaccount.com"),
+            ),
+            &none,
+        ),
+        Stage::Static,
+        Reason::ServiceAccountProjectNotAllowed,
+        Verdict::Fail,
+    );
+    assert!(f.message.contains("acme-dev"), "{}", f.message);
+    assert!(
+        check(
+            &guarded,
+            ksa("checkout", "app", Some(GSA)),
+            &one(
+                GSA,
+                policy(&["serviceAccount:acme-prod.svc.id.goog[checkout/app]"])
+            )
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn direct_access_needs_no_annotation() {
+    let direct = Plan::parse(&spec(json!({"identity": {"access": "Direct"}}))).unwrap();
+    assert!(check(&direct, ksa("checkout", "app", None), &BTreeMap::new()).is_ok());
+}
+
+#[test]
+fn iam_policy_reasons() {
+    let p = plan();
+    let me = "serviceAccount:acme-prod.svc.id.goog[checkout/app]";
+    let k = || ksa("checkout", "app", Some(GSA));
+
+    let f = expect(
+        check(&p, k(), &one(GSA, policy(&[]))),
+        Stage::IamPolicy,
+        Reason::PrincipalNotMapped,
+        Verdict::Fail,
+    );
+    assert!(f.message.contains(&format!(
+        "gcloud iam service-accounts add-iam-policy-binding {GSA} --project=acme-prod --role=roles/iam.workloadIdentityUser --member=\"principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/subject/ns/checkout/sa/app\""
+    )), "{}", f.message);
+    assert!(f.message.contains("checkout/app") && f.message.contains(GSA));
+
+    let mut conditional = policy(&[me]);
+    if let Ok(Some(pol)) = conditional.policy.as_mut() {
+        pol.bindings[0].condition = Some(Expr {
+            expression: "request.time < timestamp('2020-01-01T00:00:00Z')".into(),
+            ..Default::default()
+        });
+    }
+    let f = expect(
+        check(&p, k(), &one(GSA, conditional)),
+        Stage::IamPolicy,
+        Reason::MappingConditional,
+        Verdict::Fail,
+    );
+    assert!(f.message.contains("--condition=None"), "{}", f.message);
+
+    let deleted = format!("deleted:{me}?uid=1234");
+    let f = expect(
+        check(&p, k(), &one(GSA, policy(&[&deleted]))),
+        Stage::IamPolicy,
+        Reason::MappingDeleted,
+        Verdict::Fail,
+    );
+    assert!(
+        f.message.contains("remove-iam-policy-binding") && f.message.contains(&deleted),
+        "{}",
+        f.message
+    );
+
+    let not_found = GsaFacts {
+        account: Ok(None),
+        policy: Ok(None),
+    };
+    expect(
+        check(&p, k(), &one(GSA, not_found)),
+        Stage::IamPolicy,
+        Reason::GoogleServiceAccountNotFound,
+        Verdict::Fail,
+    );
+
+    let mut disabled = policy(&[me]);
+    disabled.account = Ok(Some(facts::GoogleServiceAccount {
+        email: GSA.into(),
+        disabled: true,
+        ..Default::default()
+    }));
+    let f = expect(
+        check(&p, k(), &one(GSA, disabled)),
+        Stage::IamPolicy,
+        Reason::GoogleServiceAccountDisabled,
+        Verdict::Fail,
+    );
+    assert!(
+        f.message.contains(&format!(
+            "gcloud iam service-accounts enable {GSA} --project=acme-prod"
+        )),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn fetch_failures_are_unknown_with_the_checkers_reason() {
+    let p = plan();
+    for (kind, reason) in [
+        (FailureKind::Unavailable, Reason::GoogleUnavailable),
+        (FailureKind::Throttled, Reason::GoogleThrottled),
+        (FailureKind::Unauthenticated, Reason::CheckerUnauthenticated),
+        (FailureKind::Forbidden, Reason::CheckerForbidden),
+    ] {
+        let failed = GsaFacts {
+            account: Err(FetchFailure::new(kind, "upstream said no")),
+            policy: Ok(None),
+        };
+        expect(
+            check(&p, ksa("checkout", "app", Some(GSA)), &one(GSA, failed)),
+            Stage::IamPolicy,
+            reason,
+            Verdict::Unknown,
+        );
+        let mut policy_failed = policy(&[]);
+        policy_failed.policy = Err(FetchFailure::new(kind, "upstream said no"));
+        expect(
+            check(&p, ksa("checkout", "app", Some(GSA)), &one(GSA, policy_failed)),
+            Stage::IamPolicy,
+            reason,
+            Verdict::Unknown,
+        );
+    }
+    // A GSA nobody fetched is undecided, not broken.
+    expect(
+        check(&p, ksa("checkout", "app", Some(GSA)), &BTreeMap::new()),
+        Stage::IamPolicy,
+        Reason::GoogleUnavailable,
+        Verdict::Unknown,
+    );
+}
+
+/// The mistakes a new user makes each get their own reason and fix.
+#[test]
+fn new_user_mistakes_are_told_apart() {
+    let p = plan();
+    let typo = "paymnets@acme-prod.iam.gserviceaccount.com";
+    let other = "orders@acme-prod.iam.gserviceaccount.com";
+    let mut gsas = one(
+        GSA,
+        policy(&["serviceAccount:acme-prod.svc.id.goog[billing/app]"]),
+    );
+    gsas.insert(
+        gsa(typo),
+        GsaFacts {
+            account: Ok(None),
+            policy: Ok(None),
+        },
+    );
+    gsas.insert(
+        gsa(other),
+        policy(&["serviceAccount:acme-prod.svc.id.goog[ledger/app]"]),
+    );
+
+    // A typo in the GSA email: not found, with the likely intended account.
+    let f = expect(
+        check(&p, ksa("ledger", "app", Some(typo)), &gsas),
+        Stage::IamPolicy,
+        Reason::GoogleServiceAccountNotFound,
+        Verdict::Fail,
+    );
+    assert!(
+        f.message.contains(&format!("Did you mean {GSA}?")),
+        "{}",
+        f.message
+    );
+
+    // A binding for another namespace: not mapped, naming what was granted instead.
+    let f = expect(
+        check(&p, ksa("checkout", "app", Some(GSA)), &gsas),
+        Stage::IamPolicy,
+        Reason::PrincipalNotMapped,
+        Verdict::Fail,
+    );
+    assert!(f.message.contains("serviceAccount:acme-prod.svc.id.goog[billing/app] (the same ServiceAccount name in another namespace)"), "{}", f.message);
+
+    // The binding on the wrong GSA: not mapped, naming the GSA that does map it.
+    let f = expect(
+        check(&p, ksa("ledger", "app", Some(GSA)), &gsas),
+        Stage::IamPolicy,
+        Reason::PrincipalNotMapped,
+        Verdict::Fail,
+    );
+    assert!(
+        f.message.contains(&format!("{other} does map this principal")),
+        "{}",
+        f.message
+    );
+
+    // No annotation at all.
+    expect(
+        check(&p, ksa("checkout", "app", None), &gsas),
+        Stage::Static,
+        Reason::AnnotationMissing,
+        Verdict::Fail,
+    );
+}
+
+#[test]
+fn selection_by_names_selector_and_annotation() {
+    let by_names = plan();
+    let ksas = vec![
+        ksa("a", "app", Some(GSA)),
+        ksa("a", "other", Some(GSA)),
+        ksa("b", "app", None),
+    ];
+    let picked: Vec<(String, bool)> = by_names
+        .candidates("a", &ksas)
+        .into_iter()
+        .map(|c| (c.name, c.ksa.is_some()))
+        .collect();
+    assert_eq!(picked, vec![("app".into(), true)]);
+    // A required name that does not exist is still checked.
+    let picked: Vec<(String, bool)> = by_names
+        .candidates("c", &ksas)
+        .into_iter()
+        .map(|c| (c.name, c.ksa.is_some()))
+        .collect();
+    assert_eq!(picked, vec![("app".into(), false)]);
+
+    let mut annotated_only = spec(json!({}));
+    annotated_only.service_accounts = None;
+    let p = Plan::parse(&annotated_only).unwrap();
+    let names: Vec<String> = p.candidates("a", &ksas).into_iter().map(|c| c.name).collect();
+    assert_eq!(names, vec!["app".to_string(), "other".to_string()]);
+    assert!(p.candidates("b", &ksas).is_empty());
+
+    let by_selector = Plan::parse(&spec(
+        json!({"serviceAccounts": {"names": [], "selector": {"matchLabels": {"wif": "yes"}}}}),
+    ))
+    .unwrap();
+    let mut labelled = ksa("a", "labelled", None);
+    labelled.labels.insert("wif".into(), "yes".into());
+    let names: Vec<String> = by_selector
+        .candidates("a", &[labelled, ksa("a", "plain", Some(GSA))])
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["labelled".to_string()]);
+
+    assert!(by_names.selects_namespace(Some(&BTreeMap::from([("team".into(), "payments".into())]))));
+    assert!(!by_names.selects_namespace(Some(&BTreeMap::from([("team".into(), "search".into())]))));
+}
+
+#[test]
+fn what_admission_cannot_judge_is_an_invalid_spec() {
+    for (extra, expected) in [
+        (
+            json!({"targets": [{"resource": "//bigquery.googleapis.com/projects/p/datasets/d", "permissions": ["bigquery.tables.get"]}]}),
+            "not a resource the live chain can test",
+        ),
+        (
+            json!({"namespaceSelector": {"matchLabels": {"bad key!": "x"}}}),
+            "namespaceSelector",
+        ),
+        (json!({"probe": {"interval": "forever"}}), "probe.interval"),
+        (json!({"probe": {"interval": "5s"}}), "probe.interval"),
+        (
+            json!({"probe": {"tokenExchange": true}}),
+            "identity.gke is required",
+        ),
+    ] {
+        let err = Plan::parse(&spec(extra.clone())).unwrap_err();
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+    let fed = spec(
+        json!({"identity": {"platform": "Federation", "federation": {"provider": "projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/k8s"}}}),
+    );
+    let p = Plan::parse(&fed).unwrap();
+    let f = p.federation.unwrap();
+    assert_eq!(
+        f.audience,
+        "//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/k8s"
+    );
+    assert_eq!(
+        (f.pool_id.as_str(), f.project_number.as_str()),
+        ("onprem", "123456789012")
+    );
+}
+
+#[test]
+fn failures_within_the_grace_are_propagation_pending() {
+    let now: Timestamp = "2026-11-27T10:00:00Z".parse().unwrap();
+    let grace = std::time::Duration::from_secs(420);
+    let broken = Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "not mapped. Fix: x");
+    let recent: Timestamp = "2026-11-27T09:58:00Z".parse().unwrap();
+    let old: Timestamp = "2026-11-27T09:50:00Z".parse().unwrap();
+    let pending = within_grace(broken.clone(), Some(recent), now, grace);
+    assert_eq!(
+        (pending.verdict, pending.reason),
+        (Verdict::Unknown, Reason::PropagationPending)
+    );
+    assert!(
+        pending.message.contains("PrincipalNotMapped"),
+        "{}",
+        pending.message
+    );
+    assert_eq!(within_grace(broken.clone(), Some(old), now, grace), broken);
+    assert_eq!(within_grace(broken.clone(), None, now, grace), broken);
+    let static_failure = Finding::fail(Stage::Static, Reason::AnnotationMissing, "x");
+    assert_eq!(
+        within_grace(static_failure.clone(), Some(recent), now, grace),
+        static_failure
+    );
+    let unknown = Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, "x");
+    assert_eq!(within_grace(unknown.clone(), Some(recent), now, grace), unknown);
+}
+
+fn outcome(ns: &str, name: &str, mapping: Option<Finding>) -> KsaOutcome {
+    KsaOutcome {
+        namespace: ns.into(),
+        name: name.into(),
+        mapping,
+        chain: None,
+    }
+}
+
+#[test]
+fn conditions_follow_the_worst_entry() {
+    let fail = |stage, reason| Some(Finding::fail(stage, reason, "broken"));
+    let unknown = |reason| Some(Finding::unknown(Stage::IamPolicy, reason, "cannot tell"));
+    let r = Report::build(
+        &[
+            outcome("zeta", "app", fail(Stage::Static, Reason::AnnotationMissing)),
+            outcome("alpha", "app", unknown(Reason::GoogleUnavailable)),
+            outcome("beta", "app", fail(Stage::IamPolicy, Reason::PrincipalNotMapped)),
+            outcome("alpha", "web", fail(Stage::IamPolicy, Reason::MappingConditional)),
+            outcome("gamma", "app", None),
+        ],
+        4,
+        false,
+    );
+    assert_eq!(
+        r.summary,
+        crate::api::Summary {
+            namespaces: 4,
+            service_accounts: 5,
+            passing: 1,
+            failing: 3,
+            unknown: 1
+        }
+    );
+    let order: Vec<(&str, &str, Reason)> = r
+        .entries
+        .iter()
+        .map(|e| (e.namespace.as_str(), e.name.as_str(), e.finding.reason))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            ("zeta", "app", Reason::AnnotationMissing),
+            ("alpha", "web", Reason::MappingConditional),
+            ("beta", "app", Reason::PrincipalNotMapped),
+            ("alpha", "app", Reason::GoogleUnavailable),
+        ]
+    );
+    let ready = r.condition(condition::READY).unwrap();
+    assert_eq!(
+        (ready.status, ready.reason),
+        (Status::False, Reason::AnnotationMissing)
+    );
+    let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!(
+        (exchange.status, exchange.reason),
+        (Status::Unknown, Reason::Disabled)
+    );
+    assert_eq!(
+        r.condition(condition::CHECKER_HEALTHY).unwrap().status,
+        Status::True
+    );
+}
+
+#[test]
+fn undecided_never_reads_as_broken() {
+    let r = Report::build(
+        &[
+            outcome(
+                "a",
+                "app",
+                Some(Finding::unknown(
+                    Stage::IamPolicy,
+                    Reason::CheckerUnauthenticated,
+                    "401",
+                )),
+            ),
+            outcome("b", "app", None),
+        ],
+        2,
+        false,
+    );
+    let ready = r.condition(condition::READY).unwrap();
+    assert_eq!(
+        (ready.status, ready.reason),
+        (Status::Unknown, Reason::CheckerUnauthenticated)
+    );
+    let checker = r.condition(condition::CHECKER_HEALTHY).unwrap();
+    assert_eq!(
+        (checker.status, checker.reason),
+        (Status::False, Reason::CheckerUnauthenticated)
+    );
+    assert_eq!(
+        r.condition(condition::MAPPINGS_VERIFIED).unwrap().status,
+        Status::Unknown
+    );
+
+    let all_good = Report::build(&[outcome("b", "app", None)], 1, false);
+    let ready = all_good.condition(condition::READY).unwrap();
+    assert_eq!((ready.status, ready.reason), (Status::True, Reason::Verified));
+}
+
+#[test]
+fn invalid_spec_report() {
+    let r = Report::invalid("target x is not testable");
+    let ready = r.condition(condition::READY).unwrap();
+    assert_eq!((ready.status, ready.reason), (Status::False, Reason::InvalidSpec));
+    for t in [condition::MAPPINGS_VERIFIED, condition::TOKEN_EXCHANGE_VERIFIED] {
+        let c = r.condition(t).unwrap();
+        assert_eq!((c.status, c.reason), (Status::Unknown, Reason::InvalidSpec));
+    }
+    assert_eq!(r.summary, crate::api::Summary::default());
+}
+
+#[test]
+fn status_is_bounded_and_keeps_transition_times() {
+    let outcomes: Vec<KsaOutcome> = (0..500)
+        .map(|i| {
+            outcome(
+                &format!("ns-{i:03}"),
+                "app",
+                Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x")),
+            )
+        })
+        .collect();
+    let r = Report::build(&outcomes, 500, false);
+    let t0: Timestamp = "2026-11-27T10:00:00Z".parse().unwrap();
+    let t1: Timestamp = "2026-11-27T10:10:00Z".parse().unwrap();
+    let mut since = report::Since::new();
+    since.insert(("ns-000".into(), "app".into()), (Reason::PrincipalNotMapped, t0));
+    let first = to_status(&r, None, Some(3), t0, &since);
+    assert_eq!(first.failures.len(), 20);
+    assert_eq!(first.summary.unwrap().failing, 500);
+    assert_eq!(first.failures[0].namespace, "ns-000");
+    let second = to_status(&r, Some(&first), Some(3), t1, &since);
+    assert_eq!(
+        second.failures[0].since.0, t0,
+        "since is when the reason was first seen"
+    );
+    assert_eq!(second.failures[1].since.0, t1);
+    for (a, b) in first.conditions.iter().zip(&second.conditions) {
+        assert_eq!(
+            a.last_transition_time, b.last_transition_time,
+            "{} did not change status",
+            a.type_
+        );
+        assert_eq!(b.observed_generation, Some(3));
+    }
+    assert!(
+        !report::same_verdict(&first, &second),
+        "since moved for entries without history"
+    );
+    let healed = Report::build(&[outcome("ns-000", "app", None)], 1, false);
+    let third = to_status(&healed, Some(&second), Some(3), t1, &since);
+    let ready = third
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.last_transition_time.0),
+        ("True", t1)
+    );
+}
