@@ -4,3 +4,6 @@
 pub mod api;
 pub mod cli;
 pub mod engine;
+pub mod google;
+pub mod metrics;
+pub mod redact;

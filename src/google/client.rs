@@ -1,0 +1,356 @@
+//! The one HTTP client for Google: per-API client-side rate limits, retries only on 429 and
+//! 500/502/503/504 (and broken connections) with truncated exponential backoff, jitter,
+//! `Retry-After` and a deadline, and response bodies read only up to a bound.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use k8s_openapi::jiff::Timestamp;
+use reqwest::{Method, StatusCode, Url, header};
+use secrecy::SecretString;
+
+use super::credentials::{CredentialsError, OperatorCredentials, bearer};
+use crate::metrics::{Metrics, Outcome};
+
+/// Responses larger than this are refused unread: no Google answer authprobe needs comes close.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The Google methods authprobe calls; also the bounded `api` metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// `projects.serviceAccounts.get`.
+    GetServiceAccount,
+    /// `projects.serviceAccounts.getIamPolicy`.
+    GetIamPolicy,
+    /// `workloadIdentityPools.get`.
+    GetPool,
+    /// `workloadIdentityPools.providers.get`.
+    GetProvider,
+    /// STS `v1/token`.
+    StsToken,
+    /// securetoken `v1/identitybindingtoken` (GKE).
+    IdentityBindingToken,
+    /// IAM Credentials `generateAccessToken`.
+    GenerateAccessToken,
+    /// `testIamPermissions` on a target, by the service that answers it.
+    TestIamPermissions(&'static str),
+}
+
+impl Api {
+    /// `SERVICE.method`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::GetServiceAccount => "iam.serviceAccounts.get",
+            Api::GetIamPolicy => "iam.getIamPolicy",
+            Api::GetPool => "iam.workloadIdentityPools.get",
+            Api::GetProvider => "iam.providers.get",
+            Api::StsToken => "sts.token",
+            Api::IdentityBindingToken => "securetoken.identitybindingtoken",
+            Api::GenerateAccessToken => "iamcredentials.generateAccessToken",
+            Api::TestIamPermissions(service) => match service {
+                "iam" => "iam.testIamPermissions",
+                "storage" => "storage.testIamPermissions",
+                "secretmanager" => "secretmanager.testIamPermissions",
+                "pubsub" => "pubsub.testIamPermissions",
+                _ => "cloudresourcemanager.testIamPermissions",
+            },
+        }
+    }
+
+    /// Requests per second, at most half of each default quota (google-wif.md §9.1).
+    fn per_second(self) -> u32 {
+        match self {
+            // IAM v1 reads: 6,000/min per project, shared by these two.
+            Api::GetServiceAccount | Api::GetIamPolicy => 25,
+            // Workload Identity Federation reads: 600/min per project.
+            Api::GetPool | Api::GetProvider => 5,
+            // STS: 6,000/min.
+            Api::StsToken | Api::IdentityBindingToken => 50,
+            // IAM Credentials: 60,000/min.
+            Api::GenerateAccessToken => 500,
+            Api::TestIamPermissions(_) => 50,
+        }
+    }
+}
+
+/// When and how often to retry.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// The first backoff.
+    pub base: Duration,
+    /// No single wait is longer.
+    pub cap: Duration,
+    /// No request (all attempts and waits) takes longer.
+    pub deadline: Duration,
+    /// Per attempt.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(16),
+            deadline: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// How a request authenticates.
+#[derive(Clone, Copy, Debug)]
+pub enum Auth<'a> {
+    /// The operator's own credentials.
+    Operator,
+    /// A token minted for the KSA under probe.
+    Bearer(&'a SecretString),
+    /// No Authorization header (STS must not get one).
+    None,
+}
+
+/// A request body.
+#[derive(Clone, Debug)]
+pub enum Body {
+    /// None.
+    Empty,
+    /// `application/json`.
+    Json(serde_json::Value),
+}
+
+/// A Google answer of any status, after retries.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// The final status.
+    pub status: StatusCode,
+    /// The body, at most [`MAX_BODY_BYTES`].
+    pub body: Vec<u8>,
+    /// The `Date` header, for clock-skew checks.
+    pub date: Option<Timestamp>,
+    /// The `Retry-After` header, honoured by the retry loop.
+    pub retry_after: Option<Duration>,
+}
+
+/// A request that got no HTTP answer to classify.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Connection refused or reset, or the deadline passed with no answer.
+    #[error("{api}: {detail}")]
+    Transport {
+        /// The API.
+        api: &'static str,
+        /// Whether time ran out.
+        timeout: bool,
+        /// What happened, redacted.
+        detail: String,
+    },
+    /// The body was larger than [`MAX_BODY_BYTES`].
+    #[error("{api}: the response is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge {
+        /// The API.
+        api: &'static str,
+    },
+    /// The operator's own token could not be had.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// A URL could not be built.
+    #[error("{0}")]
+    Url(String),
+}
+
+/// The shared Google HTTP client.
+#[derive(Debug)]
+pub struct GoogleClient {
+    http: reqwest::Client,
+    credentials: Arc<OperatorCredentials>,
+    retry: RetryPolicy,
+    limiters: HashMap<&'static str, Arc<DefaultDirectRateLimiter>>,
+    metrics: Arc<Metrics>,
+}
+
+fn retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
+}
+
+impl GoogleClient {
+    /// A client using `credentials` for the operator's own calls.
+    pub fn new(
+        credentials: Arc<OperatorCredentials>,
+        retry: RetryPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(retry.attempt_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("authprobe/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            credentials,
+            retry,
+            limiters: HashMap::new(),
+            metrics,
+        })
+    }
+
+    fn limiter(&self, api: Api) -> Option<Arc<DefaultDirectRateLimiter>> {
+        self.limiters.get(api.as_str()).cloned()
+    }
+
+    /// Builds the per-API limiters (done once; `new` stays cheap for tests that need none).
+    pub fn with_rate_limits(mut self, apis: &[Api]) -> Self {
+        for api in apis {
+            let rate = NonZeroU32::new(api.per_second()).unwrap_or(NonZeroU32::MIN);
+            self.limiters.insert(
+                api.as_str(),
+                Arc::new(RateLimiter::direct(Quota::per_second(rate))),
+            );
+        }
+        self
+    }
+
+    /// Sends a request, retrying what is worth retrying, and returns the final answer.
+    pub async fn send(
+        &self,
+        api: Api,
+        method: Method,
+        url: Url,
+        body: &Body,
+        auth: Auth<'_>,
+    ) -> Result<Answer, SendError> {
+        let started = Instant::now();
+        let deadline = started + self.retry.deadline;
+        let mut attempt: u32 = 0;
+        let result = loop {
+            if let Some(limiter) = self.limiter(api) {
+                limiter.until_ready().await;
+            }
+            let outcome = self.attempt(api, method.clone(), url.clone(), body, auth).await;
+            let wait = match &outcome {
+                Ok(answer) if retryable(answer.status) => {
+                    answer.retry_after.unwrap_or_else(|| self.backoff(attempt))
+                }
+                Err(SendError::Transport { .. }) => self.backoff(attempt),
+                _ => break outcome,
+            };
+            if Instant::now() + wait > deadline {
+                break outcome;
+            }
+            tracing::debug!(
+                api = api.as_str(),
+                attempt,
+                wait_ms = wait.as_millis(),
+                "retrying Google request"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        };
+        let outcome = match &result {
+            Ok(a) if a.status.is_success() => Outcome::Ok,
+            Ok(a) if a.status == StatusCode::TOO_MANY_REQUESTS => Outcome::Throttled,
+            Ok(a) if a.status.is_server_error() => Outcome::ServerError,
+            Ok(_) => Outcome::ClientError,
+            Err(SendError::Transport { timeout: true, .. }) => Outcome::Timeout,
+            Err(_) => Outcome::ServerError,
+        };
+        self.metrics
+            .google_request(api.as_str(), outcome, started.elapsed());
+        result
+    }
+
+    /// Truncated exponential backoff with jitter: `min(cap, base·2^n)`, scaled by 0.5–1.0.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .retry
+            .base
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        exp.min(self.retry.cap).mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    async fn attempt(
+        &self,
+        api: Api,
+        method: Method,
+        url: Url,
+        body: &Body,
+        auth: Auth<'_>,
+    ) -> Result<Answer, SendError> {
+        let mut request = self.http.request(method, url);
+        request = match auth {
+            Auth::Operator => {
+                request.header(header::AUTHORIZATION, bearer(&self.credentials.token().await?)?)
+            }
+            Auth::Bearer(token) => request.header(header::AUTHORIZATION, bearer(token)?),
+            Auth::None => request,
+        };
+        request = match body {
+            Body::Empty => request.header(header::CONTENT_LENGTH, "0"),
+            Body::Json(json) => request.json(json),
+        };
+        let transport = |e: reqwest::Error| SendError::Transport {
+            api: api.as_str(),
+            timeout: e.is_timeout(),
+            detail: crate::redact::upstream(&error_chain(&e)),
+        };
+        let mut response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let date = response
+            .headers()
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| k8s_openapi::jiff::fmt::rfc2822::parse(d).ok())
+            .map(|z| z.timestamp());
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_BODY_BYTES as u64)
+        {
+            return Err(SendError::TooLarge { api: api.as_str() });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(SendError::TooLarge { api: api.as_str() });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            body,
+            date,
+            retry_after,
+        })
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(seconds) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = k8s_openapi::jiff::fmt::rfc2822::parse(value.trim())
+        .ok()?
+        .timestamp();
+    let wait = at.duration_since(Timestamp::now());
+    Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
