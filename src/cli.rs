@@ -1,19 +1,127 @@
 //! The command line: one engine, several modes.
 
-use clap::{Parser, Subcommand};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    google::{
+        Google,
+        client::{Api, GoogleClient, RetryPolicy},
+        credentials::OperatorCredentials,
+        endpoints::{Endpoints, Override},
+    },
+    metrics::Metrics,
+};
 
 /// Proves, per namespace, that Kubernetes ServiceAccounts can still become their Google identities.
 #[derive(Debug, Parser)]
 #[command(name = "authprobe", version, about)]
 pub struct Cli {
-    /// What to do.
+    /// What to do (default: run).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// The modes.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator (the default).
+    Run(RunArgs),
     /// Print the AuthProbe CRD as YAML (what crds/authprobe.yaml holds).
     Crd,
+}
+
+/// `authprobe run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "AUTHPROBE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Probes reconciled at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: u16,
+    /// Quiet time before a burst of Namespace or ServiceAccount changes is reconciled, e.g. 500ms.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+    /// Google access.
+    #[command(flatten)]
+    pub google: GoogleArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            concurrency: 4,
+            debounce: Duration::from_millis(500),
+            google: GoogleArgs::default(),
+            log: LogArgs::default(),
+        }
+    }
+}
+
+/// How authprobe reaches Google; the same for `run` and `check`.
+#[derive(Debug, Args, Default)]
+pub struct GoogleArgs {
+    /// SERVICE=URL replaces https://SERVICE.googleapis.com (repeatable; plain http only for loopback).
+    #[arg(
+        long = "google-endpoint",
+        env = "AUTHPROBE_GOOGLE_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<Override>,
+    /// Use the bearer token in this file (re-read when it changes) instead of Application Default Credentials.
+    #[arg(long = "google-access-token-file", env = "AUTHPROBE_GOOGLE_ACCESS_TOKEN_FILE")]
+    pub access_token_file: Option<PathBuf>,
+}
+
+impl GoogleArgs {
+    /// Google as these arguments describe it.
+    pub fn connect(&self, metrics: Arc<Metrics>) -> anyhow::Result<Google> {
+        let credentials = match &self.access_token_file {
+            Some(path) => OperatorCredentials::file(path.clone()),
+            None => OperatorCredentials::adc()?,
+        };
+        let client = GoogleClient::new(Arc::new(credentials), RetryPolicy::default(), metrics)?
+            .with_rate_limits(&[
+                Api::GetServiceAccount,
+                Api::GetIamPolicy,
+                Api::GetPool,
+                Api::GetProvider,
+            ]);
+        Ok(Google::new(client, Endpoints::new(&self.endpoints)))
+    }
+}
+
+/// Log output.
+#[derive(Debug, Args, Default)]
+pub struct LogArgs {
+    /// json, compact, or auto (json inside a cluster or when stderr is not a terminal).
+    #[arg(long = "log-format", env = "AUTHPROBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub format: LogFormat,
+}
+
+/// Log formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// json inside a cluster or when stderr is not a terminal, compact otherwise.
+    #[default]
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Compact,
+}
+
+/// Go/Kubernetes-style durations (`500ms`, `90s`, `1h30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: kube::core::Duration = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_negative() {
+        return Err(format!("{s:?} is negative"));
+    }
+    Ok(d.into())
 }

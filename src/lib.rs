@@ -3,7 +3,12 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
+pub mod controller;
 pub mod engine;
 pub mod google;
+pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod redact;
+pub mod telemetry;

@@ -1,1 +1,286 @@
+//! A loopback stand-in for the Google endpoints authprobe talks to. It is a real HTTP server that
+//! answers with the exact bodies and status codes of google-wif.md, keeps its state in a
+//! [`Scenario`] that can be replaced while it runs (`/admin`), injects latency, 5xx and 429 at given
+//! rates, and counts requests per API.
+//!
+//! Every service lives under its own path prefix (`/iam`, `/sts`, ...), so authprobe reaches it with
+//! `--google-endpoint iam=http://ADDR/iam` and so on ([`Running::endpoints`]).
 
+// Handlers answer `Result<_, Response>`, axum's idiom; a boxed error would only add noise.
+#![allow(clippy::result_large_err)]
+
+mod errors;
+mod iam;
+pub mod scenario;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use serde_json::json;
+
+pub use scenario::Scenario;
+
+/// The services the fake answers for, by path prefix.
+pub const SERVICES: [&str; 8] = [
+    "sts",
+    "securetoken",
+    "iam",
+    "iamcredentials",
+    "cloudresourcemanager",
+    "storage",
+    "secretmanager",
+    "pubsub",
+];
+
+/// Shared state behind every handler.
+#[derive(Debug)]
+pub struct Fake {
+    scenario: RwLock<Scenario>,
+    counts: Mutex<BTreeMap<String, u64>>,
+}
+
+type Shared = Arc<Fake>;
+
+impl Fake {
+    fn new(scenario: Scenario) -> Self {
+        Self {
+            scenario: RwLock::new(scenario),
+            counts: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A snapshot of the scenario.
+    pub fn scenario(&self) -> Scenario {
+        self.scenario.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the scenario.
+    pub fn set_scenario(&self, scenario: Scenario) {
+        if let Ok(mut s) = self.scenario.write() {
+            *s = scenario;
+        }
+    }
+
+    /// Changes the scenario in place.
+    pub fn update(&self, f: impl FnOnce(&mut Scenario)) {
+        if let Ok(mut s) = self.scenario.write() {
+            f(&mut s);
+        }
+    }
+
+    /// Requests per API name since start (or the last reset).
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_counts(&self) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.clear();
+        }
+    }
+
+    /// Counts a request to `api` and applies the scenario's faults: `Err` is the injected answer.
+    async fn begin(&self, api: &str) -> Result<(), Response> {
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry(api.to_string()).or_default() += 1;
+        }
+        let faults = self.scenario.read().map(|s| s.faults.clone()).unwrap_or_default();
+        if !faults.apis.is_empty() && !faults.apis.iter().any(|a| a == api) {
+            return Ok(());
+        }
+        if faults.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+        }
+        let roll: f64 = rand::random();
+        if roll < faults.error_rate {
+            return Err(errors::unavailable());
+        }
+        if roll < faults.error_rate + faults.throttle_rate {
+            return Err(errors::throttled(api, faults.retry_after_seconds));
+        }
+        Ok(())
+    }
+}
+
+/// A started fake.
+#[derive(Debug)]
+pub struct Running {
+    /// Where it listens (always loopback).
+    pub addr: SocketAddr,
+    /// Its state, for tests to change directly.
+    pub fake: Arc<Fake>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Running {
+    /// `SERVICE=http://ADDR/SERVICE` for every service, comma-separated (`AUTHPROBE_GOOGLE_ENDPOINTS`).
+    pub fn endpoints(&self) -> String {
+        SERVICES
+            .iter()
+            .map(|s| format!("{s}=http://{}/{s}", self.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Starts the fake on `addr` (which must be a loopback address) in the current runtime.
+pub async fn start(addr: SocketAddr, scenario: Scenario) -> anyhow::Result<Running> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "the fake listens on loopback only, not {addr}"
+    );
+    let fake = Arc::new(Fake::new(scenario));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let app = router(fake.clone());
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = rx.await;
+        });
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "fake Google stopped");
+        }
+    });
+    Ok(Running {
+        addr,
+        fake,
+        shutdown: Some(tx),
+    })
+}
+
+fn router(fake: Shared) -> Router {
+    Router::new()
+        .route(
+            "/iam/v1/projects/{project}/serviceAccounts/{account}",
+            get(iam::get_service_account).post(iam::service_account_method),
+        )
+        .route(
+            "/iam/v1/projects/{number}/locations/global/workloadIdentityPools/{pool}",
+            get(iam::get_pool),
+        )
+        .route(
+            "/iam/v1/projects/{number}/locations/global/workloadIdentityPools/{pool}/providers/{provider}",
+            get(iam::get_provider),
+        )
+        .route("/admin/scenario", get(admin_get_scenario).put(admin_put_scenario))
+        .route("/admin/faults", put(admin_put_faults))
+        .route("/admin/counts", get(admin_counts))
+        .route("/admin/counts/reset", post(admin_reset_counts))
+        .route("/admin/serviceAccounts/{email}/members", post(admin_add_member))
+        .fallback(|| async { errors::not_found() })
+        .layer(axum::middleware::map_response_with_state(fake.clone(), skew_date))
+        .with_state(fake)
+}
+
+/// Google's clock as the scenario wants it: the `Date` header moved by `clockSkewSeconds`.
+async fn skew_date(State(fake): State<Shared>, mut response: Response) -> Response {
+    let skew = fake
+        .scenario
+        .read()
+        .map(|s| s.clock_skew_seconds)
+        .unwrap_or_default();
+    let at = std::time::SystemTime::now()
+        .checked_add(Duration::from_secs(skew.unsigned_abs()))
+        .filter(|_| skew >= 0)
+        .or_else(|| std::time::SystemTime::now().checked_sub(Duration::from_secs(skew.unsigned_abs())))
+        .unwrap_or_else(std::time::SystemTime::now);
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
+        response.headers_mut().insert(header::DATE, v);
+    }
+    response
+}
+
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+async fn admin_get_scenario(State(fake): State<Shared>) -> Json<Scenario> {
+    Json(fake.scenario())
+}
+
+async fn admin_put_scenario(State(fake): State<Shared>, Json(scenario): Json<Scenario>) -> StatusCode {
+    fake.set_scenario(scenario);
+    StatusCode::NO_CONTENT
+}
+
+async fn admin_put_faults(State(fake): State<Shared>, Json(faults): Json<scenario::Faults>) -> StatusCode {
+    fake.update(|s| s.faults = faults);
+    StatusCode::NO_CONTENT
+}
+
+async fn admin_counts(State(fake): State<Shared>) -> Json<BTreeMap<String, u64>> {
+    Json(fake.counts())
+}
+
+async fn admin_reset_counts(State(fake): State<Shared>) -> StatusCode {
+    fake.reset_counts();
+    StatusCode::NO_CONTENT
+}
+
+/// `POST /admin/serviceAccounts/EMAIL/members {"role": "...", "member": "..."}`: what
+/// `gcloud iam service-accounts add-iam-policy-binding` does.
+async fn admin_add_member(
+    State(fake): State<Shared>,
+    Path(email): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let (Some(role), Some(member)) = (body["role"].as_str(), body["member"].as_str()) else {
+        return errors::invalid_argument("body must be {\"role\": ..., \"member\": ...}");
+    };
+    let mut found = false;
+    fake.update(|s| {
+        if let Some(sa) = s.service_accounts.iter_mut().find(|sa| sa.email == email) {
+            found = true;
+            match sa
+                .bindings
+                .iter_mut()
+                .find(|b| b.role == role && b.condition.is_none())
+            {
+                Some(b) if !b.members.iter().any(|m| m == member) => b.members.push(member.to_string()),
+                Some(_) => {}
+                None => sa.bindings.push(scenario::Binding {
+                    role: role.into(),
+                    members: vec![member.into()],
+                    condition: None,
+                }),
+            }
+        }
+    });
+    if found {
+        let etag = fake
+            .scenario()
+            .service_account(&email)
+            .map(scenario::ServiceAccount::etag);
+        (StatusCode::OK, Json(json!({"etag": etag}))).into_response()
+    } else {
+        errors::unknown_service_account()
+    }
+}

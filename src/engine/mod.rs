@@ -11,7 +11,7 @@ pub mod report;
 pub mod selector;
 pub mod target;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -468,7 +468,7 @@ pub struct ProviderFacts {
 #[derive(Clone, Copy, Debug)]
 pub struct Facts<'a> {
     /// Per annotated GSA.
-    pub gsas: &'a BTreeMap<GsaEmail, GsaFacts>,
+    pub gsas: &'a BTreeMap<GsaEmail, Arc<GsaFacts>>,
     /// Federation only.
     pub provider: Option<&'a ProviderFacts>,
     /// Federation only: the cluster's issuer and keys.

@@ -1,7 +1,7 @@
 //! The engine on its own: every static and IAM-policy reason, the mistakes a new user makes, the
 //! propagation grace, and how outcomes become conditions, counts and the failure list.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
@@ -83,7 +83,7 @@ fn policy(members: &[&str]) -> GsaFacts {
     }
 }
 
-fn check(plan: &Plan, k: Ksa, gsas: &BTreeMap<GsaEmail, GsaFacts>) -> Result<KsaIdentity, Finding> {
+fn check(plan: &Plan, k: Ksa, gsas: &BTreeMap<GsaEmail, Arc<GsaFacts>>) -> Result<KsaIdentity, Finding> {
     let prepared = plan.static_check(&candidate(k), None)?;
     plan.check_mapping(
         &prepared,
@@ -97,8 +97,8 @@ fn check(plan: &Plan, k: Ksa, gsas: &BTreeMap<GsaEmail, GsaFacts>) -> Result<Ksa
     )
 }
 
-fn one(email: &str, facts: GsaFacts) -> BTreeMap<GsaEmail, GsaFacts> {
-    BTreeMap::from([(gsa(email), facts)])
+fn one(email: &str, facts: GsaFacts) -> BTreeMap<GsaEmail, Arc<GsaFacts>> {
+    BTreeMap::from([(gsa(email), Arc::new(facts))])
 }
 
 fn expect(result: Result<KsaIdentity, Finding>, stage: Stage, reason: Reason, verdict: Verdict) -> Finding {
@@ -358,14 +358,14 @@ fn new_user_mistakes_are_told_apart() {
     );
     gsas.insert(
         gsa(typo),
-        GsaFacts {
+        Arc::new(GsaFacts {
             account: Ok(None),
             policy: Ok(None),
-        },
+        }),
     );
     gsas.insert(
         gsa(other),
-        policy(&["serviceAccount:acme-prod.svc.id.goog[ledger/app]"]),
+        Arc::new(policy(&["serviceAccount:acme-prod.svc.id.goog[ledger/app]"])),
     );
 
     // A typo in the GSA email: not found, with the likely intended account.

@@ -1,0 +1,285 @@
+//! What a probe remembers between passes about its non-passing KSAs: since when each reason holds,
+//! and which Warning each KSA last got, so events fire once per transition, never once per pass.
+
+use std::collections::HashMap;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::{
+    api::{AuthProbeStatus, Reason},
+    engine::{
+        Verdict,
+        report::{KsaOutcome, Since},
+    },
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    reason: Reason,
+    since: Timestamp,
+    /// The reason of the last Warning event this KSA got (None: none since it last passed).
+    warned: Option<Reason>,
+}
+
+/// An event a pass calls for on a ServiceAccount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// A failure appeared or changed reason.
+    Failing {
+        namespace: String,
+        name: String,
+        reason: Reason,
+        message: String,
+    },
+    /// A KSA that had a Warning passes again.
+    Recovered { namespace: String, name: String },
+}
+
+/// A probe's memory of its non-passing KSAs.
+#[derive(Debug, Default)]
+pub struct History {
+    ksas: HashMap<(String, String), Entry>,
+    /// After a restart, status lists at most 20 failures: KSAs failing beyond those are taken as
+    /// already warned on the first pass rather than warned again.
+    assume_warned_once: bool,
+    seeded: bool,
+}
+
+impl History {
+    /// Whether [`History::seed`] already ran.
+    pub fn is_seeded(&self) -> bool {
+        self.seeded
+    }
+
+    /// Restores what the last status says (the operator restarted, or leadership moved).
+    pub fn seed(&mut self, status: Option<&AuthProbeStatus>) {
+        self.seeded = true;
+        let Some(status) = status else { return };
+        let mut listed_failing = 0u32;
+        for f in &status.failures {
+            let failing = !is_undecided(f.reason);
+            listed_failing += u32::from(failing);
+            self.ksas.insert(
+                (f.namespace.clone(), f.service_account.clone()),
+                Entry {
+                    reason: f.reason,
+                    since: f.since.0,
+                    warned: failing.then_some(f.reason),
+                },
+            );
+        }
+        self.assume_warned_once = status.summary.is_some_and(|s| s.failing > listed_failing);
+    }
+
+    /// Compares a pass with what is remembered: when each current reason started, the events to
+    /// publish, and the history to keep once they are out.
+    pub fn update(&self, outcomes: &[KsaOutcome], now: Timestamp) -> (Since, Vec<Transition>, History) {
+        let mut since = Since::new();
+        let mut transitions = Vec::new();
+        let mut next = HashMap::with_capacity(self.ksas.len());
+        for o in outcomes {
+            let id = (o.namespace.clone(), o.name.clone());
+            let previous = self.ksas.get(&id).cloned();
+            let Some(finding) = o.finding() else {
+                if previous.is_some_and(|p| p.warned.is_some()) {
+                    transitions.push(Transition::Recovered {
+                        namespace: o.namespace.clone(),
+                        name: o.name.clone(),
+                    });
+                }
+                continue;
+            };
+            let started = previous
+                .as_ref()
+                .filter(|p| p.reason == finding.reason)
+                .map_or(now, |p| p.since);
+            let mut warned = match previous {
+                Some(p) => p.warned,
+                None if self.assume_warned_once && finding.verdict == Verdict::Fail => Some(finding.reason),
+                None => None,
+            };
+            if finding.verdict == Verdict::Fail && warned != Some(finding.reason) {
+                transitions.push(Transition::Failing {
+                    namespace: o.namespace.clone(),
+                    name: o.name.clone(),
+                    reason: finding.reason,
+                    message: finding.message.clone(),
+                });
+                warned = Some(finding.reason);
+            }
+            since.insert(id.clone(), (finding.reason, started));
+            next.insert(
+                id,
+                Entry {
+                    reason: finding.reason,
+                    since: started,
+                    warned,
+                },
+            );
+        }
+        (
+            since,
+            transitions,
+            History {
+                ksas: next,
+                assume_warned_once: false,
+                seeded: true,
+            },
+        )
+    }
+}
+
+/// Reasons that mean "authprobe cannot tell".
+pub fn is_undecided(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::PropagationPending
+            | Reason::GoogleUnavailable
+            | Reason::GoogleThrottled
+            | Reason::CheckerUnauthenticated
+            | Reason::CheckerForbidden
+            | Reason::TokenRequestDenied
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::{
+        api::{Failure, Stage, Summary},
+        engine::Finding,
+    };
+
+    fn out(ns: &str, finding: Option<Finding>) -> KsaOutcome {
+        KsaOutcome {
+            namespace: ns.into(),
+            name: "app".into(),
+            mapping: finding,
+            chain: None,
+        }
+    }
+    fn fail(reason: Reason) -> Option<Finding> {
+        Some(Finding::fail(Stage::IamPolicy, reason, "broken"))
+    }
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_event_per_transition() {
+        let mut h = History::default();
+        h.seed(None);
+        let pass = |h: &mut History, outcomes: &[KsaOutcome], at: &str| {
+            let (since, ev, next) = h.update(outcomes, t(at));
+            *h = next;
+            (since, ev)
+        };
+        let (_, ev) = pass(
+            &mut h,
+            &[out("a", fail(Reason::PrincipalNotMapped)), out("b", None)],
+            "2026-01-01T00:00:00Z",
+        );
+        assert_eq!(ev.len(), 1);
+        // Same reason next pass: nothing.
+        let (since, ev) = pass(
+            &mut h,
+            &[out("a", fail(Reason::PrincipalNotMapped)), out("b", None)],
+            "2026-01-01T00:10:00Z",
+        );
+        assert!(ev.is_empty());
+        assert_eq!(since[&("a".into(), "app".into())].1, t("2026-01-01T00:00:00Z"));
+        // Reason changes: one Warning, and since restarts.
+        let (since, ev) = pass(
+            &mut h,
+            &[out("a", fail(Reason::MappingDeleted))],
+            "2026-01-01T00:20:00Z",
+        );
+        assert!(matches!(
+            &ev[..],
+            [Transition::Failing {
+                reason: Reason::MappingDeleted,
+                ..
+            }]
+        ));
+        assert_eq!(since[&("a".into(), "app".into())].1, t("2026-01-01T00:20:00Z"));
+        // Undecided: no event either way.
+        let unknown = Some(Finding::unknown(
+            Stage::IamPolicy,
+            Reason::GoogleUnavailable,
+            "503",
+        ));
+        let (_, ev) = pass(&mut h, &[out("a", unknown)], "2026-01-01T00:30:00Z");
+        assert!(ev.is_empty());
+        // Recovery after a Warning: one Normal; passing again later: nothing more.
+        let (_, ev) = pass(&mut h, &[out("a", None)], "2026-01-01T00:40:00Z");
+        assert_eq!(
+            ev,
+            vec![Transition::Recovered {
+                namespace: "a".into(),
+                name: "app".into()
+            }]
+        );
+        let (_, ev) = pass(&mut h, &[out("a", None)], "2026-01-01T00:50:00Z");
+        assert!(ev.is_empty());
+    }
+
+    #[test]
+    fn unknown_only_ksas_never_warn_or_recover() {
+        let mut h = History::default();
+        h.seed(None);
+        let unknown = Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleThrottled, "429"));
+        let (_, ev, next) = h.update(&[out("a", unknown)], t("2026-01-01T00:00:00Z"));
+        assert!(ev.is_empty());
+        assert!(
+            next.update(&[out("a", None)], t("2026-01-01T00:10:00Z"))
+                .1
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_restart_does_not_repeat_warnings() {
+        let listed = Failure {
+            namespace: "a".into(),
+            service_account: "app".into(),
+            stage: Stage::IamPolicy,
+            reason: Reason::PrincipalNotMapped,
+            message: "x".into(),
+            since: Time(t("2026-01-01T00:00:00Z")),
+        };
+        let status = AuthProbeStatus {
+            summary: Some(Summary {
+                namespaces: 30,
+                service_accounts: 30,
+                passing: 0,
+                failing: 30,
+                unknown: 0,
+            }),
+            failures: vec![listed],
+            ..Default::default()
+        };
+        let mut h = History::default();
+        h.seed(Some(&status));
+        let outcomes: Vec<KsaOutcome> = ["a", "b", "c"]
+            .iter()
+            .map(|ns| out(ns, fail(Reason::PrincipalNotMapped)))
+            .collect();
+        let (since, ev, next) = h.update(&outcomes, t("2026-01-01T01:00:00Z"));
+        assert!(
+            ev.is_empty(),
+            "failures listed or beyond the 20 shown were already warned: {ev:?}"
+        );
+        assert_eq!(since[&("a".into(), "app".into())].1, t("2026-01-01T00:00:00Z"));
+        // Later transitions are reported normally.
+        let (_, ev, _) = next.update(&[out("b", None)], t("2026-01-01T01:10:00Z"));
+        assert_eq!(
+            ev,
+            vec![Transition::Recovered {
+                namespace: "b".into(),
+                name: "app".into()
+            }]
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! The cached view of Namespaces and ServiceAccounts: metadata only, pruned to what the checks
+//! read before it is stored (managedFields alone are most of a cached object's heap), plus the
+//! change times that open the propagation grace.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
+    sync::Mutex,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, ServiceAccount},
+    jiff::Timestamp,
+};
+use kube::core::PartialObjectMeta;
+
+use crate::{api::GSA_ANNOTATION, engine::Ksa};
+
+/// A cached Namespace.
+pub type NamespaceMeta = PartialObjectMeta<Namespace>;
+/// A cached ServiceAccount.
+pub type ServiceAccountMeta = PartialObjectMeta<ServiceAccount>;
+
+/// Keeps a Namespace's name and labels (and the resourceVersion the watch resumes from).
+pub fn prune_namespace(ns: &mut NamespaceMeta) {
+    let m = &mut ns.metadata;
+    *m = kube::api::ObjectMeta {
+        name: m.name.take(),
+        labels: m.labels.take().filter(|l| !l.is_empty()),
+        resource_version: m.resource_version.take(),
+        ..Default::default()
+    };
+}
+
+/// Keeps what the checks read of a ServiceAccount: identity, labels, creation time and the GSA annotation.
+pub fn prune_service_account(sa: &mut ServiceAccountMeta) {
+    let m = &mut sa.metadata;
+    let annotations = m.annotations.take().and_then(|mut a| {
+        a.remove(GSA_ANNOTATION)
+            .map(|v| BTreeMap::from([(GSA_ANNOTATION.to_string(), v)]))
+    });
+    *m = kube::api::ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        uid: m.uid.take(),
+        labels: m.labels.take().filter(|l| !l.is_empty()),
+        annotations,
+        creation_timestamp: m.creation_timestamp.take(),
+        resource_version: m.resource_version.take(),
+        ..Default::default()
+    };
+}
+
+/// The engine's view of a cached ServiceAccount.
+pub fn ksa(sa: &ServiceAccountMeta) -> Ksa {
+    let m = &sa.metadata;
+    Ksa {
+        namespace: m.namespace.clone().unwrap_or_default(),
+        name: m.name.clone().unwrap_or_default(),
+        uid: m.uid.clone().unwrap_or_default(),
+        labels: m.labels.clone().unwrap_or_default(),
+        gsa_annotation: m
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(GSA_ANNOTATION))
+            .cloned(),
+        created: m.creation_timestamp.as_ref().map(|t| t.0),
+    }
+}
+
+/// A compact key for a namespace or a `(namespace, name)` pair.
+pub fn key(parts: &[&str]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
+
+/// When each ServiceAccount's annotation was last seen to change. A ServiceAccount seen for the
+/// first time has no entry: its creation time speaks for it, and operator start opens nothing.
+#[derive(Debug, Default)]
+pub struct AnnotationChanges {
+    seen: Mutex<HashMap<u64, u64>>,
+    changed: Mutex<HashMap<u64, Timestamp>>,
+}
+
+impl AnnotationChanges {
+    /// Records a watched ServiceAccount.
+    pub fn observe(&self, sa: &ServiceAccountMeta) {
+        let m = &sa.metadata;
+        let id = key(&[
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default(),
+        ]);
+        let value = key(&[m
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(GSA_ANNOTATION))
+            .map_or("\u{0}", String::as_str)]);
+        let previous = self.seen.lock().ok().and_then(|mut s| s.insert(id, value));
+        if previous.is_some_and(|p| p != value)
+            && let Ok(mut changed) = self.changed.lock()
+        {
+            changed.insert(id, Timestamp::now());
+        }
+    }
+
+    /// Forgets a deleted ServiceAccount.
+    pub fn forget(&self, sa: &ServiceAccountMeta) {
+        let m = &sa.metadata;
+        let id = key(&[
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default(),
+        ]);
+        if let Ok(mut s) = self.seen.lock() {
+            s.remove(&id);
+        }
+        if let Ok(mut c) = self.changed.lock() {
+            c.remove(&id);
+        }
+    }
+
+    /// When the annotation of `namespace/name` last changed, if it did while watched.
+    pub fn changed_at(&self, namespace: &str, name: &str) -> Option<Timestamp> {
+        self.changed.lock().ok()?.get(&key(&[namespace, name])).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(annotation: Option<&str>) -> ServiceAccountMeta {
+        let mut annotations = BTreeMap::from([(
+            "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+            "{...big...}".to_string(),
+        )]);
+        if let Some(a) = annotation {
+            annotations.insert(GSA_ANNOTATION.into(), a.into());
+        }
+        PartialObjectMeta {
+            types: None,
+            metadata: kube::api::ObjectMeta {
+                name: Some("app".into()),
+                namespace: Some("checkout".into()),
+                uid: Some("u1".into()),
+                annotations: Some(annotations),
+                managed_fields: Some(vec![Default::default()]),
+                generation: Some(1),
+                ..Default::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_only_what_the_checks_read() {
+        let mut s = sa(Some("payments@acme-prod.iam.gserviceaccount.com"));
+        prune_service_account(&mut s);
+        assert!(s.metadata.managed_fields.is_none() && s.metadata.generation.is_none());
+        assert_eq!(s.metadata.annotations.as_ref().map(BTreeMap::len), Some(1));
+        let k = ksa(&s);
+        assert_eq!(
+            (k.namespace.as_str(), k.name.as_str(), k.uid.as_str()),
+            ("checkout", "app", "u1")
+        );
+        assert_eq!(
+            k.gsa_annotation.as_deref(),
+            Some("payments@acme-prod.iam.gserviceaccount.com")
+        );
+        let mut bare = sa(None);
+        prune_service_account(&mut bare);
+        assert!(bare.metadata.annotations.is_none());
+    }
+
+    #[test]
+    fn annotation_changes_are_timed_but_first_sight_is_not() {
+        let changes = AnnotationChanges::default();
+        changes.observe(&sa(Some("a@acme-prod.iam.gserviceaccount.com")));
+        assert_eq!(changes.changed_at("checkout", "app"), None);
+        changes.observe(&sa(Some("a@acme-prod.iam.gserviceaccount.com")));
+        assert_eq!(changes.changed_at("checkout", "app"), None);
+        changes.observe(&sa(Some("b@acme-prod.iam.gserviceaccount.com")));
+        assert!(changes.changed_at("checkout", "app").is_some());
+        changes.forget(&sa(None));
+        assert_eq!(changes.changed_at("checkout", "app"), None);
+    }
+}
