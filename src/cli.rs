@@ -65,18 +65,23 @@ impl Default for RunArgs {
 }
 
 /// How authprobe reaches Google; the same for `run` and `check`.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 pub struct GoogleArgs {
     /// SERVICE=URL replaces https://SERVICE.googleapis.com (repeatable; plain http only for loopback).
-    #[arg(
-        long = "google-endpoint",
-        env = "AUTHPROBE_GOOGLE_ENDPOINTS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "google-endpoint", env = "AUTHPROBE_GOOGLE_ENDPOINTS", value_delimiter = ',')]
     pub endpoints: Vec<Override>,
     /// Use the bearer token in this file (re-read when it changes) instead of Application Default Credentials.
     #[arg(long = "google-access-token-file", env = "AUTHPROBE_GOOGLE_ACCESS_TOKEN_FILE")]
     pub access_token_file: Option<PathBuf>,
+    /// Give up retrying a Google request (429, 5xx, broken connections) after this long, e.g. 60s.
+    #[arg(long = "google-retry-deadline", default_value = "60s", value_parser = parse_duration)]
+    pub retry_deadline: Duration,
+}
+
+impl Default for GoogleArgs {
+    fn default() -> Self {
+        Self { endpoints: vec![], access_token_file: None, retry_deadline: RetryPolicy::default().deadline }
+    }
 }
 
 impl GoogleArgs {
@@ -86,13 +91,13 @@ impl GoogleArgs {
             Some(path) => OperatorCredentials::file(path.clone()),
             None => OperatorCredentials::adc()?,
         };
-        let client = GoogleClient::new(Arc::new(credentials), RetryPolicy::default(), metrics)?
-            .with_rate_limits(&[
-                Api::GetServiceAccount,
-                Api::GetIamPolicy,
-                Api::GetPool,
-                Api::GetProvider,
-            ]);
+        let retry = RetryPolicy { deadline: self.retry_deadline, ..RetryPolicy::default() };
+        let client = GoogleClient::new(Arc::new(credentials), retry, metrics)?.with_rate_limits(&[
+            Api::GetServiceAccount,
+            Api::GetIamPolicy,
+            Api::GetPool,
+            Api::GetProvider,
+        ]);
         Ok(Google::new(client, Endpoints::new(&self.endpoints)))
     }
 }

@@ -17,10 +17,7 @@ pub struct ClusterIssuers {
 impl ClusterIssuers {
     /// Reads through `client`.
     pub fn new(client: kube::Client) -> Self {
-        Self {
-            client,
-            cache: FetchCache::default(),
-        }
+        Self { client, cache: FetchCache::default() }
     }
 
     /// The issuer and its keys.
@@ -44,10 +41,7 @@ impl ClusterIssuers {
             .to_string();
         let jwks: JwkSet = serde_json::from_str(&self.get_text("/openid/v1/jwks").await?)
             .map_err(|e| malformed("jwks", &e))?;
-        Ok(ClusterIssuer {
-            issuer,
-            keys: jwks.keys,
-        })
+        Ok(ClusterIssuer { issuer, keys: jwks.keys })
     }
 
     async fn get_text(&self, path: &str) -> Result<String, FetchFailure> {
@@ -62,18 +56,12 @@ impl ClusterIssuers {
             };
             FetchFailure::new(
                 kind,
-                format!(
-                    "reading the cluster's {path}: {}",
-                    crate::redact::upstream(&e.to_string())
-                ),
+                format!("reading the cluster's {path}: {}", crate::redact::upstream(&e.to_string())),
             )
         })
     }
 }
 
 fn malformed(what: &str, e: &serde_json::Error) -> FetchFailure {
-    FetchFailure::new(
-        FailureKind::Unavailable,
-        format!("the cluster's {what} is malformed ({e})"),
-    )
+    FetchFailure::new(FailureKind::Unavailable, format!("the cluster's {what} is malformed ({e})"))
 }

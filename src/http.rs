@@ -40,11 +40,7 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
 
 async fn metrics_text(State(s): State<Shared>) -> impl IntoResponse {
     match s.metrics.encode() {
-        Ok(text) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-            text,
-        )
+        Ok(text) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text)
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }

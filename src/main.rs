@@ -48,12 +48,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let server = tokio::spawn(http::serve(
-        args.http_addr,
-        metrics.clone(),
-        ready_rx,
-        stopped(stop_rx.clone()),
-    ));
+    let server =
+        tokio::spawn(http::serve(args.http_addr, metrics.clone(), ready_rx, stopped(stop_rx.clone())));
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight probes");

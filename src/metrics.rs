@@ -121,11 +121,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("authprobe");
         let serviceaccounts = Family::default();
-        registry.register(
-            "serviceaccounts",
-            "Checked ServiceAccounts by result",
-            serviceaccounts.clone(),
-        );
+        registry.register("serviceaccounts", "Checked ServiceAccounts by result", serviceaccounts.clone());
         let failing = Family::default();
         registry.register(
             "failing_serviceaccount",
@@ -171,11 +167,7 @@ impl Metrics {
             reconcile_duration.clone(),
         );
         let reconcile_errors = Family::default();
-        registry.register(
-            "reconcile_errors",
-            "Reconcile errors by category",
-            reconcile_errors.clone(),
-        );
+        registry.register("reconcile_errors", "Reconcile errors by category", reconcile_errors.clone());
         Self {
             registry,
             serviceaccounts,
@@ -200,15 +192,8 @@ impl Metrics {
 
     /// Records one Google request (all its attempts).
     pub fn google_request(&self, api: &'static str, outcome: Outcome, elapsed: Duration) {
-        self.google_requests
-            .get_or_create(&RequestLabels {
-                api,
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        self.google_duration
-            .get_or_create(&ApiLabels { api })
-            .observe(elapsed.as_secs_f64());
+        self.google_requests.get_or_create(&RequestLabels { api, outcome: outcome.as_str() }).inc();
+        self.google_duration.get_or_create(&ApiLabels { api }).observe(elapsed.as_secs_f64());
     }
 
     /// Counts a successful TokenRequest.
@@ -223,9 +208,7 @@ impl Metrics {
 
     /// Counts a reconcile error by its category.
     pub fn reconcile_error(&self, category: &'static str) {
-        self.reconcile_errors
-            .get_or_create(&CategoryLabels { category })
-            .inc();
+        self.reconcile_errors.get_or_create(&CategoryLabels { category }).inc();
     }
 
     /// Exports a probe's verdict; failing series of KSAs that recovered disappear.
@@ -237,27 +220,17 @@ impl Metrics {
             ("unknown", report.summary.unknown),
         ] {
             self.serviceaccounts
-                .get_or_create(&ResultLabels {
-                    probe: probe_label(),
-                    result,
-                })
+                .get_or_create(&ResultLabels { probe: probe_label(), result })
                 .set(i64::from(value));
         }
         for c in &report.conditions {
             for status in CONDITION_STATUSES {
-                let labels = ConditionLabels {
-                    probe: probe_label(),
-                    r#type: c.type_,
-                    status: status.as_str(),
-                };
-                self.condition
-                    .get_or_create(&labels)
-                    .set(i64::from(c.status == status));
+                let labels =
+                    ConditionLabels { probe: probe_label(), r#type: c.type_, status: status.as_str() };
+                self.condition.get_or_create(&labels).set(i64::from(c.status == status));
             }
         }
-        self.last_probe
-            .get_or_create(&ProbeLabels { probe: probe_label() })
-            .set(finished_unix);
+        self.last_probe.get_or_create(&ProbeLabels { probe: probe_label() }).set(finished_unix);
         let now: BTreeSet<FailingLabels> = report
             .entries
             .iter()
@@ -273,12 +246,7 @@ impl Metrics {
         let Ok(mut exported) = self.exported.lock() else {
             return;
         };
-        for gone in exported
-            .get(probe)
-            .into_iter()
-            .flatten()
-            .filter(|l| !now.contains(l))
-        {
+        for gone in exported.get(probe).into_iter().flatten().filter(|l| !now.contains(l)) {
             self.failing.remove(gone);
         }
         for labels in &now {
@@ -290,10 +258,7 @@ impl Metrics {
     /// Drops every series of a deleted probe.
     pub fn forget_probe(&self, probe: &str) {
         for result in ["passing", "failing", "unknown"] {
-            self.serviceaccounts.remove(&ResultLabels {
-                probe: probe.to_string(),
-                result,
-            });
+            self.serviceaccounts.remove(&ResultLabels { probe: probe.to_string(), result });
         }
         for type_ in crate::api::condition::ALL {
             for status in CONDITION_STATUSES {
@@ -304,9 +269,7 @@ impl Metrics {
                 });
             }
         }
-        self.last_probe.remove(&ProbeLabels {
-            probe: probe.to_string(),
-        });
+        self.last_probe.remove(&ProbeLabels { probe: probe.to_string() });
         if let Ok(mut exported) = self.exported.lock() {
             for labels in exported.remove(probe).into_iter().flatten() {
                 self.failing.remove(&labels);
@@ -343,10 +306,7 @@ mod tests {
         let m = Metrics::new();
         m.probe_report("payments", &report(&["checkout"]), 1_700_000_000.0);
         let text = m.encode().unwrap();
-        assert!(
-            text.contains(r#"authprobe_serviceaccounts{probe="payments",result="failing"} 1"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"authprobe_serviceaccounts{probe="payments",result="failing"} 1"#), "{text}");
         assert!(text.contains(r#"authprobe_serviceaccounts{probe="payments",result="passing"} 2"#));
         assert!(text.contains(
             r#"authprobe_failing_serviceaccount{probe="payments",namespace="checkout",serviceaccount="app",stage="IAMPolicy",reason="PrincipalNotMapped"} 1"#

@@ -48,13 +48,8 @@ pub async fn evaluate(
     pass: Pass<'_>,
     changed_at: impl Fn(&Candidate) -> Option<Timestamp>,
 ) -> Vec<KsaOutcome> {
-    let Pass {
-        plan,
-        candidates,
-        max_age,
-        now,
-    } = pass;
-    let suggestion = most_common_gsa(&candidates);
+    let Pass { plan, candidates, max_age, now } = pass;
+    let suggestion = most_common_gsa(plan, &candidates);
     let prepared: Vec<(Candidate, Result<Prepared, crate::engine::Finding>)> = candidates
         .into_iter()
         .map(|c| {
@@ -63,10 +58,8 @@ pub async fn evaluate(
         })
         .collect();
 
-    let mut wanted: Vec<GsaEmail> = prepared
-        .iter()
-        .filter_map(|(_, p)| p.as_ref().ok()?.gsa.clone())
-        .collect();
+    let mut wanted: Vec<GsaEmail> =
+        prepared.iter().filter_map(|(_, p)| p.as_ref().ok()?.gsa.clone()).collect();
     wanted.sort();
     wanted.dedup();
     let google = services.google;
@@ -80,25 +73,17 @@ pub async fn evaluate(
         .await;
     let (provider, cluster) = match &plan.federation {
         Some(f) => {
-            let (provider, cluster) = tokio::join!(
-                services.google.provider(f, max_age),
-                services.issuers.get(max_age)
-            );
+            let (provider, cluster) =
+                tokio::join!(services.google.provider(f, max_age), services.issuers.get(max_age));
             (Some(provider), Some(cluster))
         }
         None => (None, None),
     };
-    let facts = Facts {
-        gsas: &gsas,
-        provider: provider.as_deref(),
-        cluster: cluster.as_ref(),
-        now: now.as_second(),
-    };
+    let facts =
+        Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
 
-    let policy_changes: HashMap<&GsaEmail, Timestamp> = gsas
-        .keys()
-        .filter_map(|g| services.google.policy_changed_at(g).map(|t| (g, t)))
-        .collect();
+    let policy_changes: HashMap<&GsaEmail, Timestamp> =
+        gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g, t))).collect();
     prepared
         .into_iter()
         .map(|(candidate, prepared)| {
@@ -108,33 +93,22 @@ pub async fn evaluate(
                     .ksa
                     .as_ref()
                     .and_then(|k| k.gsa_annotation.as_deref())
-                    .and_then(|a| {
-                        policy_changes
-                            .iter()
-                            .find(|(g, _)| g.as_str() == a)
-                            .map(|(_, t)| *t)
-                    });
+                    .and_then(|a| policy_changes.iter().find(|(g, _)| g.as_str() == a).map(|(_, t)| *t));
                 let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
                 within_grace(finding, changed, now, plan.grace)
             });
-            KsaOutcome {
-                namespace: candidate.namespace,
-                name: candidate.name,
-                mapping,
-                chain: None,
-            }
+            KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain: None }
         })
         .collect()
 }
 
-/// The GSA most KSAs of this pass are annotated with: the likely value for a KSA that lacks one.
-fn most_common_gsa(candidates: &[Candidate]) -> Option<GsaEmail> {
+/// The allowed GSA most KSAs of this pass are annotated with: the likely value for a KSA that lacks one.
+fn most_common_gsa(plan: &Plan, candidates: &[Candidate]) -> Option<GsaEmail> {
     let mut counts: BTreeMap<GsaEmail, usize> = BTreeMap::new();
-    for gsa in candidates
-        .iter()
-        .filter_map(|c| c.ksa.as_ref()?.gsa_annotation.as_deref())
-    {
-        if let Ok(parsed) = crate::engine::annotation::parse_gsa(gsa) {
+    for gsa in candidates.iter().filter_map(|c| c.ksa.as_ref()?.gsa_annotation.as_deref()) {
+        if let Ok(parsed) = crate::engine::annotation::parse_gsa(gsa)
+            && plan.allows(&parsed)
+        {
             *counts.entry(parsed).or_default() += 1;
         }
     }

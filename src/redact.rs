@@ -10,10 +10,7 @@ const REDACTED: &str = "[REDACTED]";
 /// Replaces token-like runs in `text` and truncates the result to [`MAX_UPSTREAM_BYTES`].
 pub fn upstream(text: &str) -> String {
     let redacted = tokens(text);
-    let flat: String = redacted
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let flat: String = redacted.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     cut(&flat, MAX_UPSTREAM_BYTES)
 }
 
@@ -24,9 +21,7 @@ pub fn tokens(text: &str) -> String {
     let mut rest = text;
     while let Some(start) = next_token(rest) {
         out.push_str(&rest[..start]);
-        let run = rest[start..]
-            .find(|c: char| !is_token_char(c))
-            .map_or(rest.len(), |end| start + end);
+        let run = rest[start..].find(|c: char| !is_token_char(c)).map_or(rest.len(), |end| start + end);
         out.push_str(REDACTED);
         rest = &rest[run..];
     }

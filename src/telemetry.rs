@@ -21,17 +21,11 @@ pub fn init(format: LogFormat) {
     let installed = if json {
         registry
             .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_writer(std::io::stderr),
+                fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr),
             )
             .try_init()
     } else {
-        registry
-            .with(fmt::layer().compact().with_writer(std::io::stderr))
-            .try_init()
+        registry.with(fmt::layer().compact().with_writer(std::io::stderr)).try_init()
     };
     if let Err(e) = installed {
         eprintln!("authprobe: logging already initialised: {e}");

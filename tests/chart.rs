@@ -45,11 +45,7 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
 #[test]
 fn chart_lints_strictly() -> Result<()> {
     let chart = chart();
-    let out = run(
-        "helm",
-        &["lint", "--strict", chart.to_str().context("utf-8 path")?],
-        None,
-    )?;
+    let out = run("helm", &["lint", "--strict", chart.to_str().context("utf-8 path")?], None)?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
     Ok(())
 }
@@ -60,58 +56,29 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
     let chart = chart.to_str().context("utf-8 path")?;
     let refused = run(
         "helm",
-        &[
-            "template",
-            "t",
-            chart,
-            "--kube-version",
-            "v1.36.3",
-            "--set",
-            "logging.format=xml",
-        ],
+        &["template", "t", chart, "--kube-version", "v1.36.3", "--set", "logging.format=xml"],
         None,
     );
     assert!(refused.is_err_and(|e| e.to_string().contains("value must be one of 'json', 'compact'")));
-    let refused = run(
-        "helm",
-        &[
-            "template",
-            "t",
-            chart,
-            "--kube-version",
-            "v1.36.3",
-            "--set",
-            "replicas=2",
-        ],
-        None,
+    let refused =
+        run("helm", &["template", "t", chart, "--kube-version", "v1.36.3", "--set", "replicas=2"], None);
+    assert!(
+        refused.is_err_and(|e| { e.to_string().contains("additional properties 'replicas' not allowed") })
     );
-    assert!(refused.is_err_and(|e| {
-        e.to_string()
-            .contains("additional properties 'replicas' not allowed")
-    }));
     Ok(())
 }
 
 /// Renders the chart with `sets` and applies it with `kubectl apply --dry-run=server`.
 fn dry_run(namespace: &str, sets: &[&str]) -> Result<String> {
     let chart = chart();
-    let mut args = vec![
-        "template",
-        "authprobe",
-        chart.to_str().context("utf-8 path")?,
-        "--namespace",
-        namespace,
-    ];
+    let mut args =
+        vec!["template", "authprobe", chart.to_str().context("utf-8 path")?, "--namespace", namespace];
     args.extend(["--kube-version", "v1.36.3"]);
     for set in sets {
         args.extend(["--set", set]);
     }
     let manifests = run("helm", &args, None)?;
-    run(
-        "kubectl",
-        &["apply", "--dry-run=server", "-f", "-"],
-        Some(&manifests),
-    )
+    run("kubectl", &["apply", "--dry-run=server", "-f", "-"], Some(&manifests))
 }
 
 #[tokio::test]
@@ -129,10 +96,7 @@ async fn rendered_chart_is_accepted_by_the_api_server() -> Result<()> {
     ] {
         assert!(applied.contains(kind), "{kind} missing from:\n{applied}");
     }
-    assert!(
-        !applied.contains("token-request"),
-        "token minting must be off by default:\n{applied}"
-    );
+    assert!(!applied.contains("token-request"), "token minting must be off by default:\n{applied}");
     Ok(())
 }
 
@@ -147,24 +111,15 @@ async fn token_minting_can_be_granted_per_namespace() -> Result<()> {
     let applied = tokio::task::spawn_blocking(move || {
         dry_run(
             &release_ns,
-            &[
-                "tokenExchange.enabled=true",
-                &namespaces,
-                "tokenExchange.serviceAccountNames={app}",
-            ],
+            &["tokenExchange.enabled=true", &namespaces, "tokenExchange.serviceAccountNames={app}"],
         )
     })
     .await??;
     assert_eq!(
-        applied
-            .matches("role.rbac.authorization.k8s.io/authprobe-token-request")
-            .count(),
+        applied.matches("role.rbac.authorization.k8s.io/authprobe-token-request").count(),
         2,
         "{applied}"
     );
-    assert!(
-        !applied.contains("clusterrole.rbac.authorization.k8s.io/authprobe-token-request"),
-        "{applied}"
-    );
+    assert!(!applied.contains("clusterrole.rbac.authorization.k8s.io/authprobe-token-request"), "{applied}");
     Ok(())
 }

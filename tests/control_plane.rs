@@ -27,11 +27,7 @@ async fn server_is_the_pinned_release() -> Result<()> {
         version.git_version,
         cp.server_url()
     )?;
-    assert!(
-        version.git_version.starts_with("v1.36."),
-        "unexpected server version {}",
-        version.git_version
-    );
+    assert!(version.git_version.starts_with("v1.36."), "unexpected server version {}", version.git_version);
     assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "36"));
     Ok(())
 }
@@ -74,9 +70,7 @@ fn with(mut spec: Value, path: &str, value: Value) -> Value {
 async fn a_valid_probe_is_accepted_with_schema_defaults() -> Result<()> {
     let client = ControlPlane::shared().client().await?;
     let api = Api::<AuthProbe>::all(client);
-    let created = api
-        .create(&PostParams::default(), &probe("valid", valid_spec())?)
-        .await?;
+    let created = api.create(&PostParams::default(), &probe("valid", valid_spec())?).await?;
     assert_eq!(created.spec.probe.interval, "10m");
     assert_eq!(created.spec.probe.propagation_grace, "7m");
     assert!(!created.spec.probe.token_exchange);
@@ -86,13 +80,8 @@ async fn a_valid_probe_is_accepted_with_schema_defaults() -> Result<()> {
         "identity/federation",
         json!({"provider": "projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/k8s"}),
     );
-    let created = api
-        .create(&PostParams::default(), &probe("valid-federation", federation)?)
-        .await?;
-    assert_eq!(
-        created.spec.identity.federation.map(|f| f.audience),
-        Some(String::new())
-    );
+    let created = api.create(&PostParams::default(), &probe("valid-federation", federation)?).await?;
+    assert_eq!(created.spec.identity.federation.map(|f| f.audience), Some(String::new()));
     Ok(())
 }
 
@@ -234,11 +223,7 @@ async fn invalid_probes_are_refused_with_the_cel_messages() -> Result<()> {
             Err(e) => unexpected.push(format!("{name}: {e}")),
         }
     }
-    assert!(
-        unexpected.is_empty(),
-        "cases not refused as expected:\n{}",
-        unexpected.join("\n")
-    );
+    assert!(unexpected.is_empty(), "cases not refused as expected:\n{}", unexpected.join("\n"));
     Ok(())
 }
 
@@ -248,41 +233,22 @@ async fn service_account_tokens_verify_against_the_served_jwks() -> Result<()> {
     let client = cp.client().await?;
     let ns = cp.namespace(&client, "tokens", &[]).await?;
     let sas = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
-    sas.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "app"}}))?,
-    )
-    .await?;
+    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "app"}}))?)
+        .await?;
     let request: TokenRequest = serde_json::from_value(json!({
         "spec": {"audiences": ["acme-prod.svc.id.goog"], "expirationSeconds": 600}
     }))?;
-    let minted = sas
-        .create_token_request("app", &PostParams::default(), &request)
-        .await?;
-    let token = minted
-        .status
-        .and_then(|s| s.token)
-        .context("TokenRequest returned no token")?;
+    let minted = sas.create_token_request("app", &PostParams::default(), &request).await?;
+    let token = minted.status.and_then(|s| s.token).context("TokenRequest returned no token")?;
 
     let get = |path: &str| http::Request::get(path).body(Vec::new());
-    let discovery: Value = serde_json::from_str(
-        &client
-            .request_text(get("/.well-known/openid-configuration")?)
-            .await?,
-    )?;
-    assert_eq!(
-        discovery["issuer"],
-        cp.issuer(),
-        "discovery must name the configured issuer"
-    );
+    let discovery: Value =
+        serde_json::from_str(&client.request_text(get("/.well-known/openid-configuration")?).await?)?;
+    assert_eq!(discovery["issuer"], cp.issuer(), "discovery must name the configured issuer");
     let jwks: JwkSet = serde_json::from_str(&client.request_text(get("/openid/v1/jwks")?).await?)?;
 
     let header = decode_header(&token)?;
-    assert_eq!(
-        header.alg,
-        Algorithm::RS256,
-        "Google STS accepts RS256 or ES256 only"
-    );
+    assert_eq!(header.alg, Algorithm::RS256, "Google STS accepts RS256 or ES256 only");
     let kid = header.kid.context("KSA tokens carry a kid")?;
     let jwk = jwks.find(&kid).context("the token's kid is in the served JWKS")?;
     let mut validation = Validation::new(Algorithm::RS256);
@@ -309,27 +275,15 @@ async fn service_account_tokens_verify_against_the_served_jwks() -> Result<()> {
 async fn status_written_by_server_side_apply_reads_back() -> Result<()> {
     let client = ControlPlane::shared().client().await?;
     let api = Api::<AuthProbe>::all(client);
-    let created = api
-        .create(&PostParams::default(), &probe("ssa-status", valid_spec())?)
-        .await?;
+    let created = api.create(&PostParams::default(), &probe("ssa-status", valid_spec())?).await?;
     let status = AuthProbeStatus {
         observed_generation: created.metadata.generation,
-        summary: Some(Summary {
-            namespaces: 3,
-            service_accounts: 3,
-            passing: 2,
-            failing: 1,
-            unknown: 0,
-        }),
+        summary: Some(Summary { namespaces: 3, service_accounts: 3, passing: 2, failing: 1, unknown: 0 }),
         ..Default::default()
     };
     let patch = json!({"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "status": status});
-    api.patch_status(
-        "ssa-status",
-        &PatchParams::apply("authprobe-test").force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    api.patch_status("ssa-status", &PatchParams::apply("authprobe-test").force(), &Patch::Apply(&patch))
+        .await?;
     let read = api.get_status("ssa-status").await?;
     assert_eq!(read.status, Some(status));
     assert_eq!(read.spec, created.spec, "a status write leaves the spec alone");

@@ -56,22 +56,12 @@ pub fn unauthenticated(reason: &str, service: &str) -> Response {
 
 /// 404 for a service account.
 pub fn unknown_service_account() -> Response {
-    envelope(
-        StatusCode::NOT_FOUND,
-        "NOT_FOUND",
-        "Unknown service account",
-        None,
-    )
+    envelope(StatusCode::NOT_FOUND, "NOT_FOUND", "Unknown service account", None)
 }
 
 /// 404 for other entities.
 pub fn not_found() -> Response {
-    envelope(
-        StatusCode::NOT_FOUND,
-        "NOT_FOUND",
-        "Requested entity was not found.",
-        None,
-    )
+    envelope(StatusCode::NOT_FOUND, "NOT_FOUND", "Requested entity was not found.", None)
 }
 
 /// 400 `INVALID_ARGUMENT`.
@@ -81,12 +71,7 @@ pub fn invalid_argument(message: &str) -> Response {
 
 /// An injected 503.
 pub fn unavailable() -> Response {
-    envelope(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "UNAVAILABLE",
-        "The service is currently unavailable.",
-        None,
-    )
+    envelope(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "The service is currently unavailable.", None)
 }
 
 /// An injected 429, in the shape the API uses (OAuth style for STS).
@@ -118,9 +103,5 @@ pub fn throttled(api: &str, retry_after_seconds: u64) -> Response {
 
 /// STS's flat OAuth error: `{"error":"...","error_description":"..."}`.
 pub fn sts_error(code: StatusCode, error: &str, description: &str) -> Response {
-    (
-        code,
-        Json(json!({"error": error, "error_description": description})),
-    )
-        .into_response()
+    (code, Json(json!({"error": error, "error_description": description}))).into_response()
 }

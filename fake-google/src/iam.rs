@@ -107,10 +107,7 @@ async fn get_iam_policy(
             "Invalid JSON payload received. getIamPolicy takes its options in the query string.",
         );
     }
-    let requested = match query
-        .get("options.requestedPolicyVersion")
-        .map(|v| v.parse::<i32>())
-    {
+    let requested = match query.get("options.requestedPolicyVersion").map(|v| v.parse::<i32>()) {
         None => 0,
         Some(Ok(v @ (0 | 1 | 3))) => v,
         Some(_) => {
@@ -181,9 +178,7 @@ pub(crate) async fn get_provider(
     }
     let pool_name = format!("projects/{number}/locations/global/workloadIdentityPools/{pool}");
     let scenario = fake.scenario();
-    let Some(p) = scenario
-        .pool(&pool_name)
-        .and_then(|p| p.providers.iter().find(|x| x.id == provider))
+    let Some(p) = scenario.pool(&pool_name).and_then(|p| p.providers.iter().find(|x| x.id == provider))
     else {
         return errors::not_found();
     };

@@ -54,10 +54,7 @@ type Shared = Arc<Fake>;
 
 impl Fake {
     fn new(scenario: Scenario) -> Self {
-        Self {
-            scenario: RwLock::new(scenario),
-            counts: Mutex::new(BTreeMap::new()),
-        }
+        Self { scenario: RwLock::new(scenario), counts: Mutex::new(BTreeMap::new()) }
     }
 
     /// A snapshot of the scenario.
@@ -127,11 +124,7 @@ pub struct Running {
 impl Running {
     /// `SERVICE=http://ADDR/SERVICE` for every service, comma-separated (`AUTHPROBE_GOOGLE_ENDPOINTS`).
     pub fn endpoints(&self) -> String {
-        SERVICES
-            .iter()
-            .map(|s| format!("{s}=http://{}/{s}", self.addr))
-            .collect::<Vec<_>>()
-            .join(",")
+        SERVICES.iter().map(|s| format!("{s}=http://{}/{s}", self.addr)).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -145,10 +138,7 @@ impl Drop for Running {
 
 /// Starts the fake on `addr` (which must be a loopback address) in the current runtime.
 pub async fn start(addr: SocketAddr, scenario: Scenario) -> anyhow::Result<Running> {
-    anyhow::ensure!(
-        addr.ip().is_loopback(),
-        "the fake listens on loopback only, not {addr}"
-    );
+    anyhow::ensure!(addr.ip().is_loopback(), "the fake listens on loopback only, not {addr}");
     let fake = Arc::new(Fake::new(scenario));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
@@ -162,11 +152,7 @@ pub async fn start(addr: SocketAddr, scenario: Scenario) -> anyhow::Result<Runni
             tracing::error!(error = %e, "fake Google stopped");
         }
     });
-    Ok(Running {
-        addr,
-        fake,
-        shutdown: Some(tx),
-    })
+    Ok(Running { addr, fake, shutdown: Some(tx) })
 }
 
 fn router(fake: Shared) -> Router {
@@ -175,10 +161,7 @@ fn router(fake: Shared) -> Router {
             "/iam/v1/projects/{project}/serviceAccounts/{account}",
             get(iam::get_service_account).post(iam::service_account_method),
         )
-        .route(
-            "/iam/v1/projects/{number}/locations/global/workloadIdentityPools/{pool}",
-            get(iam::get_pool),
-        )
+        .route("/iam/v1/projects/{number}/locations/global/workloadIdentityPools/{pool}", get(iam::get_pool))
         .route(
             "/iam/v1/projects/{number}/locations/global/workloadIdentityPools/{pool}/providers/{provider}",
             get(iam::get_provider),
@@ -195,11 +178,7 @@ fn router(fake: Shared) -> Router {
 
 /// Google's clock as the scenario wants it: the `Date` header moved by `clockSkewSeconds`.
 async fn skew_date(State(fake): State<Shared>, mut response: Response) -> Response {
-    let skew = fake
-        .scenario
-        .read()
-        .map(|s| s.clock_skew_seconds)
-        .unwrap_or_default();
+    let skew = fake.scenario.read().map(|s| s.clock_skew_seconds).unwrap_or_default();
     let at = std::time::SystemTime::now()
         .checked_add(Duration::from_secs(skew.unsigned_abs()))
         .filter(|_| skew >= 0)
@@ -259,11 +238,7 @@ async fn admin_add_member(
     fake.update(|s| {
         if let Some(sa) = s.service_accounts.iter_mut().find(|sa| sa.email == email) {
             found = true;
-            match sa
-                .bindings
-                .iter_mut()
-                .find(|b| b.role == role && b.condition.is_none())
-            {
+            match sa.bindings.iter_mut().find(|b| b.role == role && b.condition.is_none()) {
                 Some(b) if !b.members.iter().any(|m| m == member) => b.members.push(member.to_string()),
                 Some(_) => {}
                 None => sa.bindings.push(scenario::Binding {
@@ -275,10 +250,7 @@ async fn admin_add_member(
         }
     });
     if found {
-        let etag = fake
-            .scenario()
-            .service_account(&email)
-            .map(scenario::ServiceAccount::etag);
+        let etag = fake.scenario().service_account(&email).map(scenario::ServiceAccount::etag);
         (StatusCode::OK, Json(json!({"etag": etag}))).into_response()
     } else {
         errors::unknown_service_account()

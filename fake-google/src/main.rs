@@ -13,10 +13,7 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        scenario: None,
-    };
+    let mut args = Args { listen: SocketAddr::from(([127, 0, 0, 1], 0)), scenario: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -54,10 +51,7 @@ async fn serve() -> anyhow::Result<()> {
     };
     let running = fake_google::start(args.listen, scenario).await?;
     println!("AUTHPROBE_GOOGLE_ENDPOINTS={}", running.endpoints());
-    eprintln!(
-        "fake-google: listening on http://{} (admin API under /admin)",
-        running.addr
-    );
+    eprintln!("fake-google: listening on http://{} (admin API under /admin)", running.addr);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,

@@ -49,10 +49,7 @@ pub const OPERATOR_PERMISSIONS: [&str; 4] = [
 
 impl Default for Operator {
     fn default() -> Self {
-        Self {
-            tokens: vec![],
-            permissions: OPERATOR_PERMISSIONS.iter().map(|p| (*p).to_string()).collect(),
-        }
+        Self { tokens: vec![], permissions: OPERATOR_PERMISSIONS.iter().map(|p| (*p).to_string()).collect() }
     }
 }
 
@@ -230,16 +227,11 @@ impl ServiceAccount {
     pub fn etag(&self) -> String {
         use base64::Engine as _;
         let text = serde_json::to_string(&self.bindings).unwrap_or_default();
-        format!(
-            "BwY{}",
-            base64::engine::general_purpose::STANDARD.encode(fnv(text.as_bytes()).to_be_bytes())
-        )
+        format!("BwY{}", base64::engine::general_purpose::STANDARD.encode(fnv(text.as_bytes()).to_be_bytes()))
     }
 }
 
 /// FNV-1a: stable across runs (std's hasher is not).
 pub fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -25,12 +25,7 @@ struct Entry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transition {
     /// A failure appeared or changed reason.
-    Failing {
-        namespace: String,
-        name: String,
-        reason: Reason,
-        message: String,
-    },
+    Failing { namespace: String, name: String, reason: Reason, message: String },
     /// A KSA that had a Warning passes again.
     Recovered { namespace: String, name: String },
 }
@@ -61,11 +56,7 @@ impl History {
             listed_failing += u32::from(failing);
             self.ksas.insert(
                 (f.namespace.clone(), f.service_account.clone()),
-                Entry {
-                    reason: f.reason,
-                    since: f.since.0,
-                    warned: failing.then_some(f.reason),
-                },
+                Entry { reason: f.reason, since: f.since.0, warned: failing.then_some(f.reason) },
             );
         }
         self.assume_warned_once = status.summary.is_some_and(|s| s.failing > listed_failing);
@@ -82,17 +73,12 @@ impl History {
             let previous = self.ksas.get(&id).cloned();
             let Some(finding) = o.finding() else {
                 if previous.is_some_and(|p| p.warned.is_some()) {
-                    transitions.push(Transition::Recovered {
-                        namespace: o.namespace.clone(),
-                        name: o.name.clone(),
-                    });
+                    transitions
+                        .push(Transition::Recovered { namespace: o.namespace.clone(), name: o.name.clone() });
                 }
                 continue;
             };
-            let started = previous
-                .as_ref()
-                .filter(|p| p.reason == finding.reason)
-                .map_or(now, |p| p.since);
+            let started = previous.as_ref().filter(|p| p.reason == finding.reason).map_or(now, |p| p.since);
             let mut warned = match previous {
                 Some(p) => p.warned,
                 None if self.assume_warned_once && finding.verdict == Verdict::Fail => Some(finding.reason),
@@ -108,24 +94,9 @@ impl History {
                 warned = Some(finding.reason);
             }
             since.insert(id.clone(), (finding.reason, started));
-            next.insert(
-                id,
-                Entry {
-                    reason: finding.reason,
-                    since: started,
-                    warned,
-                },
-            );
+            next.insert(id, Entry { reason: finding.reason, since: started, warned });
         }
-        (
-            since,
-            transitions,
-            History {
-                ksas: next,
-                assume_warned_once: false,
-                seeded: true,
-            },
-        )
+        (since, transitions, History { ksas: next, assume_warned_once: false, seeded: true })
     }
 }
 
@@ -153,12 +124,7 @@ mod tests {
     };
 
     fn out(ns: &str, finding: Option<Finding>) -> KsaOutcome {
-        KsaOutcome {
-            namespace: ns.into(),
-            name: "app".into(),
-            mapping: finding,
-            chain: None,
-        }
+        KsaOutcome { namespace: ns.into(), name: "app".into(), mapping: finding, chain: None }
     }
     fn fail(reason: Reason) -> Option<Finding> {
         Some(Finding::fail(Stage::IamPolicy, reason, "broken"))
@@ -191,36 +157,16 @@ mod tests {
         assert!(ev.is_empty());
         assert_eq!(since[&("a".into(), "app".into())].1, t("2026-01-01T00:00:00Z"));
         // Reason changes: one Warning, and since restarts.
-        let (since, ev) = pass(
-            &mut h,
-            &[out("a", fail(Reason::MappingDeleted))],
-            "2026-01-01T00:20:00Z",
-        );
-        assert!(matches!(
-            &ev[..],
-            [Transition::Failing {
-                reason: Reason::MappingDeleted,
-                ..
-            }]
-        ));
+        let (since, ev) = pass(&mut h, &[out("a", fail(Reason::MappingDeleted))], "2026-01-01T00:20:00Z");
+        assert!(matches!(&ev[..], [Transition::Failing { reason: Reason::MappingDeleted, .. }]));
         assert_eq!(since[&("a".into(), "app".into())].1, t("2026-01-01T00:20:00Z"));
         // Undecided: no event either way.
-        let unknown = Some(Finding::unknown(
-            Stage::IamPolicy,
-            Reason::GoogleUnavailable,
-            "503",
-        ));
+        let unknown = Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, "503"));
         let (_, ev) = pass(&mut h, &[out("a", unknown)], "2026-01-01T00:30:00Z");
         assert!(ev.is_empty());
         // Recovery after a Warning: one Normal; passing again later: nothing more.
         let (_, ev) = pass(&mut h, &[out("a", None)], "2026-01-01T00:40:00Z");
-        assert_eq!(
-            ev,
-            vec![Transition::Recovered {
-                namespace: "a".into(),
-                name: "app".into()
-            }]
-        );
+        assert_eq!(ev, vec![Transition::Recovered { namespace: "a".into(), name: "app".into() }]);
         let (_, ev) = pass(&mut h, &[out("a", None)], "2026-01-01T00:50:00Z");
         assert!(ev.is_empty());
     }
@@ -232,11 +178,7 @@ mod tests {
         let unknown = Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleThrottled, "429"));
         let (_, ev, next) = h.update(&[out("a", unknown)], t("2026-01-01T00:00:00Z"));
         assert!(ev.is_empty());
-        assert!(
-            next.update(&[out("a", None)], t("2026-01-01T00:10:00Z"))
-                .1
-                .is_empty()
-        );
+        assert!(next.update(&[out("a", None)], t("2026-01-01T00:10:00Z")).1.is_empty());
     }
 
     #[test]
@@ -262,24 +204,13 @@ mod tests {
         };
         let mut h = History::default();
         h.seed(Some(&status));
-        let outcomes: Vec<KsaOutcome> = ["a", "b", "c"]
-            .iter()
-            .map(|ns| out(ns, fail(Reason::PrincipalNotMapped)))
-            .collect();
+        let outcomes: Vec<KsaOutcome> =
+            ["a", "b", "c"].iter().map(|ns| out(ns, fail(Reason::PrincipalNotMapped))).collect();
         let (since, ev, next) = h.update(&outcomes, t("2026-01-01T01:00:00Z"));
-        assert!(
-            ev.is_empty(),
-            "failures listed or beyond the 20 shown were already warned: {ev:?}"
-        );
+        assert!(ev.is_empty(), "failures listed or beyond the 20 shown were already warned: {ev:?}");
         assert_eq!(since[&("a".into(), "app".into())].1, t("2026-01-01T00:00:00Z"));
         // Later transitions are reported normally.
         let (_, ev, _) = next.update(&[out("b", None)], t("2026-01-01T01:10:00Z"));
-        assert_eq!(
-            ev,
-            vec![Transition::Recovered {
-                namespace: "b".into(),
-                name: "app".into()
-            }]
-        );
+        assert_eq!(ev, vec![Transition::Recovered { namespace: "b".into(), name: "app".into() }]);
     }
 }

@@ -36,8 +36,7 @@ pub fn prune_namespace(ns: &mut NamespaceMeta) {
 pub fn prune_service_account(sa: &mut ServiceAccountMeta) {
     let m = &mut sa.metadata;
     let annotations = m.annotations.take().and_then(|mut a| {
-        a.remove(GSA_ANNOTATION)
-            .map(|v| BTreeMap::from([(GSA_ANNOTATION.to_string(), v)]))
+        a.remove(GSA_ANNOTATION).map(|v| BTreeMap::from([(GSA_ANNOTATION.to_string(), v)]))
     });
     *m = kube::api::ObjectMeta {
         name: m.name.take(),
@@ -59,11 +58,7 @@ pub fn ksa(sa: &ServiceAccountMeta) -> Ksa {
         name: m.name.clone().unwrap_or_default(),
         uid: m.uid.clone().unwrap_or_default(),
         labels: m.labels.clone().unwrap_or_default(),
-        gsa_annotation: m
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(GSA_ANNOTATION))
-            .cloned(),
+        gsa_annotation: m.annotations.as_ref().and_then(|a| a.get(GSA_ANNOTATION)).cloned(),
         created: m.creation_timestamp.as_ref().map(|t| t.0),
     }
 }
@@ -87,10 +82,7 @@ impl AnnotationChanges {
     /// Records a watched ServiceAccount.
     pub fn observe(&self, sa: &ServiceAccountMeta) {
         let m = &sa.metadata;
-        let id = key(&[
-            m.namespace.as_deref().unwrap_or_default(),
-            m.name.as_deref().unwrap_or_default(),
-        ]);
+        let id = key(&[m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default()]);
         let value = key(&[m
             .annotations
             .as_ref()
@@ -107,10 +99,7 @@ impl AnnotationChanges {
     /// Forgets a deleted ServiceAccount.
     pub fn forget(&self, sa: &ServiceAccountMeta) {
         let m = &sa.metadata;
-        let id = key(&[
-            m.namespace.as_deref().unwrap_or_default(),
-            m.name.as_deref().unwrap_or_default(),
-        ]);
+        let id = key(&[m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default()]);
         if let Ok(mut s) = self.seen.lock() {
             s.remove(&id);
         }
@@ -159,14 +148,8 @@ mod tests {
         assert!(s.metadata.managed_fields.is_none() && s.metadata.generation.is_none());
         assert_eq!(s.metadata.annotations.as_ref().map(BTreeMap::len), Some(1));
         let k = ksa(&s);
-        assert_eq!(
-            (k.namespace.as_str(), k.name.as_str(), k.uid.as_str()),
-            ("checkout", "app", "u1")
-        );
-        assert_eq!(
-            k.gsa_annotation.as_deref(),
-            Some("payments@acme-prod.iam.gserviceaccount.com")
-        );
+        assert_eq!((k.namespace.as_str(), k.name.as_str(), k.uid.as_str()), ("checkout", "app", "u1"));
+        assert_eq!(k.gsa_annotation.as_deref(), Some("payments@acme-prod.iam.gserviceaccount.com"));
         let mut bare = sa(None);
         prune_service_account(&mut bare);
         assert!(bare.metadata.annotations.is_none());

@@ -57,12 +57,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            concurrency: 4,
-            debounce: Duration::from_millis(500),
-            page_size: 500,
-            instance: None,
-        }
+        Self { concurrency: 4, debounce: Duration::from_millis(500), page_size: 500, instance: None }
     }
 }
 
@@ -149,10 +144,7 @@ impl Context {
         self.states
             .lock()
             .ok()
-            .and_then(|s| {
-                s.get(probe)
-                    .and_then(|p| p.scope.as_ref().map(|sc| sc.contains(&namespace_key)))
-            })
+            .and_then(|s| s.get(probe).and_then(|p| p.scope.as_ref().map(|sc| sc.contains(&namespace_key))))
             .unwrap_or(false)
     }
 
@@ -167,11 +159,7 @@ impl Context {
             .state()
             .iter()
             .filter(|p| {
-                let selects = self
-                    .plan(p)
-                    .as_ref()
-                    .as_ref()
-                    .is_ok_and(|plan| plan.selects_namespace(labels));
+                let selects = self.plan(p).as_ref().as_ref().is_ok_and(|plan| plan.selects_namespace(labels));
                 selects || self.covered_last_pass(&p.name_any(), ns_key)
             })
             .map(|p| ObjectRef::from_obj(p.as_ref()))
@@ -190,11 +178,7 @@ impl Context {
         let live: HashSet<String> = self.probes.state().iter().map(|p| p.name_any()).collect();
         let gone: Vec<String> = match self.states.lock() {
             Ok(mut states) => {
-                let gone = states
-                    .keys()
-                    .filter(|k| !live.contains(*k))
-                    .cloned()
-                    .collect::<Vec<_>>();
+                let gone = states.keys().filter(|k| !live.contains(*k)).cloned().collect::<Vec<_>>();
                 for g in &gone {
                     states.remove(g);
                 }
@@ -211,14 +195,8 @@ impl Context {
     }
 
     async fn wait_for_caches(&self) -> Result<(), Error> {
-        self.namespaces
-            .wait_until_ready()
-            .await
-            .map_err(|_| Error::CachesGone)?;
-        self.service_accounts
-            .wait_until_ready()
-            .await
-            .map_err(|_| Error::CachesGone)
+        self.namespaces.wait_until_ready().await.map_err(|_| Error::CachesGone)?;
+        self.service_accounts.wait_until_ready().await.map_err(|_| Error::CachesGone)
     }
 }
 
@@ -261,19 +239,16 @@ pub async fn run(
     let annotation_changes = Arc::new(AnnotationChanges::default());
     let (service_accounts, sa_writer) = reflector::store::<ServiceAccountMeta>();
     let changes = annotation_changes.clone();
-    let sa_events = watcher(
-        Api::<ServiceAccountMeta>::all(client.clone()),
-        watch_config.clone(),
-    )
-    .default_backoff()
-    .modify(inventory::prune_service_account)
-    .inspect_ok(move |event| match event {
-        watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
-        watcher::Event::Delete(sa) => changes.forget(sa),
-        watcher::Event::Init | watcher::Event::InitDone => {}
-    })
-    .reflect(sa_writer)
-    .touched_objects();
+    let sa_events = watcher(Api::<ServiceAccountMeta>::all(client.clone()), watch_config.clone())
+        .default_backoff()
+        .modify(inventory::prune_service_account)
+        .inspect_ok(move |event| match event {
+            watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
+            watcher::Event::Delete(sa) => changes.forget(sa),
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        })
+        .reflect(sa_writer)
+        .touched_objects();
 
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
@@ -293,10 +268,7 @@ pub async fn run(
         metrics,
         recorder: Recorder::new(
             client.clone(),
-            Reporter {
-                controller: "authprobe".into(),
-                instance: config.instance.clone(),
-            },
+            Reporter { controller: "authprobe".into(), instance: config.instance.clone() },
         ),
         probes: probes.clone(),
         namespaces: namespaces.clone(),
@@ -320,20 +292,14 @@ pub async fn run(
     let ns_ctx = ctx.clone();
     let sa_ctx = ctx.clone();
     let controller = Controller::for_stream(probe_events, probes)
-        .with_config(
-            controller::Config::default()
-                .concurrency(config.concurrency)
-                .debounce(config.debounce),
-        )
+        .with_config(controller::Config::default().concurrency(config.concurrency).debounce(config.debounce))
         .watches_stream(ns_events, move |ns: NamespaceMeta| {
             ns_ctx.probes_for_namespace(
                 ns.metadata.name.as_deref().unwrap_or_default(),
                 ns.metadata.labels.as_ref(),
             )
         })
-        .watches_stream(sa_events, move |sa: ServiceAccountMeta| {
-            sa_ctx.probes_for_service_account(&sa)
-        })
+        .watches_stream(sa_events, move |sa: ServiceAccountMeta| sa_ctx.probes_for_service_account(&sa))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -42,33 +42,23 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
     let previous = newest(probe.status.as_ref(), written.as_ref());
     let plan = ctx.plan(&probe);
 
-    let (report, outcomes_for_history, interval) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], Duration::from_secs(600)),
+    let (report, outcomes_for_history, interval, forced) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], Duration::from_secs(600), false),
         Ok(plan) => {
             let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).cloned();
             let forced = probe_now.is_some() && with_state(&ctx, &name, |s| s.probe_now != probe_now);
             let candidates = select(&ctx, &name, plan, now);
-            let pass = Pass {
-                plan,
-                candidates,
-                max_age: if forced { Duration::ZERO } else { plan.interval },
-                now,
-            };
-            let services = Services {
-                google: &ctx.google,
-                issuers: &ctx.issuers,
-            };
+            let pass =
+                Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
+            let services = Services { google: &ctx.google, issuers: &ctx.issuers };
             let outcomes = probe::evaluate(services, pass, |c| changed_at(&ctx, &name, c)).await;
             if forced {
                 with_state(&ctx, &name, |s| s.probe_now = probe_now.clone());
             }
             let namespaces = with_state(&ctx, &name, |s| s.scope.as_ref().map_or(0, HashSet::len));
-            let report = Report::build(
-                &outcomes,
-                u32::try_from(namespaces).unwrap_or(u32::MAX),
-                plan.token_exchange,
-            );
-            (report, outcomes, plan.interval)
+            let report =
+                Report::build(&outcomes, u32::try_from(namespaces).unwrap_or(u32::MAX), plan.token_exchange);
+            (report, outcomes, plan.interval, forced)
         }
     };
 
@@ -82,7 +72,8 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
     let last_probe = previous.and_then(|p| p.last_probe_time.as_ref()).map(|t| t.0);
     let due = last_probe.is_none_or(|t| t.checked_add(interval).is_ok_and(|d| d <= now));
     let changed = previous.is_none_or(|p| !same_verdict(p, &status));
-    let wrote = changed || due;
+    // A forced pass (probe-now) writes too, so its lastProbeTime shows the re-check happened.
+    let wrote = changed || due || forced;
     if wrote {
         write_status(&ctx, &name, &status).await?;
         with_state(&ctx, &name, |s| s.written = Some(status.clone()));
@@ -92,10 +83,7 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
     ctx.metrics.probe_report(
         &name,
         &report,
-        status
-            .last_probe_time
-            .as_ref()
-            .map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0),
+        status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0),
     );
     if let Ok(mut f) = ctx.failures.lock() {
         f.remove(&name);
@@ -109,9 +97,7 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
         "probe pass"
     );
     let last = if wrote { now } else { last_probe.unwrap_or(now) };
-    let next_due = last
-        .checked_add(interval.mul_f64(1.0 + rand::random::<f64>() * JITTER))
-        .unwrap_or(now);
+    let next_due = last.checked_add(interval.mul_f64(1.0 + rand::random::<f64>() * JITTER)).unwrap_or(now);
     Ok(Action::requeue(
         Duration::try_from(next_due.duration_since(now))
             .unwrap_or(Duration::ZERO)
@@ -173,26 +159,18 @@ fn select(ctx: &Context, probe: &str, plan: &Plan, now: Timestamp) -> Vec<Candid
             }
         }
         s.entered.retain(|k, at| {
-            keys.contains(k)
-                && at
-                    .checked_add(Duration::from_secs(3600))
-                    .is_ok_and(|end| end > now)
+            keys.contains(k) && at.checked_add(Duration::from_secs(3600)).is_ok_and(|end| end > now)
         });
         s.scope = Some(keys);
     });
-    by_namespace
-        .iter()
-        .flat_map(|(ns, ksas)| plan.candidates(ns, ksas))
-        .collect()
+    by_namespace.iter().flat_map(|(ns, ksas)| plan.candidates(ns, ksas)).collect()
 }
 
 /// The latest change that opens the propagation grace: creation, annotation, entering scope.
 fn changed_at(ctx: &Context, probe: &str, c: &Candidate) -> Option<Timestamp> {
     let created = c.ksa.as_ref().and_then(|k| k.created);
     let annotated = ctx.annotation_changes.changed_at(&c.namespace, &c.name);
-    let entered = with_state(ctx, probe, |s| {
-        s.entered.get(&inventory::key(&[&c.namespace])).copied()
-    });
+    let entered = with_state(ctx, probe, |s| s.entered.get(&inventory::key(&[&c.namespace])).copied());
     [created, annotated, entered].into_iter().flatten().max()
 }
 
@@ -203,17 +181,10 @@ async fn write_status(ctx: &Context, probe: &str, status: &AuthProbeStatus) -> R
         "kind": "AuthProbe",
         "status": status,
     });
-    api.patch_status(
-        probe,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|source| Error::StatusWrite {
-        probe: probe.to_string(),
-        source,
-    })
+    api.patch_status(probe, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::StatusWrite { probe: probe.to_string(), source })
 }
 
 /// Events: one per KSA transition on the ServiceAccount, one per Ready transition and one when
@@ -233,20 +204,15 @@ async fn publish(
                     (namespace, name)
                 }
             };
-            let sa = ctx
-                .service_accounts
-                .get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))?;
+            let sa = ctx.service_accounts.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))?;
             Some(((ns.clone(), name.clone()), sa.metadata.uid.clone()?))
         })
         .collect();
     for t in transitions {
         let (ns, name, event) = match t {
-            Transition::Failing {
-                namespace,
-                name,
-                reason,
-                message,
-            } => (namespace, name, event(EventType::Warning, *reason, message)),
+            Transition::Failing { namespace, name, reason, message } => {
+                (namespace, name, event(EventType::Warning, *reason, message))
+            }
             Transition::Recovered { namespace, name } => (
                 namespace,
                 name,
@@ -285,10 +251,7 @@ async fn publish(
     let probe_ref = probe.object_ref(&());
     if let Some(ready) = report.condition(condition::READY)
         && condition_of(condition::READY)
-            != Some((
-                ready.status.as_str().to_string(),
-                ready.reason.as_str().to_string(),
-            ))
+            != Some((ready.status.as_str().to_string(), ready.reason.as_str().to_string()))
     {
         let e = match ready.status {
             Status::True => event(EventType::Normal, Reason::Verified, &ready.message),

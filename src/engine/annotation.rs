@@ -38,18 +38,13 @@ pub fn parse_gsa(value: &str) -> Result<GsaEmail, String> {
         return Err("is empty".into());
     }
     if value.len() > 254 {
-        return Err(format!(
-            "is {} bytes long, longer than any email ({shown})",
-            value.len()
-        ));
+        return Err(format!("is {} bytes long, longer than any email ({shown})", value.len()));
     }
     if value.trim() != value {
         return Err(format!("{shown} has surrounding whitespace"));
     }
     let Some((account, domain)) = value.split_once('@') else {
-        return Err(format!(
-            "{shown} is not an email: expected NAME@PROJECT.iam.gserviceaccount.com"
-        ));
+        return Err(format!("{shown} is not an email: expected NAME@PROJECT.iam.gserviceaccount.com"));
     };
     if !is_account_id(account) {
         return Err(format!(
@@ -59,10 +54,7 @@ pub fn parse_gsa(value: &str) -> Result<GsaEmail, String> {
     }
     let project = if let Some(project) = domain.strip_suffix(".iam.gserviceaccount.com") {
         if !is_project_id(project) {
-            return Err(format!(
-                "{shown}: {:?} is not a project ID",
-                truncate(project, 64)
-            ));
+            return Err(format!("{shown}: {:?} is not a project ID", truncate(project, 64)));
         }
         Some(project.to_string())
     } else if domain == "developer.gserviceaccount.com" || domain == "appspot.gserviceaccount.com" {
@@ -72,16 +64,12 @@ pub fn parse_gsa(value: &str) -> Result<GsaEmail, String> {
             "{shown} is not a Google service account: the domain must be PROJECT.iam.gserviceaccount.com"
         ));
     };
-    Ok(GsaEmail {
-        email: value.to_string(),
-        project,
-    })
+    Ok(GsaEmail { email: value.to_string(), project })
 }
 
 fn is_account_id(s: &str) -> bool {
     (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -91,8 +79,7 @@ pub fn is_project_id(s: &str) -> bool {
     (6..=30).contains(&s.len())
         && s.starts_with(|c: char| c.is_ascii_lowercase())
         && !s.ends_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Quotes untrusted text for a message: escaped (no raw newlines or control characters) and at most 128 characters.
@@ -128,43 +115,16 @@ mod tests {
         let long = "a".repeat(10 * 1024);
         let cases = [
             ("", "is empty"),
-            (
-                " payments@acme-prod.iam.gserviceaccount.com",
-                "surrounding whitespace",
-            ),
-            (
-                "payments@acme-prod.iam.gserviceaccount.com\n",
-                "surrounding whitespace",
-            ),
+            (" payments@acme-prod.iam.gserviceaccount.com", "surrounding whitespace"),
+            ("payments@acme-prod.iam.gserviceaccount.com\n", "surrounding whitespace"),
             ("payments", "is not an email"),
-            (
-                "payments@acme-prod.iam.gserviceaccount.com.evil.example",
-                "is not a Google service account",
-            ),
-            (
-                "payments@acme-prod.iam.gserviceacount.com",
-                "is not a Google service account",
-            ),
-            (
-                "payments@acme-prod.iam.gserviceaccount.com@x",
-                "is not a Google service account",
-            ),
-            (
-                "payments@acme_prod.iam.gserviceaccount.com",
-                "is not a project ID",
-            ),
-            (
-                "pаyments@acme-prod.iam.gserviceaccount.com",
-                "is not a service account ID",
-            ), // Cyrillic а
-            (
-                "Payments@acme-prod.iam.gserviceaccount.com",
-                "is not a service account ID",
-            ),
-            (
-                "x\"; rm -rf /@acme-prod.iam.gserviceaccount.com",
-                "is not a service account ID",
-            ),
+            ("payments@acme-prod.iam.gserviceaccount.com.evil.example", "is not a Google service account"),
+            ("payments@acme-prod.iam.gserviceacount.com", "is not a Google service account"),
+            ("payments@acme-prod.iam.gserviceaccount.com@x", "is not a Google service account"),
+            ("payments@acme_prod.iam.gserviceaccount.com", "is not a project ID"),
+            ("pаyments@acme-prod.iam.gserviceaccount.com", "is not a service account ID"), // Cyrillic а
+            ("Payments@acme-prod.iam.gserviceaccount.com", "is not a service account ID"),
+            ("x\"; rm -rf /@acme-prod.iam.gserviceaccount.com", "is not a service account ID"),
             (long.as_str(), "bytes long"),
         ];
         for (value, expected) in cases {

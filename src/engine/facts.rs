@@ -33,10 +33,7 @@ pub enum FailureKind {
 impl FetchFailure {
     /// Builds a failure.
     pub fn new(kind: FailureKind, detail: impl Into<String>) -> Self {
-        Self {
-            kind,
-            detail: detail.into(),
-        }
+        Self { kind, detail: detail.into() }
     }
 
     /// The Unknown reason this failure reports.

@@ -51,31 +51,17 @@ pub struct Finding {
 impl Finding {
     /// A definite failure.
     pub fn fail(stage: Stage, reason: Reason, message: impl Into<String>) -> Self {
-        Self {
-            stage,
-            reason,
-            verdict: Verdict::Fail,
-            message: message.into(),
-        }
+        Self { stage, reason, verdict: Verdict::Fail, message: message.into() }
     }
 
     /// An undecided result.
     pub fn unknown(stage: Stage, reason: Reason, message: impl Into<String>) -> Self {
-        Self {
-            stage,
-            reason,
-            verdict: Verdict::Unknown,
-            message: message.into(),
-        }
+        Self { stage, reason, verdict: Verdict::Unknown, message: message.into() }
     }
 
     /// An undecided result from a fetch failure.
     pub fn from_fetch(stage: Stage, failure: &FetchFailure, what: &str) -> Self {
-        Self::unknown(
-            stage,
-            failure.reason(),
-            format!("cannot read {what}: {}", failure.detail),
-        )
+        Self::unknown(stage, failure.reason(), format!("cannot read {what}: {}", failure.detail))
     }
 }
 
@@ -173,14 +159,9 @@ pub struct Plan {
 }
 
 fn duration(field: &str, value: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let parsed: kube::core::Duration = value
-        .parse()
-        .map_err(|e| format!("{field} {} is not a duration: {e}", quote(value)))?;
-    let parsed = if parsed.is_negative() {
-        Duration::ZERO
-    } else {
-        Duration::from(parsed)
-    };
+    let parsed: kube::core::Duration =
+        value.parse().map_err(|e| format!("{field} {} is not a duration: {e}", quote(value)))?;
+    let parsed = if parsed.is_negative() { Duration::ZERO } else { Duration::from(parsed) };
     if parsed < min || parsed > max {
         return Err(format!("{field} {} is outside {min:?}..={max:?}", quote(value)));
     }
@@ -202,10 +183,8 @@ impl Plan {
         let identity = &spec.identity;
         let federation = match (identity.platform, &identity.federation) {
             (Platform::Federation, Some(f)) => {
-                let (pool, _) = f
-                    .provider
-                    .split_once("/providers/")
-                    .ok_or("federation.provider is malformed")?;
+                let (pool, _) =
+                    f.provider.split_once("/providers/").ok_or("federation.provider is malformed")?;
                 let project_number = pool
                     .strip_prefix("projects/")
                     .and_then(|r| r.split('/').next())
@@ -295,10 +274,7 @@ impl Plan {
             return ksa.gsa_annotation.is_some();
         }
         self.names.contains(&ksa.name)
-            || self
-                .ksa_selector
-                .as_ref()
-                .is_some_and(|s| s.matches(Some(&ksa.labels)))
+            || self.ksa_selector.as_ref().is_some_and(|s| s.matches(Some(&ksa.labels)))
     }
 
     /// The KSAs to check in one selected namespace: every required name (present or not) and every
@@ -322,16 +298,10 @@ impl Plan {
     /// The GKE workload pool `PROJECT_ID.svc.id.goog`, or the Federation pool.
     pub fn pool(&self) -> PoolRef {
         match &self.federation {
-            Some(f) => PoolRef {
-                project_number: Some(f.project_number.clone()),
-                pool_id: f.pool_id.clone(),
-            },
+            Some(f) => PoolRef { project_number: Some(f.project_number.clone()), pool_id: f.pool_id.clone() },
             None => PoolRef {
                 project_number: self.project_number.clone(),
-                pool_id: format!(
-                    "{}.svc.id.goog",
-                    self.project_id.as_deref().unwrap_or("PROJECT_ID")
-                ),
+                pool_id: format!("{}.svc.id.goog", self.project_id.as_deref().unwrap_or("PROJECT_ID")),
             },
         }
     }
@@ -339,23 +309,15 @@ impl Plan {
     /// The principal a KSA maps to; `mapped` is the provider's mapping (Federation).
     pub fn identity(&self, ksa: &Ksa, mapped: Option<&Mapped>) -> KsaIdentity {
         let (subject, attributes, groups) = match (self.platform, mapped) {
-            (Platform::Gke, _) => (
-                format!("ns/{}/sa/{}", ksa.namespace, ksa.name),
-                BTreeMap::new(),
-                vec![],
-            ),
+            (Platform::Gke, _) => (format!("ns/{}/sa/{}", ksa.namespace, ksa.name), BTreeMap::new(), vec![]),
             (Platform::Federation, Some(m)) => (m.subject.clone(), m.attributes.clone(), m.groups.clone()),
-            (Platform::Federation, None) => (
-                format!("system:serviceaccount:{}:{}", ksa.namespace, ksa.name),
-                BTreeMap::new(),
-                vec![],
-            ),
+            (Platform::Federation, None) => {
+                (format!("system:serviceaccount:{}:{}", ksa.namespace, ksa.name), BTreeMap::new(), vec![])
+            }
         };
         KsaIdentity {
             pool: self.pool(),
-            gke_project_id: (self.platform == Platform::Gke)
-                .then(|| self.project_id.clone())
-                .flatten(),
+            gke_project_id: (self.platform == Platform::Gke).then(|| self.project_id.clone()).flatten(),
             namespace: ksa.namespace.clone(),
             name: ksa.name.clone(),
             uid: (!ksa.uid.is_empty()).then(|| ksa.uid.clone()),
@@ -364,6 +326,12 @@ impl Plan {
             groups,
             cluster: self.cluster_url.clone(),
         }
+    }
+
+    /// Whether `serviceAccountProjects` (when set) lets KSAs impersonate `gsa`.
+    pub fn allows(&self, gsa: &GsaEmail) -> bool {
+        self.allowed_projects.is_empty()
+            || gsa.project().is_some_and(|p| self.allowed_projects.iter().any(|a| a == p))
     }
 
     /// Static checks: the KSA exists, and (for impersonation) its annotation names an allowed GSA.
@@ -380,9 +348,7 @@ impl Plan {
             )
         };
         let placeholder = suggested_gsa
-            .map_or("GSA_NAME@PROJECT_ID.iam.gserviceaccount.com".to_string(), |g| {
-                g.to_string()
-            });
+            .map_or("GSA_NAME@PROJECT_ID.iam.gserviceaccount.com".to_string(), |g| g.to_string());
         let Some(ksa) = &candidate.ksa else {
             let annotate_too = if self.access == Access::Impersonation {
                 format!(" && {}", annotate(&placeholder))
@@ -399,10 +365,7 @@ impl Plan {
             ));
         };
         if self.access == Access::Direct {
-            return Ok(Prepared {
-                ksa: ksa.clone(),
-                gsa: None,
-            });
+            return Ok(Prepared { ksa: ksa.clone(), gsa: None });
         }
         let Some(value) = &ksa.gsa_annotation else {
             return Err(Finding::fail(
@@ -418,16 +381,11 @@ impl Plan {
             Finding::fail(
                 Stage::Static,
                 Reason::AnnotationInvalid,
-                format!(
-                    "{who} annotation {GSA_ANNOTATION} {why}. Fix: {}",
-                    annotate(&placeholder)
-                ),
+                format!("{who} annotation {GSA_ANNOTATION} {why}. Fix: {}", annotate(&placeholder)),
             )
         })?;
         if !self.allowed_projects.is_empty()
-            && !gsa
-                .project()
-                .is_some_and(|p| self.allowed_projects.iter().any(|a| a == p))
+            && !gsa.project().is_some_and(|p| self.allowed_projects.iter().any(|a| a == p))
         {
             return Err(Finding::fail(
                 Stage::Static,
@@ -439,10 +397,7 @@ impl Plan {
                 ),
             ));
         }
-        Ok(Prepared {
-            ksa: ksa.clone(),
-            gsa: Some(gsa),
-        })
+        Ok(Prepared { ksa: ksa.clone(), gsa: Some(gsa) })
     }
 }
 
@@ -599,10 +554,7 @@ impl Plan {
                 &format!("Google service account {gsa}"),
             ));
         };
-        let project_flag = gsa
-            .project()
-            .map(|p| format!(" --project={p}"))
-            .unwrap_or_default();
+        let project_flag = gsa.project().map(|p| format!(" --project={p}")).unwrap_or_default();
         match &gsa_facts.account {
             Err(f) => {
                 return Err(Finding::from_fetch(
@@ -639,11 +591,7 @@ impl Plan {
         }
         let policy = match &gsa_facts.policy {
             Err(f) => {
-                return Err(Finding::from_fetch(
-                    Stage::IamPolicy,
-                    f,
-                    &format!("the IAM policy of {gsa}"),
-                ));
+                return Err(Finding::from_fetch(Stage::IamPolicy, f, &format!("the IAM policy of {gsa}")));
             }
             Ok(None) => return Ok(()),
             Ok(Some(p)) => p,
@@ -672,10 +620,8 @@ impl Plan {
                 let instead = if near_misses.is_empty() {
                     String::new()
                 } else {
-                    let listed: Vec<String> = near_misses
-                        .iter()
-                        .map(|(m, why)| format!("{m} ({why})"))
-                        .collect();
+                    let listed: Vec<String> =
+                        near_misses.iter().map(|(m, why)| format!("{m} ({why})")).collect();
                     format!("; the policy grants it to {} instead", listed.join(", "))
                 };
                 let elsewhere = facts
@@ -723,9 +669,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let current = row[j + 1];
-            row[j + 1] = (previous + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(current + 1);
+            row[j + 1] = (previous + usize::from(ca != *cb)).min(row[j] + 1).min(current + 1);
             previous = current;
         }
     }

@@ -6,10 +6,8 @@ use super::{
 };
 
 /// Roles that carry `iam.serviceAccounts.getAccessToken` on a service account.
-pub const IMPERSONATION_ROLES: [&str; 2] = [
-    "roles/iam.workloadIdentityUser",
-    "roles/iam.serviceAccountTokenCreator",
-];
+pub const IMPERSONATION_ROLES: [&str; 2] =
+    ["roles/iam.workloadIdentityUser", "roles/iam.serviceAccountTokenCreator"];
 
 /// What the policy says about one KSA.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,9 +19,7 @@ pub enum Mapping {
     /// Only `deleted:` members cover it.
     Deleted { member: String },
     /// Nothing covers it; `near_misses` are members that name something close.
-    NotMapped {
-        near_misses: Vec<(String, &'static str)>,
-    },
+    NotMapped { near_misses: Vec<(String, &'static str)> },
 }
 
 /// Evaluates `policy` for `identity`. An unconditional live member wins over everything else.
@@ -31,11 +27,7 @@ pub fn evaluate(policy: &Policy, identity: &KsaIdentity) -> Mapping {
     let mut conditional = None;
     let mut deleted = None;
     let mut near_misses = Vec::new();
-    for binding in policy
-        .bindings
-        .iter()
-        .filter(|b| IMPERSONATION_ROLES.contains(&b.role.as_str()))
-    {
+    for binding in policy.bindings.iter().filter(|b| IMPERSONATION_ROLES.contains(&b.role.as_str())) {
         for raw in &binding.members {
             let parsed = parse_member(raw);
             if !identity.covered_by(&parsed.member) {
@@ -115,22 +107,12 @@ mod tests {
     const WIU: &str = "roles/iam.workloadIdentityUser";
 
     fn eval(bindings: Vec<Binding>) -> Mapping {
-        evaluate(
-            &Policy {
-                version: 3,
-                etag: "e".into(),
-                bindings,
-            },
-            &identity(),
-        )
+        evaluate(&Policy { version: 3, etag: "e".into(), bindings }, &identity())
     }
 
     #[test]
     fn an_unconditional_binding_maps_the_ksa() {
-        assert_eq!(
-            eval(vec![binding(WIU, &[ME], None)]),
-            Mapping::Mapped { member: ME.into() }
-        );
+        assert_eq!(eval(vec![binding(WIU, &[ME], None)]), Mapping::Mapped { member: ME.into() });
         let tc = binding("roles/iam.serviceAccountTokenCreator", &[ME], None);
         assert!(matches!(eval(vec![tc]), Mapping::Mapped { .. }));
     }
@@ -152,18 +134,9 @@ mod tests {
             }
         );
         let deleted = format!("deleted:{ME}?uid=42");
-        assert_eq!(
-            eval(vec![binding(WIU, &[&deleted], None)]),
-            Mapping::Deleted {
-                member: deleted.clone()
-            }
-        );
+        assert_eq!(eval(vec![binding(WIU, &[&deleted], None)]), Mapping::Deleted { member: deleted.clone() });
         // A live unconditional binding anywhere wins.
-        let mapped = eval(vec![
-            cond,
-            binding(WIU, &[&deleted], None),
-            binding(WIU, &[ME], None),
-        ]);
+        let mapped = eval(vec![cond, binding(WIU, &[&deleted], None), binding(WIU, &[ME], None)]);
         assert_eq!(mapped, Mapping::Mapped { member: ME.into() });
     }
 
@@ -174,10 +147,7 @@ mod tests {
             Mapping::NotMapped { near_misses } => {
                 assert_eq!(
                     near_misses,
-                    vec![(
-                        other.to_string(),
-                        "the same ServiceAccount name in another namespace"
-                    )]
+                    vec![(other.to_string(), "the same ServiceAccount name in another namespace")]
                 );
             }
             m => panic!("{m:?}"),

@@ -62,10 +62,9 @@ impl KsaIdentity {
     /// number is unknown.
     pub fn principal(&self) -> String {
         match (&self.gke_project_id, &self.pool.project_number) {
-            (Some(project), None) => format!(
-                "serviceAccount:{project}.svc.id.goog[{}/{}]",
-                self.namespace, self.name
-            ),
+            (Some(project), None) => {
+                format!("serviceAccount:{project}.svc.id.goog[{}/{}]", self.namespace, self.name)
+            }
             _ => format!("principal:{}/subject/{}", self.pool.resource(), self.subject),
         }
     }
@@ -73,54 +72,32 @@ impl KsaIdentity {
     /// Whether `member` (without a `deleted:` prefix) covers this KSA.
     pub fn covered_by(&self, member: &Member) -> bool {
         match member {
-            Member::GkeLegacy {
-                project_id,
-                namespace,
-                name,
-            } => {
+            Member::GkeLegacy { project_id, namespace, name } => {
                 self.gke_project_id.as_deref() == Some(project_id)
                     && *namespace == self.namespace
                     && *name == self.name
             }
-            Member::Subject {
-                project_number,
-                pool_id,
-                subject,
-            } => self.pool.matches(project_number, pool_id) && *subject == self.subject,
-            Member::ServiceAccountUid {
-                project_number,
-                pool_id,
-                uid,
-            } => self.pool.matches(project_number, pool_id) && self.uid.as_deref() == Some(uid),
-            Member::NamespaceSet {
-                project_number,
-                pool_id,
-                namespace,
-            } => {
+            Member::Subject { project_number, pool_id, subject } => {
+                self.pool.matches(project_number, pool_id) && *subject == self.subject
+            }
+            Member::ServiceAccountUid { project_number, pool_id, uid } => {
+                self.pool.matches(project_number, pool_id) && self.uid.as_deref() == Some(uid)
+            }
+            Member::NamespaceSet { project_number, pool_id, namespace } => {
                 self.gke_project_id.is_some()
                     && self.pool.matches(project_number, pool_id)
                     && *namespace == self.namespace
             }
-            Member::ClusterSet {
-                project_number,
-                pool_id,
-                cluster,
-            } => self.pool.matches(project_number, pool_id) && self.cluster.as_deref() == Some(cluster),
-            Member::AttributeSet {
-                project_number,
-                pool_id,
-                attribute,
-                value,
-            } => self.pool.matches(project_number, pool_id) && self.attributes.get(attribute) == Some(value),
-            Member::GroupSet {
-                project_number,
-                pool_id,
-                group,
-            } => self.pool.matches(project_number, pool_id) && self.groups.contains(group),
-            Member::PoolSet {
-                project_number,
-                pool_id,
-            } => self.pool.matches(project_number, pool_id),
+            Member::ClusterSet { project_number, pool_id, cluster } => {
+                self.pool.matches(project_number, pool_id) && self.cluster.as_deref() == Some(cluster)
+            }
+            Member::AttributeSet { project_number, pool_id, attribute, value } => {
+                self.pool.matches(project_number, pool_id) && self.attributes.get(attribute) == Some(value)
+            }
+            Member::GroupSet { project_number, pool_id, group } => {
+                self.pool.matches(project_number, pool_id) && self.groups.contains(group)
+            }
+            Member::PoolSet { project_number, pool_id } => self.pool.matches(project_number, pool_id),
             Member::Other => false,
         }
     }
@@ -129,28 +106,20 @@ impl KsaIdentity {
     /// this KSA in another pool), used to explain a missing mapping.
     pub fn near_miss(&self, member: &Member) -> Option<&'static str> {
         match member {
-            Member::GkeLegacy {
-                project_id,
-                namespace,
-                name,
-            } => {
+            Member::GkeLegacy { project_id, namespace, name } => {
                 let same_pool = self.gke_project_id.as_deref() == Some(project_id);
                 near(same_pool, *namespace == self.namespace, *name == self.name)
             }
-            Member::Subject {
-                project_number,
-                pool_id,
-                subject,
-            } => {
+            Member::Subject { project_number, pool_id, subject } => {
                 let same_pool = self.pool.matches(project_number, pool_id);
                 let (ns, name) = subject_parts(subject)?;
                 near(same_pool, ns == self.namespace, name == self.name)
             }
-            Member::NamespaceSet {
-                project_number,
-                pool_id,
-                ..
-            } if self.pool.matches(project_number, pool_id) => Some("a namespace set for another namespace"),
+            Member::NamespaceSet { project_number, pool_id, .. }
+                if self.pool.matches(project_number, pool_id) =>
+            {
+                Some("a namespace set for another namespace")
+            }
             _ => None,
         }
     }
@@ -178,48 +147,19 @@ fn subject_parts(subject: &str) -> Option<(&str, &str)> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Member {
     /// `serviceAccount:PROJECT_ID.svc.id.goog[NS/KSA]`.
-    GkeLegacy {
-        project_id: String,
-        namespace: String,
-        name: String,
-    },
+    GkeLegacy { project_id: String, namespace: String, name: String },
     /// `principal://…/subject/S`.
-    Subject {
-        project_number: String,
-        pool_id: String,
-        subject: String,
-    },
+    Subject { project_number: String, pool_id: String, subject: String },
     /// `principal://…/kubernetes.serviceaccount.uid/UID`.
-    ServiceAccountUid {
-        project_number: String,
-        pool_id: String,
-        uid: String,
-    },
+    ServiceAccountUid { project_number: String, pool_id: String, uid: String },
     /// `principalSet://…/namespace/NS` (GKE).
-    NamespaceSet {
-        project_number: String,
-        pool_id: String,
-        namespace: String,
-    },
+    NamespaceSet { project_number: String, pool_id: String, namespace: String },
     /// `principalSet://…/kubernetes.cluster/URL` (GKE).
-    ClusterSet {
-        project_number: String,
-        pool_id: String,
-        cluster: String,
-    },
+    ClusterSet { project_number: String, pool_id: String, cluster: String },
     /// `principalSet://…/attribute.NAME/VALUE`.
-    AttributeSet {
-        project_number: String,
-        pool_id: String,
-        attribute: String,
-        value: String,
-    },
+    AttributeSet { project_number: String, pool_id: String, attribute: String, value: String },
     /// `principalSet://…/group/G`.
-    GroupSet {
-        project_number: String,
-        pool_id: String,
-        group: String,
-    },
+    GroupSet { project_number: String, pool_id: String, group: String },
     /// `principalSet://…/*`.
     PoolSet { project_number: String, pool_id: String },
     /// Users, groups, service accounts, domains: never a KSA.
@@ -242,10 +182,7 @@ pub fn parse_member(raw: &str) -> ParsedMember {
         Some(rest) => (true, rest.split_once("?uid=").map_or(rest, |(id, _)| id)),
         None => (false, raw),
     };
-    ParsedMember {
-        deleted,
-        member: parse_live(rest).unwrap_or(Member::Other),
-    }
+    ParsedMember { deleted, member: parse_live(rest).unwrap_or(Member::Other) }
 }
 
 fn parse_live(raw: &str) -> Option<Member> {
@@ -271,35 +208,14 @@ fn parse_live(raw: &str) -> Option<Member> {
     let (project_number, pool_id) = (project_number.to_string(), pool_id.to_string());
     let (kind, value) = selector.split_once('/').unwrap_or((selector, ""));
     Some(match (is_set, kind) {
-        (false, "subject") => Member::Subject {
-            project_number,
-            pool_id,
-            subject: value.into(),
-        },
-        (false, "kubernetes.serviceaccount.uid") => Member::ServiceAccountUid {
-            project_number,
-            pool_id,
-            uid: value.into(),
-        },
-        (true, "namespace") => Member::NamespaceSet {
-            project_number,
-            pool_id,
-            namespace: value.into(),
-        },
-        (true, "kubernetes.cluster") => Member::ClusterSet {
-            project_number,
-            pool_id,
-            cluster: value.into(),
-        },
-        (true, "group") => Member::GroupSet {
-            project_number,
-            pool_id,
-            group: value.into(),
-        },
-        (true, "*") if value.is_empty() => Member::PoolSet {
-            project_number,
-            pool_id,
-        },
+        (false, "subject") => Member::Subject { project_number, pool_id, subject: value.into() },
+        (false, "kubernetes.serviceaccount.uid") => {
+            Member::ServiceAccountUid { project_number, pool_id, uid: value.into() }
+        }
+        (true, "namespace") => Member::NamespaceSet { project_number, pool_id, namespace: value.into() },
+        (true, "kubernetes.cluster") => Member::ClusterSet { project_number, pool_id, cluster: value.into() },
+        (true, "group") => Member::GroupSet { project_number, pool_id, group: value.into() },
+        (true, "*") if value.is_empty() => Member::PoolSet { project_number, pool_id },
         (true, attribute) => Member::AttributeSet {
             project_number,
             pool_id,
@@ -332,10 +248,7 @@ mod tests {
 
     fn federation() -> KsaIdentity {
         KsaIdentity {
-            pool: PoolRef {
-                project_number: Some("123456789012".into()),
-                pool_id: "onprem".into(),
-            },
+            pool: PoolRef { project_number: Some("123456789012".into()), pool_id: "onprem".into() },
             gke_project_id: None,
             namespace: "checkout".into(),
             name: "app".into(),
@@ -402,10 +315,7 @@ mod tests {
             &id,
             "principal://iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/subject/ns/checkout/sa/app"
         ));
-        assert_eq!(
-            id.principal(),
-            "serviceAccount:acme-prod.svc.id.goog[checkout/app]"
-        );
+        assert_eq!(id.principal(), "serviceAccount:acme-prod.svc.id.goog[checkout/app]");
         assert_eq!(
             gke(Some("123456789012")).principal(),
             format!("principal:{POOL}/acme-prod.svc.id.goog/subject/ns/checkout/sa/app")
@@ -470,10 +380,8 @@ mod tests {
         let fed = federation();
         assert_eq!(
             fed.near_miss(
-                &parse_member(&format!(
-                    "principal:{POOL}/onprem/subject/system:serviceaccount:billing:app"
-                ))
-                .member
+                &parse_member(&format!("principal:{POOL}/onprem/subject/system:serviceaccount:billing:app"))
+                    .member
             ),
             Some("the same ServiceAccount name in another namespace")
         );

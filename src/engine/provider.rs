@@ -75,10 +75,7 @@ pub fn claims_for(
 
 /// The audience Google accepts by default: the provider's full name with `//` or `https://` in front.
 pub fn default_audiences(provider_name: &str) -> [String; 2] {
-    [
-        format!("//iam.googleapis.com/{provider_name}"),
-        format!("https://iam.googleapis.com/{provider_name}"),
-    ]
+    [format!("//iam.googleapis.com/{provider_name}"), format!("https://iam.googleapis.com/{provider_name}")]
 }
 
 /// Runs the provider stage. `signing_kid`, when known from a minted token, narrows the key check
@@ -91,12 +88,8 @@ pub fn check(
     claims: &serde_json::Value,
     signing_kid: Option<&str>,
 ) -> Result<Mapped, ProviderProblem> {
-    let pool = pool
-        .as_ref()
-        .map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
-    let provider = provider
-        .as_ref()
-        .map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
+    let pool = pool.as_ref().map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
+    let provider = provider.as_ref().map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
     match pool {
         None => return Err(ProviderProblem::NotFound { what: "pool" }),
         Some(p) if p.state == State::Deleted => return Err(ProviderProblem::NotFound { what: "pool" }),
@@ -111,9 +104,7 @@ pub fn check(
         return Err(ProviderProblem::ProviderDisabled);
     }
     let oidc = provider.oidc.as_ref().ok_or(ProviderProblem::NotOidc)?;
-    let cluster = cluster
-        .as_ref()
-        .map_err(|f| ProviderProblem::ClusterUnreadable(f.clone()))?;
+    let cluster = cluster.as_ref().map_err(|f| ProviderProblem::ClusterUnreadable(f.clone()))?;
     if oidc.issuer_uri != cluster.issuer {
         return Err(ProviderProblem::IssuerMismatch {
             provider: oidc.issuer_uri.clone(),
@@ -127,16 +118,11 @@ pub fn check(
         oidc.allowed_audiences.clone()
     };
     if !allowed.iter().any(|a| a == audience) {
-        return Err(ProviderProblem::AudienceNotAllowed {
-            audience: audience.into(),
-            allowed,
-        });
+        return Err(ProviderProblem::AudienceNotAllowed { audience: audience.into(), allowed });
     }
     let mapped = map_attributes(&provider.attribute_mapping, claims)?;
     if mapped.subject.len() > MAX_SUBJECT_BYTES {
-        return Err(ProviderProblem::SubjectTooLong {
-            subject: mapped.subject,
-        });
+        return Err(ProviderProblem::SubjectTooLong { subject: mapped.subject });
     }
     check_condition(&provider.attribute_condition, claims, &mapped)?;
     Ok(mapped)
@@ -204,11 +190,7 @@ fn extract(
         let (_, suffix) = rest.split_once('}')?;
         let start = s.find(prefix)? + prefix.len();
         let tail = &s[start..];
-        let end = if suffix.is_empty() {
-            tail.len()
-        } else {
-            tail.find(suffix)?
-        };
+        let end = if suffix.is_empty() { tail.len() } else { tail.find(suffix)? };
         Some(tail[..end].to_string())
     })();
     found.unwrap_or_default().into()
@@ -227,9 +209,7 @@ fn evaluate(
         let value = cel::to_value(value).map_err(|e| format!("cannot bind {name}: {e}"))?;
         context.add_variable_from_value(*name, value);
     }
-    program
-        .execute(&context)
-        .map_err(|e| truncate(&e.to_string(), 300))
+    program.execute(&context).map_err(|e| truncate(&e.to_string(), 300))
 }
 
 /// Evaluates the provider's attribute mapping over `claims`.
@@ -245,10 +225,7 @@ pub fn map_attributes(
     };
     let mut mapped = Mapped::default();
     let subject_expr = mapping.get("google.subject").ok_or_else(|| {
-        invalid(
-            "google.subject",
-            "is not mapped; OIDC providers must map it (e.g. assertion.sub)".into(),
-        )
+        invalid("google.subject", "is not mapped; OIDC providers must map it (e.g. assertion.sub)".into())
     })?;
     mapped.subject =
         match evaluate(&env, subject_expr, &assertion).map_err(|e| invalid("google.subject", e))? {
@@ -267,10 +244,7 @@ pub fn map_attributes(
                     mapped.attributes.insert(name.to_string(), s.to_string());
                 }
                 other => {
-                    return Err(invalid(
-                        key,
-                        format!("evaluates to {}, not a string", type_name(&other)),
-                    ));
+                    return Err(invalid(key, format!("evaluates to {}, not a string", type_name(&other))));
                 }
             }
         } else if key == "google.groups" {
@@ -286,10 +260,7 @@ pub fn map_attributes(
                     }
                 }
                 other => {
-                    return Err(invalid(
-                        key,
-                        format!("evaluates to {}, not a list", type_name(&other)),
-                    ));
+                    return Err(invalid(key, format!("evaluates to {}, not a list", type_name(&other))));
                 }
             }
         }
@@ -309,26 +280,17 @@ pub fn check_condition(
     let env = env();
     let google = json!({"subject": mapped.subject, "groups": mapped.groups});
     let attribute = serde_json::to_value(&mapped.attributes).unwrap_or_default();
-    let vars = [
-        ("assertion", claims),
-        ("google", &google),
-        ("attribute", &attribute),
-    ];
+    let vars = [("assertion", claims), ("google", &google), ("attribute", &attribute)];
     for clause in top_level_clauses(condition) {
-        let rejected = |detail: String| ProviderProblem::ConditionRejected {
-            clause: truncate(clause, 300),
-            detail,
-        };
+        let rejected =
+            |detail: String| ProviderProblem::ConditionRejected { clause: truncate(clause, 300), detail };
         match evaluate(&env, clause, &vars) {
             Ok(Value::Bool(true)) => {}
             Ok(Value::Bool(false)) => {
                 return Err(rejected("is false for this ServiceAccount's claims".into()));
             }
             Ok(other) => {
-                return Err(rejected(format!(
-                    "evaluates to {}, not a bool",
-                    type_name(&other)
-                )));
+                return Err(rejected(format!("evaluates to {}, not a bool", type_name(&other))));
             }
             Err(e) => return Err(rejected(format!("fails: {e}"))),
         }
@@ -388,20 +350,11 @@ mod tests {
     const ISSUER: &str = "https://127.0.0.1:6443";
 
     fn key(kid: &str, n: &str) -> Jwk {
-        Jwk {
-            kid: kid.into(),
-            kty: "RSA".into(),
-            n: n.into(),
-            e: "AQAB".into(),
-            ..Default::default()
-        }
+        Jwk { kid: kid.into(), kty: "RSA".into(), n: n.into(), e: "AQAB".into(), ..Default::default() }
     }
 
     fn cluster() -> Result<ClusterIssuer, FetchFailure> {
-        Ok(ClusterIssuer {
-            issuer: ISSUER.into(),
-            keys: vec![key("k1", "n1")],
-        })
+        Ok(ClusterIssuer { issuer: ISSUER.into(), keys: vec![key("k1", "n1")] })
     }
 
     fn provider() -> Provider {
@@ -410,18 +363,12 @@ mod tests {
             state: State::Active,
             attribute_mapping: BTreeMap::from([
                 ("google.subject".into(), "assertion.sub".into()),
-                (
-                    "attribute.namespace".into(),
-                    "assertion['kubernetes.io']['namespace']".into(),
-                ),
+                ("attribute.namespace".into(), "assertion['kubernetes.io']['namespace']".into()),
             ]),
             oidc: Some(Oidc {
                 issuer_uri: ISSUER.into(),
                 allowed_audiences: vec![],
-                jwks_json: serde_json::to_string(&JwkSet {
-                    keys: vec![key("k1", "n1")],
-                })
-                .unwrap(),
+                jwks_json: serde_json::to_string(&JwkSet { keys: vec![key("k1", "n1")] }).unwrap(),
             }),
             ..Default::default()
         }
@@ -436,14 +383,7 @@ mod tests {
     }
 
     fn claims(ns: &str, name: &str) -> serde_json::Value {
-        claims_for(
-            ISSUER,
-            &format!("//iam.googleapis.com/{PROVIDER}"),
-            ns,
-            name,
-            "uid-1",
-            1_700_000_000,
-        )
+        claims_for(ISSUER, &format!("//iam.googleapis.com/{PROVIDER}"), ns, name, "uid-1", 1_700_000_000)
     }
 
     fn run(provider: Provider, claims: &serde_json::Value) -> Result<Mapped, ProviderProblem> {
@@ -461,28 +401,19 @@ mod tests {
     fn a_healthy_provider_maps_subject_and_attributes() {
         let mapped = run(provider(), &claims("checkout", "app")).unwrap();
         assert_eq!(mapped.subject, "system:serviceaccount:checkout:app");
-        assert_eq!(
-            mapped.attributes.get("namespace").map(String::as_str),
-            Some("checkout")
-        );
+        assert_eq!(mapped.attributes.get("namespace").map(String::as_str), Some("checkout"));
     }
 
     #[test]
     fn pool_and_provider_state() {
         let c = claims("a", "b");
         let aud = format!("//iam.googleapis.com/{PROVIDER}");
-        let disabled_pool = Ok(Some(Pool {
-            disabled: true,
-            ..pool().unwrap().unwrap()
-        }));
+        let disabled_pool = Ok(Some(Pool { disabled: true, ..pool().unwrap().unwrap() }));
         assert_eq!(
             check(&disabled_pool, &Ok(Some(provider())), &cluster(), &aud, &c, None),
             Err(ProviderProblem::PoolDisabled)
         );
-        let deleted_pool = Ok(Some(Pool {
-            state: State::Deleted,
-            ..pool().unwrap().unwrap()
-        }));
+        let deleted_pool = Ok(Some(Pool { state: State::Deleted, ..pool().unwrap().unwrap() }));
         assert_eq!(
             check(&deleted_pool, &Ok(Some(provider())), &cluster(), &aud, &c, None),
             Err(ProviderProblem::NotFound { what: "pool" })
@@ -495,38 +426,14 @@ mod tests {
             check(&pool(), &Ok(None), &cluster(), &aud, &c, None),
             Err(ProviderProblem::NotFound { what: "provider" })
         );
-        let deleted = Provider {
-            state: State::Deleted,
-            ..provider()
-        };
+        let deleted = Provider { state: State::Deleted, ..provider() };
+        assert_eq!(run(deleted, &c), Err(ProviderProblem::NotFound { what: "provider" }));
         assert_eq!(
-            run(deleted, &c),
-            Err(ProviderProblem::NotFound { what: "provider" })
-        );
-        assert_eq!(
-            run(
-                Provider {
-                    disabled: true,
-                    ..provider()
-                },
-                &c
-            ),
+            run(Provider { disabled: true, ..provider() }, &c),
             Err(ProviderProblem::ProviderDisabled)
         );
-        assert_eq!(
-            run(
-                Provider {
-                    oidc: None,
-                    ..provider()
-                },
-                &c
-            ),
-            Err(ProviderProblem::NotOidc)
-        );
-        let unreadable = Err(FetchFailure::new(
-            super::super::facts::FailureKind::Unavailable,
-            "503",
-        ));
+        assert_eq!(run(Provider { oidc: None, ..provider() }, &c), Err(ProviderProblem::NotOidc));
+        let unreadable = Err(FetchFailure::new(super::super::facts::FailureKind::Unavailable, "503"));
         assert!(matches!(
             check(&unreadable, &Ok(Some(provider())), &cluster(), &aud, &c, None),
             Err(ProviderProblem::Unreadable(_))
@@ -539,10 +446,7 @@ mod tests {
         if let Some(o) = p.oidc.as_mut() {
             o.issuer_uri = format!("{ISSUER}/");
         }
-        assert!(matches!(
-            run(p, &claims("a", "b")),
-            Err(ProviderProblem::IssuerMismatch { .. })
-        ));
+        assert!(matches!(run(p, &claims("a", "b")), Err(ProviderProblem::IssuerMismatch { .. })));
     }
 
     #[test]
@@ -568,15 +472,10 @@ mod tests {
         if let Some(o) = garbage.oidc.as_mut() {
             o.jwks_json = "{not json".into();
         }
-        assert!(matches!(
-            run(garbage, &c),
-            Err(ProviderProblem::KeyNotTrusted { .. })
-        ));
+        assert!(matches!(run(garbage, &c), Err(ProviderProblem::KeyNotTrusted { .. })));
         // With a known signer only that key matters, even while the cluster still publishes an old one.
-        let rotating = Ok(ClusterIssuer {
-            issuer: ISSUER.into(),
-            keys: vec![key("k0", "n0"), key("k1", "n1")],
-        });
+        let rotating =
+            Ok(ClusterIssuer { issuer: ISSUER.into(), keys: vec![key("k0", "n0"), key("k1", "n1")] });
         let aud = format!("//iam.googleapis.com/{PROVIDER}");
         let only_new = Ok(Some(with_keys(vec![key("k1", "n1")])));
         assert!(check(&pool(), &only_new, &rotating, &aud, &c, Some("k1")).is_ok());
@@ -588,24 +487,14 @@ mod tests {
         let c = claims("a", "b");
         let https = format!("https://iam.googleapis.com/{PROVIDER}");
         assert!(check(&pool(), &Ok(Some(provider())), &cluster(), &https, &c, None).is_ok());
-        let other = check(
-            &pool(),
-            &Ok(Some(provider())),
-            &cluster(),
-            "sts.googleapis.com",
-            &c,
-            None,
-        );
+        let other = check(&pool(), &Ok(Some(provider())), &cluster(), "sts.googleapis.com", &c, None);
         assert!(matches!(other, Err(ProviderProblem::AudienceNotAllowed { .. })));
         let mut listed = provider();
         if let Some(o) = listed.oidc.as_mut() {
             o.allowed_audiences = vec!["my-cluster".into()];
         }
         let default_now_refused = check(&pool(), &Ok(Some(listed.clone())), &cluster(), &https, &c, None);
-        assert!(matches!(
-            default_now_refused,
-            Err(ProviderProblem::AudienceNotAllowed { .. })
-        ));
+        assert!(matches!(default_now_refused, Err(ProviderProblem::AudienceNotAllowed { .. })));
         assert!(check(&pool(), &Ok(Some(listed)), &cluster(), "my-cluster", &c, None).is_ok());
     }
 
@@ -632,20 +521,11 @@ mod tests {
         assert_eq!(m.groups, vec!["payments".to_string(), "checkout".to_string()]);
 
         for (bad, attribute) in [
-            (
-                mapping(&[("attribute.namespace", "assertion.sub")]),
-                "google.subject",
-            ),
-            (
-                mapping(&[("google.subject", "assertion.missing_claim")]),
-                "google.subject",
-            ),
+            (mapping(&[("attribute.namespace", "assertion.sub")]), "google.subject"),
+            (mapping(&[("google.subject", "assertion.missing_claim")]), "google.subject"),
             (mapping(&[("google.subject", "assertion.iat")]), "google.subject"),
             (
-                mapping(&[
-                    ("google.subject", "assertion.sub"),
-                    ("attribute.x", "assertion.sub +"),
-                ]),
+                mapping(&[("google.subject", "assertion.sub"), ("attribute.x", "assertion.sub +")]),
                 "attribute.x",
             ),
         ] {
@@ -677,19 +557,13 @@ mod tests {
         assert!(run(p.clone(), &claims("ledger", "app")).is_ok());
         match run(p, &claims("checkout", "app")) {
             Err(ProviderProblem::ConditionRejected { clause, .. }) => {
-                assert_eq!(
-                    clause,
-                    "assertion['kubernetes.io']['namespace'] in ['billing', 'ledger']"
-                );
+                assert_eq!(clause, "assertion['kubernetes.io']['namespace'] in ['billing', 'ledger']");
             }
             other => panic!("{other:?}"),
         }
         let mut bad = provider();
         bad.attribute_condition = "assertion.sub".into();
-        assert!(matches!(
-            run(bad, &claims("a", "b")),
-            Err(ProviderProblem::ConditionRejected { .. })
-        ));
+        assert!(matches!(run(bad, &claims("a", "b")), Err(ProviderProblem::ConditionRejected { .. })));
         let mut grouped = provider();
         grouped.attribute_condition =
             "(google.subject.startsWith('system:') || false) && 'x && y' == \"x && y\"".into();

@@ -27,9 +27,7 @@ pub struct KsaOutcome {
 impl KsaOutcome {
     /// The finding that decides this KSA: the mapping's, else the chain's.
     pub fn finding(&self) -> Option<&Finding> {
-        self.mapping
-            .as_ref()
-            .or_else(|| self.chain.as_ref().and_then(|c| c.as_ref().err()))
+        self.mapping.as_ref().or_else(|| self.chain.as_ref().and_then(|c| c.as_ref().err()))
     }
 }
 
@@ -90,11 +88,8 @@ pub struct Report {
     pub entries: Vec<Entry>,
 }
 
-const CHECKER_REASONS: [Reason; 3] = [
-    Reason::CheckerUnauthenticated,
-    Reason::CheckerForbidden,
-    Reason::TokenRequestDenied,
-];
+const CHECKER_REASONS: [Reason; 3] =
+    [Reason::CheckerUnauthenticated, Reason::CheckerForbidden, Reason::TokenRequestDenied];
 
 impl Report {
     /// Builds the report of a pass that checked `namespaces` namespaces.
@@ -161,10 +156,7 @@ impl Report {
             "mappings",
         );
         let exchange = exchange_condition(outcomes, token_exchange);
-        let checker = match entries
-            .iter()
-            .find(|e| CHECKER_REASONS.contains(&e.finding.reason))
-        {
+        let checker = match entries.iter().find(|e| CHECKER_REASONS.contains(&e.finding.reason)) {
             Some(e) => ConditionValue {
                 type_: condition::CHECKER_HEALTHY,
                 status: Status::False,
@@ -178,11 +170,7 @@ impl Report {
                 message: "authprobe can read what it needs from Kubernetes and Google".into(),
             },
         };
-        Report {
-            summary,
-            conditions: vec![ready, mappings, exchange, checker],
-            entries,
-        }
+        Report { summary, conditions: vec![ready, mappings, exchange, checker], entries }
     }
 
     /// The report of a spec the controller cannot check: Ready False, the rest Unknown, zero counts.
@@ -218,14 +206,8 @@ fn verdict_condition<'a>(
     total: u32,
     noun: &str,
 ) -> ConditionValue {
-    let failing = findings
-        .clone()
-        .filter(|(_, f)| f.verdict == Verdict::Fail)
-        .count();
-    let unknown = findings
-        .clone()
-        .filter(|(_, f)| f.verdict == Verdict::Unknown)
-        .count();
+    let failing = findings.clone().filter(|(_, f)| f.verdict == Verdict::Fail).count();
+    let unknown = findings.clone().filter(|(_, f)| f.verdict == Verdict::Unknown).count();
     match findings.next() {
         None => ConditionValue {
             type_,
@@ -234,11 +216,7 @@ fn verdict_condition<'a>(
             message: format!("all {total} ServiceAccounts verified"),
         },
         Some((entry, first)) => {
-            let status = if first.verdict == Verdict::Fail {
-                Status::False
-            } else {
-                Status::Unknown
-            };
+            let status = if first.verdict == Verdict::Fail { Status::False } else { Status::Unknown };
             let headline = if failing > 0 {
                 format!("{failing} of {total} {noun} failing")
             } else {
@@ -284,11 +262,7 @@ fn exchange_condition(outcomes: &[KsaOutcome], token_exchange: bool) -> Conditio
     match (chain.first(), not_run.first()) {
         (Some((o, f)), _) => {
             let failing = chain.iter().filter(|(_, f)| f.verdict == Verdict::Fail).count();
-            let status = if f.verdict == Verdict::Fail {
-                Status::False
-            } else {
-                Status::Unknown
-            };
+            let status = if f.verdict == Verdict::Fail { Status::False } else { Status::Unknown };
             let headline = if failing > 0 {
                 format!("{failing} of {total} exchanges failing")
             } else {
@@ -298,10 +272,7 @@ fn exchange_condition(outcomes: &[KsaOutcome], token_exchange: bool) -> Conditio
                 type_,
                 status,
                 reason: f.reason,
-                message: format!(
-                    "{headline}; first: {}/{} {}: {}",
-                    o.namespace, o.name, f.reason, f.message
-                ),
+                message: format!("{headline}; first: {}/{} {}: {}", o.namespace, o.name, f.reason, f.message),
             }
         }
         (None, Some(o)) => ConditionValue {

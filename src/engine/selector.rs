@@ -70,9 +70,7 @@ fn check_key(key: &str) -> Result<(), String> {
             && p.len() <= 253
             && p.split('.').all(|part| {
                 !part.is_empty()
-                    && part
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !part.starts_with('-')
                     && !part.ends_with('-')
             })
@@ -88,9 +86,7 @@ fn check_value(value: &str) -> Result<(), String> {
     if value.is_empty() || is_label_value(value) {
         Ok(())
     } else {
-        Err(format!(
-            "selector label value {value:?} is not a valid label value"
-        ))
+        Err(format!("selector label value {value:?} is not a valid label value"))
     }
 }
 
@@ -99,9 +95,7 @@ fn is_label_value(s: &str) -> bool {
     s.len() <= 63
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -140,16 +134,8 @@ mod tests {
             ]),
         })
         .unwrap();
-        assert!(s.matches(Some(&labels(&[
-            ("team", "payments"),
-            ("env", "prod"),
-            ("owner", "x")
-        ]))));
-        assert!(!s.matches(Some(&labels(&[
-            ("team", "payments"),
-            ("env", "dev"),
-            ("owner", "x")
-        ]))));
+        assert!(s.matches(Some(&labels(&[("team", "payments"), ("env", "prod"), ("owner", "x")]))));
+        assert!(!s.matches(Some(&labels(&[("team", "payments"), ("env", "dev"), ("owner", "x")]))));
         assert!(!s.matches(Some(&labels(&[("team", "payments"), ("env", "prod")]))));
         assert!(!s.matches(Some(&labels(&[
             ("team", "payments"),
@@ -169,37 +155,20 @@ mod tests {
     #[test]
     fn malformed_selectors_are_refused() {
         for bad in [
-            LabelSelector {
-                match_labels: Some(labels(&[("team payments", "x")])),
-                ..Default::default()
-            },
-            LabelSelector {
-                match_labels: Some(labels(&[("team", "a b")])),
-                ..Default::default()
-            },
-            LabelSelector {
-                match_labels: Some(labels(&[("Bad_Prefix/team", "x")])),
-                ..Default::default()
-            },
-            LabelSelector {
-                match_expressions: Some(vec![expr("team", "In", &[])]),
-                ..Default::default()
-            },
+            LabelSelector { match_labels: Some(labels(&[("team payments", "x")])), ..Default::default() },
+            LabelSelector { match_labels: Some(labels(&[("team", "a b")])), ..Default::default() },
+            LabelSelector { match_labels: Some(labels(&[("Bad_Prefix/team", "x")])), ..Default::default() },
+            LabelSelector { match_expressions: Some(vec![expr("team", "In", &[])]), ..Default::default() },
             LabelSelector {
                 match_expressions: Some(vec![expr("team", "Exists", &["x"])]),
                 ..Default::default()
             },
-            LabelSelector {
-                match_expressions: Some(vec![expr("team", "Gt", &["1"])]),
-                ..Default::default()
-            },
+            LabelSelector { match_expressions: Some(vec![expr("team", "Gt", &["1"])]), ..Default::default() },
         ] {
             assert!(Selector::parse(&bad).is_err(), "{bad:?}");
         }
-        let ok = LabelSelector {
-            match_labels: Some(labels(&[("example.com/team", "")])),
-            ..Default::default()
-        };
+        let ok =
+            LabelSelector { match_labels: Some(labels(&[("example.com/team", "")])), ..Default::default() };
         assert!(Selector::parse(&ok).is_ok());
     }
 }

@@ -38,25 +38,21 @@ pub fn parse_target(resource: &str) -> Result<TargetKind, String> {
         ["cloudresourcemanager.googleapis.com", "projects", p] => {
             TargetKind::Project { project: (*p).into() }
         }
-        ["iam.googleapis.com", "projects", p, "serviceAccounts", e] => TargetKind::ServiceAccount {
-            project: (*p).into(),
-            email: (*e).into(),
-        },
+        ["iam.googleapis.com", "projects", p, "serviceAccounts", e] => {
+            TargetKind::ServiceAccount { project: (*p).into(), email: (*e).into() }
+        }
         ["storage.googleapis.com", "projects", "_", "buckets", b] => {
             TargetKind::Bucket { bucket: (*b).into() }
         }
-        ["secretmanager.googleapis.com", "projects", p, "secrets", s] => TargetKind::Secret {
-            project: (*p).into(),
-            secret: (*s).into(),
-        },
-        ["pubsub.googleapis.com", "projects", p, "topics", t] => TargetKind::Topic {
-            project: (*p).into(),
-            topic: (*t).into(),
-        },
-        ["pubsub.googleapis.com", "projects", p, "subscriptions", s] => TargetKind::Subscription {
-            project: (*p).into(),
-            subscription: (*s).into(),
-        },
+        ["secretmanager.googleapis.com", "projects", p, "secrets", s] => {
+            TargetKind::Secret { project: (*p).into(), secret: (*s).into() }
+        }
+        ["pubsub.googleapis.com", "projects", p, "topics", t] => {
+            TargetKind::Topic { project: (*p).into(), topic: (*t).into() }
+        }
+        ["pubsub.googleapis.com", "projects", p, "subscriptions", s] => {
+            TargetKind::Subscription { project: (*p).into(), subscription: (*s).into() }
+        }
         _ => {
             return Err(format!(
                 "target {:?} is not a resource the live chain can test: use a project, service account, \
@@ -71,10 +67,7 @@ pub fn parse_target(resource: &str) -> Result<TargetKind, String> {
         TargetKind::Bucket { bucket } => segment_ok(bucket),
         TargetKind::Secret { project, secret } => segment_ok(project) && segment_ok(secret),
         TargetKind::Topic { project, topic } => segment_ok(project) && segment_ok(topic),
-        TargetKind::Subscription {
-            project,
-            subscription,
-        } => segment_ok(project) && segment_ok(subscription),
+        TargetKind::Subscription { project, subscription } => segment_ok(project) && segment_ok(subscription),
     };
     if segments_ok {
         Ok(kind)
@@ -94,15 +87,11 @@ mod tests {
     fn supported_kinds_parse() {
         assert_eq!(
             parse_target("//storage.googleapis.com/projects/_/buckets/payments-data"),
-            Ok(TargetKind::Bucket {
-                bucket: "payments-data".into()
-            })
+            Ok(TargetKind::Bucket { bucket: "payments-data".into() })
         );
         assert_eq!(
             parse_target("//cloudresourcemanager.googleapis.com/projects/acme-prod"),
-            Ok(TargetKind::Project {
-                project: "acme-prod".into()
-            })
+            Ok(TargetKind::Project { project: "acme-prod".into() })
         );
         assert!(matches!(
             parse_target(

@@ -54,11 +54,7 @@ fn ksa(ns: &str, name: &str, gsa: Option<&str>) -> Ksa {
 }
 
 fn candidate(k: Ksa) -> Candidate {
-    Candidate {
-        namespace: k.namespace.clone(),
-        name: k.name.clone(),
-        ksa: Some(k),
-    }
+    Candidate { namespace: k.namespace.clone(), name: k.name.clone(), ksa: Some(k) }
 }
 
 fn gsa(email: &str) -> GsaEmail {
@@ -67,10 +63,7 @@ fn gsa(email: &str) -> GsaEmail {
 
 fn policy(members: &[&str]) -> GsaFacts {
     GsaFacts {
-        account: Ok(Some(facts::GoogleServiceAccount {
-            email: GSA.into(),
-            ..Default::default()
-        })),
+        account: Ok(Some(facts::GoogleServiceAccount { email: GSA.into(), ..Default::default() })),
         policy: Ok(Some(Policy {
             version: 1,
             etag: "BwX1".into(),
@@ -85,16 +78,7 @@ fn policy(members: &[&str]) -> GsaFacts {
 
 fn check(plan: &Plan, k: Ksa, gsas: &BTreeMap<GsaEmail, Arc<GsaFacts>>) -> Result<KsaIdentity, Finding> {
     let prepared = plan.static_check(&candidate(k), None)?;
-    plan.check_mapping(
-        &prepared,
-        &Facts {
-            gsas,
-            provider: None,
-            cluster: None,
-            now: 0,
-        },
-        None,
-    )
+    plan.check_mapping(&prepared, &Facts { gsas, provider: None, cluster: None, now: 0 }, None)
 }
 
 fn one(email: &str, facts: GsaFacts) -> BTreeMap<GsaEmail, Arc<GsaFacts>> {
@@ -127,12 +111,7 @@ fn a_mapped_ksa_passes_in_every_principal_form() {
         "principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/kubernetes.serviceaccount.uid/uid-checkout-app",
     ] {
         assert!(
-            check(
-                &p,
-                ksa("checkout", "app", Some(GSA)),
-                &one(GSA, policy(&[member]))
-            )
-            .is_ok(),
+            check(&p, ksa("checkout", "app", Some(GSA)), &one(GSA, policy(&[member]))).is_ok(),
             "{member}"
         );
     }
@@ -142,24 +121,11 @@ fn a_mapped_ksa_passes_in_every_principal_form() {
 fn static_reasons() {
     let p = plan();
     let none = BTreeMap::new();
-    let missing = Candidate {
-        namespace: "checkout".into(),
-        name: "app".into(),
-        ksa: None,
-    };
+    let missing = Candidate { namespace: "checkout".into(), name: "app".into(), ksa: None };
     let f = p.static_check(&missing, Some(&gsa(GSA))).unwrap_err();
     assert_eq!(f.reason, Reason::ServiceAccountMissing);
-    assert!(
-        f.message
-            .contains("kubectl create serviceaccount app -n checkout"),
-        "{}",
-        f.message
-    );
-    assert!(
-        f.message.contains(GSA),
-        "suggests the GSA the other KSAs use: {}",
-        f.message
-    );
+    assert!(f.message.contains("kubectl create serviceaccount app -n checkout"), "{}", f.message);
+    assert!(f.message.contains(GSA), "suggests the GSA the other KSAs use: {}", f.message);
 
     let f = expect(
         check(&p, ksa("checkout", "app", None), &none),
@@ -168,8 +134,7 @@ fn static_reasons() {
         Verdict::Fail,
     );
     assert!(
-        f.message
-            .contains("kubectl annotate serviceaccount app -n checkout iam.gke.io/gcp-service-account="),
+        f.message.contains("kubectl annotate serviceaccount app -n checkout iam.gke.io/gcp-service-account="),
         "{}",
         f.message
     );
@@ -182,11 +147,7 @@ fn static_reasons() {
     expect(
         check(
             &p,
-            ksa(
-                "checkout",
-                "app",
-                Some("payments@acme-prod.iam.gserviceaccount.com.evil.example"),
-            ),
+            ksa("checkout", "app", Some("payments@acme-prod.iam.gserviceaccount.com.evil.example")),
             &none,
         ),
         Stage::Static,
@@ -194,20 +155,9 @@ fn static_reasons() {
         Verdict::Fail,
     );
 
-    let guarded = Plan::parse(&spec(
-        json!({"identity": {"serviceAccountProjects": ["acme-prod"]}}),
-    ))
-    .unwrap();
+    let guarded = Plan::parse(&spec(json!({"identity": {"serviceAccountProjects": ["acme-prod"]}}))).unwrap();
     let f = expect(
-        check(
-            &guarded,
-            ksa(
-                "checkout",
-                "app",
-                Some("payments@acme-dev.iam.gserviceaccount.com"),
-            ),
-            &none,
-        ),
+        check(&guarded, ksa("checkout", "app", Some("payments@acme-dev.iam.gserviceaccount.com")), &none),
         Stage::Static,
         Reason::ServiceAccountProjectNotAllowed,
         Verdict::Fail,
@@ -217,10 +167,7 @@ fn static_reasons() {
         check(
             &guarded,
             ksa("checkout", "app", Some(GSA)),
-            &one(
-                GSA,
-                policy(&["serviceAccount:acme-prod.svc.id.goog[checkout/app]"])
-            )
+            &one(GSA, policy(&["serviceAccount:acme-prod.svc.id.goog[checkout/app]"]))
         )
         .is_ok()
     );
@@ -271,16 +218,9 @@ fn iam_policy_reasons() {
         Reason::MappingDeleted,
         Verdict::Fail,
     );
-    assert!(
-        f.message.contains("remove-iam-policy-binding") && f.message.contains(&deleted),
-        "{}",
-        f.message
-    );
+    assert!(f.message.contains("remove-iam-policy-binding") && f.message.contains(&deleted), "{}", f.message);
 
-    let not_found = GsaFacts {
-        account: Ok(None),
-        policy: Ok(None),
-    };
+    let not_found = GsaFacts { account: Ok(None), policy: Ok(None) };
     expect(
         check(&p, k(), &one(GSA, not_found)),
         Stage::IamPolicy,
@@ -289,11 +229,8 @@ fn iam_policy_reasons() {
     );
 
     let mut disabled = policy(&[me]);
-    disabled.account = Ok(Some(facts::GoogleServiceAccount {
-        email: GSA.into(),
-        disabled: true,
-        ..Default::default()
-    }));
+    disabled.account =
+        Ok(Some(facts::GoogleServiceAccount { email: GSA.into(), disabled: true, ..Default::default() }));
     let f = expect(
         check(&p, k(), &one(GSA, disabled)),
         Stage::IamPolicy,
@@ -301,9 +238,7 @@ fn iam_policy_reasons() {
         Verdict::Fail,
     );
     assert!(
-        f.message.contains(&format!(
-            "gcloud iam service-accounts enable {GSA} --project=acme-prod"
-        )),
+        f.message.contains(&format!("gcloud iam service-accounts enable {GSA} --project=acme-prod")),
         "{}",
         f.message
     );
@@ -318,10 +253,7 @@ fn fetch_failures_are_unknown_with_the_checkers_reason() {
         (FailureKind::Unauthenticated, Reason::CheckerUnauthenticated),
         (FailureKind::Forbidden, Reason::CheckerForbidden),
     ] {
-        let failed = GsaFacts {
-            account: Err(FetchFailure::new(kind, "upstream said no")),
-            policy: Ok(None),
-        };
+        let failed = GsaFacts { account: Err(FetchFailure::new(kind, "upstream said no")), policy: Ok(None) };
         expect(
             check(&p, ksa("checkout", "app", Some(GSA)), &one(GSA, failed)),
             Stage::IamPolicy,
@@ -352,21 +284,9 @@ fn new_user_mistakes_are_told_apart() {
     let p = plan();
     let typo = "paymnets@acme-prod.iam.gserviceaccount.com";
     let other = "orders@acme-prod.iam.gserviceaccount.com";
-    let mut gsas = one(
-        GSA,
-        policy(&["serviceAccount:acme-prod.svc.id.goog[billing/app]"]),
-    );
-    gsas.insert(
-        gsa(typo),
-        Arc::new(GsaFacts {
-            account: Ok(None),
-            policy: Ok(None),
-        }),
-    );
-    gsas.insert(
-        gsa(other),
-        Arc::new(policy(&["serviceAccount:acme-prod.svc.id.goog[ledger/app]"])),
-    );
+    let mut gsas = one(GSA, policy(&["serviceAccount:acme-prod.svc.id.goog[billing/app]"]));
+    gsas.insert(gsa(typo), Arc::new(GsaFacts { account: Ok(None), policy: Ok(None) }));
+    gsas.insert(gsa(other), Arc::new(policy(&["serviceAccount:acme-prod.svc.id.goog[ledger/app]"])));
 
     // A typo in the GSA email: not found, with the likely intended account.
     let f = expect(
@@ -375,11 +295,7 @@ fn new_user_mistakes_are_told_apart() {
         Reason::GoogleServiceAccountNotFound,
         Verdict::Fail,
     );
-    assert!(
-        f.message.contains(&format!("Did you mean {GSA}?")),
-        "{}",
-        f.message
-    );
+    assert!(f.message.contains(&format!("Did you mean {GSA}?")), "{}", f.message);
 
     // A binding for another namespace: not mapped, naming what was granted instead.
     let f = expect(
@@ -397,11 +313,7 @@ fn new_user_mistakes_are_told_apart() {
         Reason::PrincipalNotMapped,
         Verdict::Fail,
     );
-    assert!(
-        f.message.contains(&format!("{other} does map this principal")),
-        "{}",
-        f.message
-    );
+    assert!(f.message.contains(&format!("{other} does map this principal")), "{}", f.message);
 
     // No annotation at all.
     expect(
@@ -415,23 +327,13 @@ fn new_user_mistakes_are_told_apart() {
 #[test]
 fn selection_by_names_selector_and_annotation() {
     let by_names = plan();
-    let ksas = vec![
-        ksa("a", "app", Some(GSA)),
-        ksa("a", "other", Some(GSA)),
-        ksa("b", "app", None),
-    ];
-    let picked: Vec<(String, bool)> = by_names
-        .candidates("a", &ksas)
-        .into_iter()
-        .map(|c| (c.name, c.ksa.is_some()))
-        .collect();
+    let ksas = vec![ksa("a", "app", Some(GSA)), ksa("a", "other", Some(GSA)), ksa("b", "app", None)];
+    let picked: Vec<(String, bool)> =
+        by_names.candidates("a", &ksas).into_iter().map(|c| (c.name, c.ksa.is_some())).collect();
     assert_eq!(picked, vec![("app".into(), true)]);
     // A required name that does not exist is still checked.
-    let picked: Vec<(String, bool)> = by_names
-        .candidates("c", &ksas)
-        .into_iter()
-        .map(|c| (c.name, c.ksa.is_some()))
-        .collect();
+    let picked: Vec<(String, bool)> =
+        by_names.candidates("c", &ksas).into_iter().map(|c| (c.name, c.ksa.is_some())).collect();
     assert_eq!(picked, vec![("app".into(), false)]);
 
     let mut annotated_only = spec(json!({}));
@@ -465,16 +367,10 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
             json!({"targets": [{"resource": "//bigquery.googleapis.com/projects/p/datasets/d", "permissions": ["bigquery.tables.get"]}]}),
             "not a resource the live chain can test",
         ),
-        (
-            json!({"namespaceSelector": {"matchLabels": {"bad key!": "x"}}}),
-            "namespaceSelector",
-        ),
+        (json!({"namespaceSelector": {"matchLabels": {"bad key!": "x"}}}), "namespaceSelector"),
         (json!({"probe": {"interval": "forever"}}), "probe.interval"),
         (json!({"probe": {"interval": "5s"}}), "probe.interval"),
-        (
-            json!({"probe": {"tokenExchange": true}}),
-            "identity.gke is required",
-        ),
+        (json!({"probe": {"tokenExchange": true}}), "identity.gke is required"),
     ] {
         let err = Plan::parse(&spec(extra.clone())).unwrap_err();
         assert!(err.contains(expected), "{extra}: {err}");
@@ -488,10 +384,7 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
         f.audience,
         "//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/k8s"
     );
-    assert_eq!(
-        (f.pool_id.as_str(), f.project_number.as_str()),
-        ("onprem", "123456789012")
-    );
+    assert_eq!((f.pool_id.as_str(), f.project_number.as_str()), ("onprem", "123456789012"));
 }
 
 #[test]
@@ -502,33 +395,18 @@ fn failures_within_the_grace_are_propagation_pending() {
     let recent: Timestamp = "2026-11-27T09:58:00Z".parse().unwrap();
     let old: Timestamp = "2026-11-27T09:50:00Z".parse().unwrap();
     let pending = within_grace(broken.clone(), Some(recent), now, grace);
-    assert_eq!(
-        (pending.verdict, pending.reason),
-        (Verdict::Unknown, Reason::PropagationPending)
-    );
-    assert!(
-        pending.message.contains("PrincipalNotMapped"),
-        "{}",
-        pending.message
-    );
+    assert_eq!((pending.verdict, pending.reason), (Verdict::Unknown, Reason::PropagationPending));
+    assert!(pending.message.contains("PrincipalNotMapped"), "{}", pending.message);
     assert_eq!(within_grace(broken.clone(), Some(old), now, grace), broken);
     assert_eq!(within_grace(broken.clone(), None, now, grace), broken);
     let static_failure = Finding::fail(Stage::Static, Reason::AnnotationMissing, "x");
-    assert_eq!(
-        within_grace(static_failure.clone(), Some(recent), now, grace),
-        static_failure
-    );
+    assert_eq!(within_grace(static_failure.clone(), Some(recent), now, grace), static_failure);
     let unknown = Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, "x");
     assert_eq!(within_grace(unknown.clone(), Some(recent), now, grace), unknown);
 }
 
 fn outcome(ns: &str, name: &str, mapping: Option<Finding>) -> KsaOutcome {
-    KsaOutcome {
-        namespace: ns.into(),
-        name: name.into(),
-        mapping,
-        chain: None,
-    }
+    KsaOutcome { namespace: ns.into(), name: name.into(), mapping, chain: None }
 }
 
 #[test]
@@ -548,19 +426,10 @@ fn conditions_follow_the_worst_entry() {
     );
     assert_eq!(
         r.summary,
-        crate::api::Summary {
-            namespaces: 4,
-            service_accounts: 5,
-            passing: 1,
-            failing: 3,
-            unknown: 1
-        }
+        crate::api::Summary { namespaces: 4, service_accounts: 5, passing: 1, failing: 3, unknown: 1 }
     );
-    let order: Vec<(&str, &str, Reason)> = r
-        .entries
-        .iter()
-        .map(|e| (e.namespace.as_str(), e.name.as_str(), e.finding.reason))
-        .collect();
+    let order: Vec<(&str, &str, Reason)> =
+        r.entries.iter().map(|e| (e.namespace.as_str(), e.name.as_str(), e.finding.reason)).collect();
     assert_eq!(
         order,
         vec![
@@ -571,19 +440,10 @@ fn conditions_follow_the_worst_entry() {
         ]
     );
     let ready = r.condition(condition::READY).unwrap();
-    assert_eq!(
-        (ready.status, ready.reason),
-        (Status::False, Reason::AnnotationMissing)
-    );
+    assert_eq!((ready.status, ready.reason), (Status::False, Reason::AnnotationMissing));
     let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
-    assert_eq!(
-        (exchange.status, exchange.reason),
-        (Status::Unknown, Reason::Disabled)
-    );
-    assert_eq!(
-        r.condition(condition::CHECKER_HEALTHY).unwrap().status,
-        Status::True
-    );
+    assert_eq!((exchange.status, exchange.reason), (Status::Unknown, Reason::Disabled));
+    assert_eq!(r.condition(condition::CHECKER_HEALTHY).unwrap().status, Status::True);
 }
 
 #[test]
@@ -593,11 +453,7 @@ fn undecided_never_reads_as_broken() {
             outcome(
                 "a",
                 "app",
-                Some(Finding::unknown(
-                    Stage::IamPolicy,
-                    Reason::CheckerUnauthenticated,
-                    "401",
-                )),
+                Some(Finding::unknown(Stage::IamPolicy, Reason::CheckerUnauthenticated, "401")),
             ),
             outcome("b", "app", None),
         ],
@@ -605,19 +461,10 @@ fn undecided_never_reads_as_broken() {
         false,
     );
     let ready = r.condition(condition::READY).unwrap();
-    assert_eq!(
-        (ready.status, ready.reason),
-        (Status::Unknown, Reason::CheckerUnauthenticated)
-    );
+    assert_eq!((ready.status, ready.reason), (Status::Unknown, Reason::CheckerUnauthenticated));
     let checker = r.condition(condition::CHECKER_HEALTHY).unwrap();
-    assert_eq!(
-        (checker.status, checker.reason),
-        (Status::False, Reason::CheckerUnauthenticated)
-    );
-    assert_eq!(
-        r.condition(condition::MAPPINGS_VERIFIED).unwrap().status,
-        Status::Unknown
-    );
+    assert_eq!((checker.status, checker.reason), (Status::False, Reason::CheckerUnauthenticated));
+    assert_eq!(r.condition(condition::MAPPINGS_VERIFIED).unwrap().status, Status::Unknown);
 
     let all_good = Report::build(&[outcome("b", "app", None)], 1, false);
     let ready = all_good.condition(condition::READY).unwrap();
@@ -657,32 +504,15 @@ fn status_is_bounded_and_keeps_transition_times() {
     assert_eq!(first.summary.unwrap().failing, 500);
     assert_eq!(first.failures[0].namespace, "ns-000");
     let second = to_status(&r, Some(&first), Some(3), t1, &since);
-    assert_eq!(
-        second.failures[0].since.0, t0,
-        "since is when the reason was first seen"
-    );
+    assert_eq!(second.failures[0].since.0, t0, "since is when the reason was first seen");
     assert_eq!(second.failures[1].since.0, t1);
     for (a, b) in first.conditions.iter().zip(&second.conditions) {
-        assert_eq!(
-            a.last_transition_time, b.last_transition_time,
-            "{} did not change status",
-            a.type_
-        );
+        assert_eq!(a.last_transition_time, b.last_transition_time, "{} did not change status", a.type_);
         assert_eq!(b.observed_generation, Some(3));
     }
-    assert!(
-        !report::same_verdict(&first, &second),
-        "since moved for entries without history"
-    );
+    assert!(!report::same_verdict(&first, &second), "since moved for entries without history");
     let healed = Report::build(&[outcome("ns-000", "app", None)], 1, false);
     let third = to_status(&healed, Some(&second), Some(3), t1, &since);
-    let ready = third
-        .conditions
-        .iter()
-        .find(|c| c.type_ == condition::READY)
-        .unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.last_transition_time.0),
-        ("True", t1)
-    );
+    let ready = third.conditions.iter().find(|c| c.type_ == condition::READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.last_transition_time.0), ("True", t1));
 }

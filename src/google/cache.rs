@@ -27,9 +27,7 @@ pub struct FetchCache<K, V> {
 
 impl<K, V> Default for FetchCache<K, V> {
     fn default() -> Self {
-        Self {
-            slots: Mutex::new(HashMap::new()),
-        }
+        Self { slots: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -54,10 +52,7 @@ impl<K: Eq + Hash + Clone, V: Clone> FetchCache<K, V> {
                     if existing.is_none() {
                         slots.retain(|_, s| s.started.elapsed() < EVICT_AFTER);
                     }
-                    let slot = Arc::new(Slot {
-                        started: Instant::now(),
-                        value: OnceCell::new(),
-                    });
+                    let slot = Arc::new(Slot { started: Instant::now(), value: OnceCell::new() });
                     slots.insert(key.clone(), slot.clone());
                     (slot, previous)
                 }

@@ -189,13 +189,7 @@ impl GoogleClient {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("authprobe/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self {
-            http,
-            credentials,
-            retry,
-            limiters: HashMap::new(),
-            metrics,
-        })
+        Ok(Self { http, credentials, retry, limiters: HashMap::new(), metrics })
     }
 
     fn limiter(&self, api: Api) -> Option<Arc<DefaultDirectRateLimiter>> {
@@ -206,10 +200,7 @@ impl GoogleClient {
     pub fn with_rate_limits(mut self, apis: &[Api]) -> Self {
         for api in apis {
             let rate = NonZeroU32::new(api.per_second()).unwrap_or(NonZeroU32::MIN);
-            self.limiters.insert(
-                api.as_str(),
-                Arc::new(RateLimiter::direct(Quota::per_second(rate))),
-            );
+            self.limiters.insert(api.as_str(), Arc::new(RateLimiter::direct(Quota::per_second(rate))));
         }
         self
     }
@@ -258,17 +249,13 @@ impl GoogleClient {
             Err(SendError::Transport { timeout: true, .. }) => Outcome::Timeout,
             Err(_) => Outcome::ServerError,
         };
-        self.metrics
-            .google_request(api.as_str(), outcome, started.elapsed());
+        self.metrics.google_request(api.as_str(), outcome, started.elapsed());
         result
     }
 
     /// Truncated exponential backoff with jitter: `min(cap, base·2^n)`, scaled by 0.5–1.0.
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .retry
-            .base
-            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let exp = self.retry.base.saturating_mul(2u32.saturating_pow(attempt.min(16)));
         exp.min(self.retry.cap).mul_f64(0.5 + rand::random::<f64>() / 2.0)
     }
 
@@ -310,10 +297,7 @@ impl GoogleClient {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_BODY_BYTES as u64)
-        {
+        if response.content_length().is_some_and(|len| len > MAX_BODY_BYTES as u64) {
             return Err(SendError::TooLarge { api: api.as_str() });
         }
         let mut body = Vec::new();
@@ -323,12 +307,7 @@ impl GoogleClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(Answer {
-            status,
-            body,
-            date,
-            retry_after,
-        })
+        Ok(Answer { status, body, date, retry_after })
     }
 }
 
@@ -337,9 +316,7 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.trim().parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    let at = k8s_openapi::jiff::fmt::rfc2822::parse(value.trim())
-        .ok()?
-        .timestamp();
+    let at = k8s_openapi::jiff::fmt::rfc2822::parse(value.trim()).ok()?.timestamp();
     let wait = at.duration_since(Timestamp::now());
     Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
 }

@@ -39,10 +39,7 @@ impl OperatorCredentials {
 
     /// A bearer token read from `path`.
     pub fn file(path: PathBuf) -> Self {
-        Self::File(TokenFile {
-            path,
-            cached: Mutex::new(None),
-        })
+        Self::File(TokenFile { path, cached: Mutex::new(None) })
     }
 
     /// A current bearer token.
@@ -61,10 +58,8 @@ impl OperatorCredentials {
 impl TokenFile {
     async fn token(&self) -> Result<SecretString, CredentialsError> {
         let unreadable = |e: std::io::Error| CredentialsError(format!("{}: {e}", self.path.display()));
-        let modified = tokio::fs::metadata(&self.path)
-            .await
-            .and_then(|m| m.modified())
-            .map_err(unreadable)?;
+        let modified =
+            tokio::fs::metadata(&self.path).await.and_then(|m| m.modified()).map_err(unreadable)?;
         if let Ok(cached) = self.cached.lock()
             && let Some((at, token)) = cached.as_ref()
             && *at == modified
@@ -108,12 +103,7 @@ mod tests {
         assert_eq!(creds.token().await.unwrap().expose_secret(), "first");
         std::fs::write(&path, "second").unwrap();
         let later = SystemTime::now() + Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
         assert_eq!(creds.token().await.unwrap().expose_secret(), "second");
         std::fs::write(&path, "  ").unwrap();
         std::fs::File::options()

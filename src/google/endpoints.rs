@@ -29,33 +29,22 @@ impl FromStr for Override {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (service, url) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?} is not SERVICE=URL"))?;
+        let (service, url) = s.split_once('=').ok_or_else(|| format!("{s:?} is not SERVICE=URL"))?;
         let service = SERVICES
             .iter()
             .find(|known| **known == service.trim())
-            .ok_or_else(|| {
-                format!(
-                    "unknown Google service {service:?}; known: {}",
-                    SERVICES.join(", ")
-                )
-            })?;
+            .ok_or_else(|| format!("unknown Google service {service:?}; known: {}", SERVICES.join(", ")))?;
         let base = Url::parse(url.trim()).map_err(|e| format!("{service}: {url:?} is not a URL: {e}"))?;
         match base.scheme() {
             "https" => {}
             "http" if is_loopback(&base) => {}
             "http" => {
-                return Err(format!(
-                    "{service}: plain http is allowed only for loopback hosts, not {url:?}"
-                ));
+                return Err(format!("{service}: plain http is allowed only for loopback hosts, not {url:?}"));
             }
             other => return Err(format!("{service}: scheme {other:?} is not http(s)")),
         }
         if base.query().is_some() || base.fragment().is_some() || !base.username().is_empty() {
-            return Err(format!(
-                "{service}: {url:?} must not carry a query, fragment or credentials"
-            ));
+            return Err(format!("{service}: {url:?} must not carry a query, fragment or credentials"));
         }
         Ok(Override { service, base })
     }
@@ -95,20 +84,13 @@ impl Endpoints {
 
     /// Parses the comma-separated `AUTHPROBE_GOOGLE_ENDPOINTS` form.
     pub fn parse_list(list: &str) -> Result<Vec<Override>, String> {
-        list.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::parse)
-            .collect()
+        list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect()
     }
 
     /// `base + path`, keeping any path the base has (`sts=http://127.0.0.1:9000/sts` →
     /// `http://127.0.0.1:9000/sts/v1/token`). `path` starts with `/` and is built by authprobe.
     pub fn url(&self, service: &str, path: &str) -> Result<Url, String> {
-        let base = self
-            .bases
-            .get(service)
-            .ok_or_else(|| format!("unknown Google service {service:?}"))?;
+        let base = self.bases.get(service).ok_or_else(|| format!("unknown Google service {service:?}"))?;
         let joined = format!("{}{path}", base.as_str().trim_end_matches('/'));
         let url = Url::parse(&joined).map_err(|e| format!("{joined:?}: {e}"))?;
         // Resource names come from specs and annotations: they must not change the host.
@@ -129,17 +111,9 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let e = Endpoints::new(&["sts=http://127.0.0.1:9000/sts".parse().unwrap()]);
+        assert_eq!(e.url("sts", "/v1/token").unwrap().as_str(), "http://127.0.0.1:9000/sts/v1/token");
         assert_eq!(
-            e.url("sts", "/v1/token").unwrap().as_str(),
-            "http://127.0.0.1:9000/sts/v1/token"
-        );
-        assert_eq!(
-            e.url(
-                "iam",
-                "/v1/projects/p/serviceAccounts/a@p.iam.gserviceaccount.com"
-            )
-            .unwrap()
-            .as_str(),
+            e.url("iam", "/v1/projects/p/serviceAccounts/a@p.iam.gserviceaccount.com").unwrap().as_str(),
             "https://iam.googleapis.com/v1/projects/p/serviceAccounts/a@p.iam.gserviceaccount.com"
         );
         let list = Endpoints::parse_list("iam=http://localhost:1/, iamcredentials=https://creds.example.com")

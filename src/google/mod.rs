@@ -61,17 +61,9 @@ impl Google {
 
     /// The GSA's account and allow policy, read at most once per `max_age` for all probes.
     pub async fn gsa(&self, gsa: &GsaEmail, max_age: Duration) -> Arc<GsaFacts> {
-        let (facts, previous) = self
-            .gsas
-            .get(gsa, max_age, async { Arc::new(self.fetch_gsa(gsa).await) })
-            .await;
-        let etag = |f: &GsaFacts| {
-            f.policy
-                .as_ref()
-                .ok()
-                .and_then(Option::as_ref)
-                .map(|p| p.etag.clone())
-        };
+        let (facts, previous) =
+            self.gsas.get(gsa, max_age, async { Arc::new(self.fetch_gsa(gsa).await) }).await;
+        let etag = |f: &GsaFacts| f.policy.as_ref().ok().and_then(Option::as_ref).map(|p| p.etag.clone());
         if let Some(previous) = previous
             && let (Some(before), Some(now)) = (etag(&previous), etag(&facts))
             && before != now
@@ -90,10 +82,8 @@ impl Google {
     /// The Federation pool and provider, read at most once per `max_age` for all probes.
     pub async fn provider(&self, federation: &FederationPlan, max_age: Duration) -> Arc<ProviderFacts> {
         let fetch = async {
-            let (pool_path, provider_path) = (
-                format!("/v1/{}", federation.pool),
-                format!("/v1/{}", federation.provider),
-            );
+            let (pool_path, provider_path) =
+                (format!("/v1/{}", federation.pool), format!("/v1/{}", federation.provider));
             let (pool, provider) = tokio::join!(
                 self.read(Api::GetPool, &pool_path),
                 self.read(Api::GetProvider, &provider_path)
@@ -122,14 +112,9 @@ impl Google {
     }
 
     async fn call<T: DeserializeOwned>(&self, api: Api, method: Method, path: &str) -> Fetched<T> {
-        let url = self
-            .endpoints
-            .url("iam", path)
-            .map_err(|e| FetchFailure::new(FailureKind::Unavailable, e))?;
-        let answer = self
-            .client
-            .send(api, method, url, &Body::Empty, Auth::Operator)
-            .await;
+        let url =
+            self.endpoints.url("iam", path).map_err(|e| FetchFailure::new(FailureKind::Unavailable, e))?;
+        let answer = self.client.send(api, method, url, &Body::Empty, Auth::Operator).await;
         classify_read(api, answer)
     }
 }
@@ -138,10 +123,7 @@ impl Google {
 pub fn classify_read<T: DeserializeOwned>(api: Api, answer: Result<Answer, SendError>) -> Fetched<T> {
     let answer = answer.map_err(|e| match e {
         SendError::Credentials(c) => FetchFailure::new(FailureKind::Unauthenticated, c.to_string()),
-        other => FetchFailure::new(
-            FailureKind::Unavailable,
-            crate::redact::upstream(&other.to_string()),
-        ),
+        other => FetchFailure::new(FailureKind::Unavailable, crate::redact::upstream(&other.to_string())),
     })?;
     let kind = match answer.status {
         s if s.is_success() => {
@@ -158,20 +140,14 @@ pub fn classify_read<T: DeserializeOwned>(api: Api, answer: Result<Answer, SendE
         StatusCode::TOO_MANY_REQUESTS => FailureKind::Throttled,
         _ => FailureKind::Unavailable,
     };
-    Err(FetchFailure::new(
-        kind,
-        format!("{} answered {}", api.as_str(), describe(&answer)),
-    ))
+    Err(FetchFailure::new(kind, format!("{} answered {}", api.as_str(), describe(&answer))))
 }
 
 /// `STATUS: message` from Google's error envelope, or the raw body, redacted and cut to 1 KiB.
 pub fn describe(answer: &Answer) -> String {
     let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
     let field = |v: &serde_json::Value, k: &str| {
-        v.get(k)
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default()
-            .to_string()
+        v.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string()
     };
     let text = match json.get("error") {
         // Google's envelope: {"error":{"code":403,"message":"...","status":"PERMISSION_DENIED"}}
@@ -199,17 +175,12 @@ mod tests {
 
     #[test]
     fn reads_are_classified_into_facts() {
-        let policy: Fetched<Policy> = classify_read(
-            Api::GetIamPolicy,
-            answer(200, r#"{"version":1,"etag":"BwX","bindings":[]}"#),
-        );
+        let policy: Fetched<Policy> =
+            classify_read(Api::GetIamPolicy, answer(200, r#"{"version":1,"etag":"BwX","bindings":[]}"#));
         assert_eq!(policy.unwrap().unwrap().etag, "BwX");
         let missing: Fetched<Policy> = classify_read(
             Api::GetServiceAccount,
-            answer(
-                404,
-                r#"{"error":{"code":404,"message":"Unknown service account","status":"NOT_FOUND"}}"#,
-            ),
+            answer(404, r#"{"error":{"code":404,"message":"Unknown service account","status":"NOT_FOUND"}}"#),
         );
         assert_eq!(missing, Ok(None));
         for (status, kind) in [
@@ -238,18 +209,10 @@ mod tests {
             let r: Fetched<Policy> = classify_read(Api::GetIamPolicy, answer(200, body));
             let failure = r.unwrap_err();
             assert_eq!(failure.kind, FailureKind::Unavailable);
-            assert!(
-                failure.detail.contains("malformed response"),
-                "{}",
-                failure.detail
-            );
+            assert!(failure.detail.contains("malformed response"), "{}", failure.detail);
         }
-        let too_large: Fetched<Policy> = classify_read(
-            Api::GetIamPolicy,
-            Err(SendError::TooLarge {
-                api: "iam.getIamPolicy",
-            }),
-        );
+        let too_large: Fetched<Policy> =
+            classify_read(Api::GetIamPolicy, Err(SendError::TooLarge { api: "iam.getIamPolicy" }));
         assert_eq!(too_large.unwrap_err().kind, FailureKind::Unavailable);
     }
 
@@ -260,11 +223,8 @@ mod tests {
             describe(&a),
             "403 PERMISSION_DENIED: Permission 'iam.serviceAccounts.getIamPolicy' denied on resource (or it may not exist)."
         );
-        let sts = answer(
-            400,
-            r#"{"error":"invalid_grant","error_description":"bad token eyJabc.def.ghi"}"#,
-        )
-        .unwrap();
+        let sts = answer(400, r#"{"error":"invalid_grant","error_description":"bad token eyJabc.def.ghi"}"#)
+            .unwrap();
         assert_eq!(describe(&sts), "400 invalid_grant: bad token [REDACTED]");
         let html = answer(502, "<html>\n<b>gateway</b></html>").unwrap();
         assert_eq!(describe(&html), "502 <html> <b>gateway</b></html>");

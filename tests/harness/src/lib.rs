@@ -33,7 +33,7 @@ use kube::{
     runtime::wait::{await_condition, conditions},
 };
 
-pub use process::free_port;
+pub use process::{at_exit, free_port, kill, spawn, stop};
 
 /// How long the API server may take to turn ready; generous because two cores are shared with the build.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -63,10 +63,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            install_crds: true,
-            audit_log: false,
-        }
+        Self { install_crds: true, audit_log: false }
     }
 }
 
@@ -136,20 +133,17 @@ impl ControlPlane {
         cp.write_kubeconfig()?;
         let first_key = pki::write_signing_key(&cp.pki(), 0)?;
         cp.lock().verify_keys.push(first_key);
-        let result = cp
-            .start_etcd()
-            .and_then(|()| cp.start_apiserver())
-            .and_then(|()| {
-                block_on(async {
-                    cp.wait_ready().await?;
-                    let client = cp.client().await?;
-                    allow_anonymous_discovery(&client).await?;
-                    if cp.options.install_crds {
-                        install_crds(&client).await?;
-                    }
-                    Ok(())
-                })
-            });
+        let result = cp.start_etcd().and_then(|()| cp.start_apiserver()).and_then(|()| {
+            block_on(async {
+                cp.wait_ready().await?;
+                let client = cp.client().await?;
+                allow_anonymous_discovery(&client).await?;
+                if cp.options.install_crds {
+                    install_crds(&client).await?;
+                }
+                Ok(())
+            })
+        });
         match result {
             Ok(()) => Ok(cp),
             Err(e) => Err(e.context(format!("logs are in {}", cp.dir.display()))),
@@ -211,21 +205,13 @@ impl ControlPlane {
     pub async fn namespace(&self, client: &Client, prefix: &str, labels: &[(&str, &str)]) -> Result<String> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
-        let labels: BTreeMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-            .collect();
+        let labels: BTreeMap<String, String> =
+            labels.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
         let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some(labels),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { name: Some(name.clone()), labels: Some(labels), ..Default::default() },
             ..Default::default()
         };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
         Ok(name)
     }
 
@@ -242,19 +228,13 @@ impl ControlPlane {
             format!("--listen-client-urls=http://127.0.0.1:{}", self.etcd_port),
             format!("--advertise-client-urls=http://127.0.0.1:{}", self.etcd_port),
             format!("--listen-peer-urls=http://127.0.0.1:{}", self.etcd_peer_port),
-            format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
-                self.etcd_peer_port
-            ),
-            format!(
-                "--initial-cluster=default=http://127.0.0.1:{}",
-                self.etcd_peer_port
-            ),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", self.etcd_peer_port),
+            format!("--initial-cluster=default=http://127.0.0.1:{}", self.etcd_peer_port),
             "--listen-metrics-urls=".to_string(),
             "--unsafe-no-fsync".to_string(),
             "--log-level=warn".to_string(),
         ];
-        let child = process::spawn(&binary("etcd")?, &args, &self.dir.join("etcd.log"))?;
+        let child = process::spawn(&binary("etcd")?, &args, &[], &self.dir.join("etcd.log"))?;
         self.lock().etcd = Some(child);
         Ok(())
     }
@@ -262,11 +242,7 @@ impl ControlPlane {
     fn start_apiserver(&self) -> Result<()> {
         let pki = self.pki();
         let mut procs = self.lock();
-        let signer = procs
-            .verify_keys
-            .last()
-            .ok_or_else(|| anyhow!("no signing key"))?
-            .clone();
+        let signer = procs.verify_keys.last().ok_or_else(|| anyhow!("no signing key"))?.clone();
         let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
             "--bind-address=127.0.0.1".to_string(),
@@ -284,22 +260,14 @@ impl ControlPlane {
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
         ];
-        args.extend(
-            procs
-                .verify_keys
-                .iter()
-                .map(|k| format!("--service-account-key-file={}", k.display())),
-        );
+        args.extend(procs.verify_keys.iter().map(|k| format!("--service-account-key-file={}", k.display())));
         if self.options.audit_log {
             let policy = self.dir.join("audit-policy.yaml");
-            fs::write(
-                &policy,
-                "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n",
-            )?;
+            fs::write(&policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")?;
             args.push(format!("--audit-policy-file={}", policy.display()));
             args.push(format!("--audit-log-path={}", self.audit_log().display()));
         }
-        let child = process::spawn(&binary("kube-apiserver")?, &args, &self.apiserver_log())?;
+        let child = process::spawn(&binary("kube-apiserver")?, &args, &[], &self.apiserver_log())?;
         procs.apiserver = Some(child);
         Ok(())
     }
@@ -326,10 +294,7 @@ impl ControlPlane {
     fn check_children(&self) -> Result<()> {
         let mut guard = self.lock();
         let procs = &mut *guard;
-        for (name, child) in [
-            ("etcd", &mut procs.etcd),
-            ("kube-apiserver", &mut procs.apiserver),
-        ] {
+        for (name, child) in [("etcd", &mut procs.etcd), ("kube-apiserver", &mut procs.apiserver)] {
             if let Some(c) = child
                 && let Ok(Some(status)) = c.try_wait()
             {
@@ -415,20 +380,14 @@ impl Drop for ControlPlane {
 fn binary(name: &str) -> Result<PathBuf> {
     let path = tools_bin().join(name);
     if !path.is_file() {
-        bail!(
-            "{} is missing: run `make tools` to build the local control plane",
-            path.display()
-        );
+        bail!("{} is missing: run `make tools` to build the local control plane", path.display());
     }
     Ok(path)
 }
 
 /// Runs a future to completion on a fresh runtime (the caller may not be inside one).
 pub fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
 /// Removes directories left by control planes whose process is gone (a killed test binary).
@@ -481,18 +440,10 @@ pub async fn install_crds(client: &Client) -> Result<()> {
         }
         let crd: CustomResourceDefinition = serde_saphyr::from_str(&fs::read_to_string(&path)?)
             .with_context(|| format!("parsing {}", path.display()))?;
-        let name = crd
-            .metadata
-            .name
-            .clone()
-            .ok_or_else(|| anyhow!("{} has no name", path.display()))?;
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .with_context(|| format!("applying {}", path.display()))?;
+        let name = crd.metadata.name.clone().ok_or_else(|| anyhow!("{} has no name", path.display()))?;
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("applying {}", path.display()))?;
         tokio::time::timeout(
             Duration::from_secs(30),
             await_condition(api.clone(), &name, conditions::is_crd_established()),

@@ -14,22 +14,16 @@ fn main() -> ExitCode {
         }
     };
     println!("export KUBECONFIG={}", cp.kubeconfig_path().display());
-    eprintln!(
-        "local-cluster: kube-apiserver at {}; Ctrl-C stops it",
-        cp.server_url()
-    );
-    let waited = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map(|rt| {
-            rt.block_on(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    r = tokio::signal::ctrl_c() => r,
-                    _ = term.recv() => Ok(()),
-                }
-            })
-        });
+    eprintln!("local-cluster: kube-apiserver at {}; Ctrl-C stops it", cp.server_url());
+    let waited = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+        rt.block_on(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r,
+                _ = term.recv() => Ok(()),
+            }
+        })
+    });
     drop(cp);
     match waited {
         Ok(Ok(())) => {

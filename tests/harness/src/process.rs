@@ -37,12 +37,14 @@ fn supervisor() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
-/// Spawns `program args` with stdout and stderr appended to `log`, killed when this process dies.
-pub fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Child> {
+/// Spawns `program args` (with `envs` added) with stdout and stderr appended to `log`, killed
+/// when this process dies.
+pub fn spawn(program: &Path, args: &[String], envs: &[(&str, String)], log: &Path) -> Result<Child> {
     let out = File::options().create(true).append(true).open(log)?;
     let mut command = Command::new(program);
     command
         .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);

@@ -1,0 +1,129 @@
+//! Unknown versus False: when Google fails or refuses the operator itself, probes say Unknown with
+//! the checker's reason and never False, even for mappings that are really broken; they turn to the
+//! true verdict by themselves once Google answers again.
+//!
+//! Faults are global to this binary's fake, so these tests run one at a time.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use authprobe::api::{AuthProbe, condition};
+use fake_google::scenario::{Faults, OPERATOR_PERMISSIONS};
+use futures::StreamExt;
+use kube::{
+    Api,
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+use support::*;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A broken mapping (KSA bound nowhere) under a fresh GSA, so nothing cached answers for it.
+async fn broken_probe(client: &kube::Client, id: &str) {
+    let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("faulty"));
+    let ns = namespace(client, "faults", &[("team", id)]).await;
+    service_account(client, &ns, "app", Some(&gsa)).await;
+    fake_service_account(&gsa, &[]);
+    apply_probe(client, id, gke_spec("team", id, json!({}))).await;
+}
+
+/// Records every Ready status the probe ever shows.
+fn record_ready(client: &kube::Client, id: &str) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let api = Api::<AuthProbe>::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={id}"));
+    let sink = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = watcher(api, config).applied_objects().boxed();
+        while let Some(Ok(p)) = stream.next().await {
+            if let Some((status, reason)) = ready(&p) {
+                sink.lock().unwrap().push(format!("{status}/{reason}"));
+            }
+        }
+    });
+    (seen, task)
+}
+
+fn set_faults(faults: Faults) {
+    env().fake.update(|s| s.faults = faults);
+}
+
+#[tokio::test]
+async fn a_google_outage_is_unknown_and_recovers_by_itself() {
+    let _serial = SERIAL.lock().await;
+    let client = client().await;
+    let id = unique("outage");
+    set_faults(Faults { error_rate: 1.0, apis: vec!["iam.serviceAccounts.get".into(), "iam.getIamPolicy".into()], ..Default::default() });
+    let (seen, recorder) = record_ready(&client, &id);
+    broken_probe(&client, &id).await;
+    let probe = wait_ready(&client, &id, "Unknown", "GoogleUnavailable").await;
+    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap().0, "True", "an outage is not the checker's fault");
+    assert_eq!(condition_of(&probe, condition::MAPPINGS_VERIFIED).unwrap(), ("Unknown".into(), "GoogleUnavailable".into()));
+
+    set_faults(Faults::default());
+    probe_now(&client, &id).await;
+    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    let first_false = seen.iter().position(|s| s.starts_with("False")).unwrap();
+    assert!(seen[..first_false].iter().all(|s| s == "Unknown/GoogleUnavailable"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn throttling_is_unknown_never_false() {
+    let _serial = SERIAL.lock().await;
+    let client = client().await;
+    let id = unique("throttled");
+    set_faults(Faults { throttle_rate: 1.0, retry_after_seconds: 1, apis: vec!["iam.serviceAccounts.get".into()], ..Default::default() });
+    let (seen, recorder) = record_ready(&client, &id);
+    broken_probe(&client, &id).await;
+    wait_ready(&client, &id, "Unknown", "GoogleThrottled").await;
+    set_faults(Faults::default());
+    probe_now(&client, &id).await;
+    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    let first_false = seen.iter().position(|s| s.starts_with("False")).unwrap();
+    assert!(seen[..first_false].iter().all(|s| s == "Unknown/GoogleThrottled"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_rejected_operator_token_is_the_checkers_problem() {
+    let _serial = SERIAL.lock().await;
+    let client = client().await;
+    let id = unique("unauth");
+    env().fake.update(|s| s.operator.tokens = vec!["some-other-token".into()]);
+    broken_probe(&client, &id).await;
+    let probe = wait_ready(&client, &id, "Unknown", "CheckerUnauthenticated").await;
+    env().fake.update(|s| s.operator.tokens = vec![OPERATOR_TOKEN.into()]);
+    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(), ("False".into(), "CheckerUnauthenticated".into()));
+    let on_probe = event_summary(&client, "default", "AuthProbe", &id).await;
+    assert!(on_probe.iter().filter(|(t, r, _)| t == "Warning" && r == "CheckerUnauthenticated").count() >= 1, "{on_probe:?}");
+    let failure = &probe.status.unwrap().failures[0];
+    assert!(failure.message.contains("401 UNAUTHENTICATED"), "{}", failure.message);
+    // Nothing pages the namespace owner: no Warning on the ServiceAccount.
+    let on_sa = event_summary(&client, &failure.namespace, "ServiceAccount", "app").await;
+    assert!(on_sa.is_empty(), "{on_sa:?}");
+
+    probe_now(&client, &id).await;
+    let probe = wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap().0, "True");
+}
+
+#[tokio::test]
+async fn a_missing_operator_permission_is_checker_forbidden() {
+    let _serial = SERIAL.lock().await;
+    let client = client().await;
+    let id = unique("forbidden");
+    env().fake.update(|s| s.operator.permissions.retain(|p| p != "iam.serviceAccounts.getIamPolicy"));
+    broken_probe(&client, &id).await;
+    let probe = wait_ready(&client, &id, "Unknown", "CheckerForbidden").await;
+    env().fake.update(|s| s.operator.permissions = OPERATOR_PERMISSIONS.iter().map(|p| (*p).to_string()).collect());
+    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(), ("False".into(), "CheckerForbidden".into()));
+    let failure = &probe.status.unwrap().failures[0];
+    assert!(failure.message.contains("Permission 'iam.serviceAccounts.getIamPolicy' denied"), "{}", failure.message);
+}

@@ -1,0 +1,390 @@
+//! What every operator test binary shares: the local control plane, a fake Google on a background
+//! runtime, and the real `authprobe` binary running against both as a child process whose log is
+//! kept for inspection. Tests isolate themselves by names (namespaces, probes, GSAs), never by sleeping.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Child,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use authprobe::api::{AuthProbe, condition};
+use authprobe_harness::{ControlPlane, free_port};
+use fake_google::{
+    Fake,
+    scenario::{Binding, Scenario, ServiceAccount},
+};
+use k8s_openapi::api::{core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    runtime::wait::await_condition,
+};
+use serde_json::{Value, json};
+
+/// The operator's token at the fake.
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+/// How long any awaited condition may take before the test fails with a dump.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// The shared environment of one test binary.
+pub struct Env {
+    /// The control plane.
+    pub cp: &'static ControlPlane,
+    /// The fake's address.
+    pub fake_addr: SocketAddr,
+    /// The fake's state.
+    pub fake: Arc<Fake>,
+    /// The operator.
+    pub operator: Operator,
+}
+
+/// The operator process.
+pub struct Operator {
+    child: Mutex<Option<Child>>,
+    /// Its combined stdout/stderr (JSON logs).
+    pub log: PathBuf,
+    /// Where it serves /metrics.
+    pub http: SocketAddr,
+    args: Vec<String>,
+    envs: Vec<(&'static str, String)>,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+/// Starts (once) and returns the environment.
+pub fn env() -> &'static Env {
+    ENV.get_or_init(|| {
+        let cp = ControlPlane::shared();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("fake-google".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let scenario = Scenario {
+                        operator: fake_google::scenario::Operator {
+                            tokens: vec![OPERATOR_TOKEN.into()],
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    let running = fake_google::start(SocketAddr::from(([127, 0, 0, 1], 0)), scenario)
+                        .await
+                        .expect("fake starts");
+                    tx.send((running.addr, running.fake.clone(), running.endpoints())).expect("send");
+                    std::future::pending::<()>().await;
+                    drop(running);
+                });
+            })
+            .expect("thread");
+        let (fake_addr, fake, endpoints) = rx.recv().expect("the fake starts");
+        let operator = Operator::new(cp, &endpoints, &["--google-retry-deadline=8s"]);
+        operator.start().expect("the operator starts");
+        authprobe_harness::at_exit(|| {
+            if let Some(env) = ENV.get() {
+                env.operator.kill();
+            }
+        });
+        Env { cp, fake_addr, fake, operator }
+    })
+}
+
+impl Operator {
+    /// An operator (not started) talking to the fake at `endpoints`, with `extra` arguments.
+    pub fn new(cp: &ControlPlane, endpoints: &str, extra: &[&str]) -> Self {
+        let n = free_port().expect("a free port");
+        let token = cp.dir().join(format!("operator-token-{n}"));
+        std::fs::write(&token, OPERATOR_TOKEN).expect("token file");
+        let http = SocketAddr::from(([127, 0, 0, 1], n));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            format!("--http-addr={http}"),
+            format!("--google-access-token-file={}", token.display()),
+            "--log-format=json".into(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_string()));
+        Self {
+            child: Mutex::new(None),
+            log: cp.dir().join(format!("operator-{n}.log")),
+            http,
+            args,
+            envs: vec![
+                ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
+                ("AUTHPROBE_GOOGLE_ENDPOINTS", endpoints.to_string()),
+                ("RUST_LOG", "info,authprobe=debug".into()),
+            ],
+        }
+    }
+
+    /// Starts the process and waits until /readyz answers 200.
+    pub fn start(&self) -> Result<()> {
+        let child = authprobe_harness::spawn(
+            PathBuf::from(env!("CARGO_BIN_EXE_authprobe")).as_path(),
+            &self.args,
+            &self.envs,
+            &self.log,
+        )?;
+        *self.child.lock().unwrap() = Some(child);
+        let url = format!("http://{}/readyz", self.http);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = reqwest_blocking_get(&url)
+                && r == 200
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the operator never turned ready; log:\n{}",
+                self.log_text()
+            );
+            if let Some(c) = self.child.lock().unwrap().as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                anyhow::bail!("the operator exited with {status}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills it at once (a crash).
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            authprobe_harness::kill(&mut c);
+        }
+    }
+
+    /// SIGTERM, waiting up to 30 s for a graceful exit; returns the exit status.
+    pub fn stop(&self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.lock().unwrap().take()?;
+        authprobe_harness::stop(&mut c, Duration::from_secs(30));
+        c.try_wait().ok().flatten()
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its /metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.http))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+}
+
+/// A blocking GET on a loopback URL; returns the status code. (No runtime is available here.)
+fn reqwest_blocking_get(url: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("http url")?;
+    let (host, path) = rest.split_once('/').context("path")?;
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.split_whitespace().nth(1).context("status")?.parse()?)
+}
+
+/// An admin client for this test's runtime.
+pub async fn client() -> Client {
+    env().cp.client().await.expect("client")
+}
+
+/// A unique suffix for names within this test binary.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id() % 10_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Creates a namespace with labels; returns its name.
+pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+    env().cp.namespace(client, prefix, labels).await.expect("namespace")
+}
+
+/// Creates a ServiceAccount, annotated with `gsa` when given.
+pub async fn service_account(client: &Client, ns: &str, name: &str, gsa: Option<&str>) {
+    let mut sa = json!({"metadata": {"name": name}});
+    if let Some(gsa) = gsa {
+        sa["metadata"]["annotations"] = json!({"iam.gke.io/gcp-service-account": gsa});
+    }
+    Api::<KubeServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &serde_json::from_value(sa).unwrap())
+        .await
+        .expect("service account");
+}
+
+/// Sets (or, with `None`, removes) the GSA annotation of a ServiceAccount.
+pub async fn annotate(client: &Client, ns: &str, name: &str, gsa: Option<&str>) {
+    let patch = json!({"metadata": {"annotations": {"iam.gke.io/gcp-service-account": gsa}}});
+    Api::<KubeServiceAccount>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+}
+
+/// A GKE probe selecting `label=value` namespaces and KSA `app`, with the demo project; `extra`
+/// is merged into the spec.
+pub fn gke_spec(label: &str, value: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "namespaceSelector": {"matchLabels": {label: value}},
+        "serviceAccounts": {"names": ["app"]},
+        "identity": {"platform": "GKE", "projectId": "acme-prod", "projectNumber": "123456789012"},
+        "probe": {"propagationGrace": "0s"}
+    });
+    merge(&mut spec, extra);
+    spec
+}
+
+/// Merges `extra` into `base` (objects key by key, everything else replaced).
+pub fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+/// Creates or replaces an AuthProbe's spec.
+pub async fn apply_probe(client: &Client, name: &str, spec: Value) {
+    let probe = json!({"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "metadata": {"name": name}, "spec": spec});
+    Api::<AuthProbe>::all(client.clone())
+        .patch(name, &PatchParams::apply("authprobe-test").force(), &Patch::Apply(&probe))
+        .await
+        .expect("apply probe");
+}
+
+/// Asks for an immediate re-check with fresh Google reads.
+pub async fn probe_now(client: &Client, name: &str) {
+    let patch = json!({"metadata": {"annotations": {"authprobe.io/probe-now": unique("now")}}});
+    Api::<AuthProbe>::all(client.clone())
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("probe-now");
+}
+
+/// The Ready condition's (status, reason).
+pub fn ready(probe: &AuthProbe) -> Option<(String, String)> {
+    condition_of(probe, condition::READY)
+}
+
+/// A condition's (status, reason).
+pub fn condition_of(probe: &AuthProbe, type_: &str) -> Option<(String, String)> {
+    probe
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Waits until `probe` satisfies `cond`; on timeout fails with its status and the operator's log tail.
+pub async fn wait_for(
+    client: &Client,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&AuthProbe) -> bool,
+) -> AuthProbe {
+    let api = Api::<AuthProbe>::all(client.clone());
+    let waited = tokio::time::timeout(
+        WAIT,
+        await_condition(api.clone(), name, move |p: Option<&AuthProbe>| p.is_some_and(&cond)),
+    )
+    .await;
+    match waited {
+        Ok(Ok(Some(p))) => p,
+        outcome => {
+            let current = api
+                .get(name)
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default());
+            let log = env().operator.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "{name}: timed out waiting for {what} ({outcome:?}); status: {}\noperator log (newest first):\n{}",
+                current.unwrap_or_default(),
+                tail.join("\n")
+            )
+        }
+    }
+}
+
+/// Waits for Ready to have `status` and `reason`.
+pub async fn wait_ready(client: &Client, name: &str, status: &str, reason: &str) -> AuthProbe {
+    let want = Some((status.to_string(), reason.to_string()));
+    wait_for(client, name, &format!("Ready={status}/{reason}"), move |p| ready(p) == want).await
+}
+
+/// events.k8s.io Events about an object.
+pub async fn events(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<Event> {
+    let selector = format!("regarding.kind={kind},regarding.name={name}");
+    let list = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .expect("events");
+    list.items
+}
+
+/// `(type, reason, count)` of each event about an object, oldest first.
+pub async fn event_summary(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<(String, String, i32)> {
+    let mut items = events(client, ns, kind, name).await;
+    items.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    items
+        .into_iter()
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.series.map_or(1, |s| s.count)))
+        .collect()
+}
+
+/// Adds a Google service account with `bindings` (role, members) to the fake.
+pub fn fake_service_account(email: &str, bindings: &[(&str, &[&str])]) {
+    let sa = ServiceAccount {
+        email: email.into(),
+        bindings: bindings
+            .iter()
+            .map(|(role, members)| Binding {
+                role: (*role).into(),
+                members: members.iter().map(|m| (*m).to_string()).collect(),
+                condition: None,
+            })
+            .collect(),
+        grants: BTreeMap::new(),
+        ..Default::default()
+    };
+    env().fake.update(|s| {
+        s.service_accounts.retain(|x| x.email != email);
+        s.service_accounts.push(sa);
+    });
+}
+
+/// The GKE legacy member for a KSA in the demo project.
+pub fn member(ns: &str, ksa: &str) -> String {
+    format!("serviceAccount:acme-prod.svc.id.goog[{ns}/{ksa}]")
+}
+
+/// `roles/iam.workloadIdentityUser`.
+pub const WIU: &str = "roles/iam.workloadIdentityUser";
