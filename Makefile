@@ -29,3 +29,7 @@ test: tools ## Format, lint and run every test against a real local control plan
 cluster: ## Run the local control plane until Ctrl-C; prints `export KUBECONFIG=...`
 	@tools/build.sh
 	@$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster
+
+.PHONY: demo
+demo: ## The operator on a local control plane against a fake Google: a broken namespace, its fix, Ready
+	tools/demo.sh

@@ -287,15 +287,25 @@ pub struct AuthProbeStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     /// Selected namespaces.
+    #[schemars(schema_with = "count")]
     pub namespaces: u32,
     /// Checked KSAs, including required names that do not exist.
+    #[schemars(schema_with = "count")]
     pub service_accounts: u32,
     /// KSAs that passed every enabled check.
+    #[schemars(schema_with = "count")]
     pub passing: u32,
     /// KSAs that are definitely broken.
+    #[schemars(schema_with = "count")]
     pub failing: u32,
     /// KSAs authprobe could not decide.
+    #[schemars(schema_with = "count")]
     pub unknown: u32,
+}
+
+/// A count, in a format Kubernetes knows (`uint32` is not one).
+fn count(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "format": "int32", "minimum": 0})
 }
 
 /// One KSA that is failing or could not be decided.

@@ -57,12 +57,23 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
     let _serial = SERIAL.lock().await;
     let client = client().await;
     let id = unique("outage");
-    set_faults(Faults { error_rate: 1.0, apis: vec!["iam.serviceAccounts.get".into(), "iam.getIamPolicy".into()], ..Default::default() });
+    set_faults(Faults {
+        error_rate: 1.0,
+        apis: vec!["iam.serviceAccounts.get".into(), "iam.getIamPolicy".into()],
+        ..Default::default()
+    });
     let (seen, recorder) = record_ready(&client, &id);
     broken_probe(&client, &id).await;
     let probe = wait_ready(&client, &id, "Unknown", "GoogleUnavailable").await;
-    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap().0, "True", "an outage is not the checker's fault");
-    assert_eq!(condition_of(&probe, condition::MAPPINGS_VERIFIED).unwrap(), ("Unknown".into(), "GoogleUnavailable".into()));
+    assert_eq!(
+        condition_of(&probe, condition::CHECKER_HEALTHY).unwrap().0,
+        "True",
+        "an outage is not the checker's fault"
+    );
+    assert_eq!(
+        condition_of(&probe, condition::MAPPINGS_VERIFIED).unwrap(),
+        ("Unknown".into(), "GoogleUnavailable".into())
+    );
 
     set_faults(Faults::default());
     probe_now(&client, &id).await;
@@ -78,7 +89,12 @@ async fn throttling_is_unknown_never_false() {
     let _serial = SERIAL.lock().await;
     let client = client().await;
     let id = unique("throttled");
-    set_faults(Faults { throttle_rate: 1.0, retry_after_seconds: 1, apis: vec!["iam.serviceAccounts.get".into()], ..Default::default() });
+    set_faults(Faults {
+        throttle_rate: 1.0,
+        retry_after_seconds: 1,
+        apis: vec!["iam.serviceAccounts.get".into()],
+        ..Default::default()
+    });
     let (seen, recorder) = record_ready(&client, &id);
     broken_probe(&client, &id).await;
     wait_ready(&client, &id, "Unknown", "GoogleThrottled").await;
@@ -100,9 +116,15 @@ async fn a_rejected_operator_token_is_the_checkers_problem() {
     broken_probe(&client, &id).await;
     let probe = wait_ready(&client, &id, "Unknown", "CheckerUnauthenticated").await;
     env().fake.update(|s| s.operator.tokens = vec![OPERATOR_TOKEN.into()]);
-    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(), ("False".into(), "CheckerUnauthenticated".into()));
+    assert_eq!(
+        condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(),
+        ("False".into(), "CheckerUnauthenticated".into())
+    );
     let on_probe = event_summary(&client, "default", "AuthProbe", &id).await;
-    assert!(on_probe.iter().filter(|(t, r, _)| t == "Warning" && r == "CheckerUnauthenticated").count() >= 1, "{on_probe:?}");
+    assert!(
+        on_probe.iter().filter(|(t, r, _)| t == "Warning" && r == "CheckerUnauthenticated").count() >= 1,
+        "{on_probe:?}"
+    );
     let failure = &probe.status.unwrap().failures[0];
     assert!(failure.message.contains("401 UNAUTHENTICATED"), "{}", failure.message);
     // Nothing pages the namespace owner: no Warning on the ServiceAccount.
@@ -122,8 +144,17 @@ async fn a_missing_operator_permission_is_checker_forbidden() {
     env().fake.update(|s| s.operator.permissions.retain(|p| p != "iam.serviceAccounts.getIamPolicy"));
     broken_probe(&client, &id).await;
     let probe = wait_ready(&client, &id, "Unknown", "CheckerForbidden").await;
-    env().fake.update(|s| s.operator.permissions = OPERATOR_PERMISSIONS.iter().map(|p| (*p).to_string()).collect());
-    assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(), ("False".into(), "CheckerForbidden".into()));
+    env()
+        .fake
+        .update(|s| s.operator.permissions = OPERATOR_PERMISSIONS.iter().map(|p| (*p).to_string()).collect());
+    assert_eq!(
+        condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(),
+        ("False".into(), "CheckerForbidden".into())
+    );
     let failure = &probe.status.unwrap().failures[0];
-    assert!(failure.message.contains("Permission 'iam.serviceAccounts.getIamPolicy' denied"), "{}", failure.message);
+    assert!(
+        failure.message.contains("Permission 'iam.serviceAccounts.getIamPolicy' denied"),
+        "{}",
+        failure.message
+    );
 }

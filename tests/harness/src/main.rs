@@ -1,12 +1,21 @@
 //! `make cluster`: the test control plane for a person. Prints one `export KUBECONFIG=...` line and
 //! keeps etcd and kube-apiserver running until interrupted, then stops them and removes their files.
+//! `--no-crds` leaves the AuthProbe CRD for the caller to install.
 
 use std::process::ExitCode;
 
 use authprobe_harness::{ControlPlane, Options};
 
 fn main() -> ExitCode {
-    let cp = match ControlPlane::start(Options::default()) {
+    let install_crds = match std::env::args().nth(1).as_deref() {
+        None => true,
+        Some("--no-crds") => false,
+        Some(other) => {
+            eprintln!("local-cluster: unknown argument {other:?}; usage: local-cluster [--no-crds]");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cp = match ControlPlane::start(Options { install_crds, ..Options::default() }) {
         Ok(cp) => cp,
         Err(e) => {
             eprintln!("local-cluster: {e:#}");
