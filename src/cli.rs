@@ -97,6 +97,14 @@ impl GoogleArgs {
             Api::GetIamPolicy,
             Api::GetPool,
             Api::GetProvider,
+            Api::StsToken,
+            Api::IdentityBindingToken,
+            Api::GenerateAccessToken,
+            Api::TestIamPermissions("iam"),
+            Api::TestIamPermissions("storage"),
+            Api::TestIamPermissions("secretmanager"),
+            Api::TestIamPermissions("pubsub"),
+            Api::TestIamPermissions("cloudresourcemanager"),
         ]);
         Ok(Google::new(client, Endpoints::new(&self.endpoints)))
     }

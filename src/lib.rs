@@ -2,6 +2,7 @@
 //! become the Google identity it is supposed to become, and says which step fails and how to fix it.
 
 pub mod api;
+pub mod chain;
 pub mod cli;
 pub mod cluster;
 pub mod controller;

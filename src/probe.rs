@@ -11,8 +11,13 @@ use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::{
+    api::Reason,
+    chain::{Chain, Exchange},
     cluster::ClusterIssuers,
-    engine::{Candidate, Facts, Plan, Prepared, annotation::GsaEmail, report::KsaOutcome, within_grace},
+    engine::{
+        Candidate, Facts, Finding, Ksa, Plan, Prepared, annotation::GsaEmail, principal::KsaIdentity,
+        report::KsaOutcome, within_grace,
+    },
     google::Google,
 };
 
@@ -26,6 +31,8 @@ pub struct Services<'a> {
     pub google: &'a Google,
     /// The cluster's issuer and keys (Federation).
     pub issuers: &'a ClusterIssuers,
+    /// The live chain, for probes with `tokenExchange: true`.
+    pub chain: Option<&'a Chain>,
 }
 
 /// One pass over a probe's KSAs.
@@ -41,16 +48,28 @@ pub struct Pass<'a> {
     pub now: Timestamp,
 }
 
+/// A KSA past the mapping stages, with the principal it maps to, or why not.
+type Mapped = Result<(Prepared, KsaIdentity), Finding>;
+
+/// The verdict of a pass, and when it should be looked at again because a propagation grace ends.
+#[derive(Debug)]
+pub struct Evaluated {
+    /// One per candidate.
+    pub outcomes: Vec<KsaOutcome>,
+    /// The earliest end of a grace that turned a failure into PropagationPending.
+    pub recheck_at: Option<Timestamp>,
+}
+
 /// Evaluates every candidate. `changed_at` says when a KSA last changed in a way that opens the
 /// propagation grace (creation, annotation, entering scope); GSA policy changes are added here.
 pub async fn evaluate(
     services: Services<'_>,
     pass: Pass<'_>,
     changed_at: impl Fn(&Candidate) -> Option<Timestamp>,
-) -> Vec<KsaOutcome> {
+) -> Evaluated {
     let Pass { plan, candidates, max_age, now } = pass;
     let suggestion = most_common_gsa(plan, &candidates);
-    let prepared: Vec<(Candidate, Result<Prepared, crate::engine::Finding>)> = candidates
+    let prepared: Vec<(Candidate, Result<Prepared, Finding>)> = candidates
         .into_iter()
         .map(|c| {
             let p = plan.static_check(&c, suggestion.as_ref());
@@ -82,24 +101,92 @@ pub async fn evaluate(
     let facts =
         Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
 
-    let policy_changes: HashMap<&GsaEmail, Timestamp> =
-        gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g, t))).collect();
-    prepared
+    // The live chain: mint and exchange first (shared per KSA and audience), so the provider
+    // checks read the claims the cluster really issues.
+    let chain = services.chain.filter(|_| plan.token_exchange);
+    let exchanges: HashMap<(String, String), Arc<Exchange>> = match chain {
+        Some(chain) => {
+            let work: Vec<Ksa> =
+                prepared.iter().filter_map(|(_, p)| Some(p.as_ref().ok()?.ksa.clone())).collect();
+            stream::iter(work)
+                .map(|ksa: Ksa| async move {
+                    let exchange = chain.exchange(plan, &ksa, max_age).await;
+                    ((ksa.namespace, ksa.name), exchange)
+                })
+                .buffer_unordered(READ_CONCURRENCY)
+                .collect()
+                .await
+        }
+        None => HashMap::new(),
+    };
+    let mapped: Vec<(Candidate, Mapped)> = prepared
         .into_iter()
         .map(|(candidate, prepared)| {
-            let mapping = prepared.and_then(|p| plan.check_mapping(&p, &facts, None).map(|_| p));
-            let mapping = mapping.err().map(|finding| {
-                let gsa_change = candidate
-                    .ksa
-                    .as_ref()
-                    .and_then(|k| k.gsa_annotation.as_deref())
-                    .and_then(|a| policy_changes.iter().find(|(g, _)| g.as_str() == a).map(|(_, t)| *t));
-                let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
-                within_grace(finding, changed, now, plan.grace)
+            let exchange = exchanges.get(&(candidate.namespace.clone(), candidate.name.clone()));
+            let checked = prepared.and_then(|p| {
+                let identity = plan.check_mapping(&p, &facts, exchange.and_then(|e| e.claims()))?;
+                Ok((p, identity))
             });
-            KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain: None }
+            (candidate, checked)
         })
-        .collect()
+        .collect();
+    let verified: HashMap<(String, String), Result<(), Finding>> = match chain {
+        Some(chain) => {
+            let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>)> = mapped
+                .iter()
+                .filter_map(|(c, m)| {
+                    let (p, identity) = m.as_ref().ok()?;
+                    let exchange = exchanges.get(&(c.namespace.clone(), c.name.clone()))?;
+                    Some((p.clone(), identity.clone(), exchange.clone()))
+                })
+                .collect();
+            stream::iter(work)
+                .map(|(p, identity, exchange): (Prepared, KsaIdentity, Arc<Exchange>)| async move {
+                    let result =
+                        chain.verify(plan, &p.ksa, p.gsa.as_ref(), &identity, &exchange, max_age).await;
+                    ((p.ksa.namespace, p.ksa.name), result)
+                })
+                .buffer_unordered(READ_CONCURRENCY)
+                .collect()
+                .await
+        }
+        None => HashMap::new(),
+    };
+
+    let policy_changes: HashMap<&GsaEmail, Timestamp> =
+        gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g, t))).collect();
+    let recheck_at = std::cell::Cell::new(None::<Timestamp>);
+    let outcomes = mapped
+        .into_iter()
+        .map(|(candidate, mapped)| {
+            let gsa_change = candidate
+                .ksa
+                .as_ref()
+                .and_then(|k| k.gsa_annotation.as_deref())
+                .and_then(|a| policy_changes.iter().find(|(g, _)| g.as_str() == a).map(|(_, t)| *t));
+            let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
+            let grace = |f: Finding| {
+                let was = f.reason;
+                let judged = within_grace(f, changed, now, plan.grace);
+                if judged.reason == Reason::PropagationPending && was != Reason::PropagationPending {
+                    let ends = changed.and_then(|c| c.checked_add(plan.grace).ok());
+                    recheck_at.set([recheck_at.get(), ends].into_iter().flatten().min());
+                }
+                judged
+            };
+            let chain = verified
+                .get(&(candidate.namespace.clone(), candidate.name.clone()))
+                .cloned()
+                .map(|r| r.map_err(grace));
+            KsaOutcome {
+                namespace: candidate.namespace,
+                name: candidate.name,
+                mapping: mapped.err().map(grace),
+                chain,
+            }
+        })
+        .collect();
+    Evaluated { outcomes, recheck_at: recheck_at.get() }
 }
 
 /// The allowed GSA most KSAs of this pass are annotated with: the likely value for a KSA that lacks one.

@@ -359,3 +359,35 @@ async fn wait_pass(probe: &str, after: f64) {
     .await;
     assert!(waited.is_ok(), "no pass of {probe} after {after}");
 }
+
+#[tokio::test]
+async fn recent_changes_are_propagation_pending_until_the_grace_ends() {
+    let client = client().await;
+    let id = unique("grace");
+    let main = gsa(&unique("grace"));
+    let ns = namespace(&client, "grace", &[("team", id.as_str())]).await;
+    service_account(&client, &ns, "app", Some(&main)).await;
+    fake_service_account(&main, &[]);
+    apply_probe(&client, &id, gke_spec("team", &id, json!({"probe": {"propagationGrace": "8s"}}))).await;
+    // The KSA was created a moment ago: not False yet, and it turns False by itself when the grace ends.
+    let pending = wait_ready(&client, &id, "Unknown", "PropagationPending").await;
+    assert!(pending.status.unwrap().failures[0].message.contains("PrincipalNotMapped"));
+    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+
+    fake_service_account(&main, &[(WIU, &[&member(&ns, "app")])]);
+    probe_now(&client, &id).await;
+    wait_ready(&client, &id, "True", "Verified").await;
+    // The binding disappears: the policy's etag changed just now, so the failure waits out the grace.
+    fake_service_account(&main, &[]);
+    probe_now(&client, &id).await;
+    wait_ready(&client, &id, "Unknown", "PropagationPending").await;
+    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    // Two transitions to False, one to True; nothing while pending. (A repeat within minutes is
+    // folded into the first Event's series.)
+    let on_sa = event_counts(&client, &ns, "ServiceAccount", "app").await;
+    let expected = BTreeMap::from([
+        (("Normal".to_string(), "Verified".to_string()), 1),
+        (("Warning".to_string(), "PrincipalNotMapped".to_string()), 2),
+    ]);
+    assert_eq!(on_sa, expected, "no Warning while a failure was only pending");
+}

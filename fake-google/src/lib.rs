@@ -9,9 +9,13 @@
 // Handlers answer `Result<_, Response>`, axum's idiom; a boxed error would only add noise.
 #![allow(clippy::result_large_err)]
 
+mod access;
 mod errors;
 mod iam;
 pub mod scenario;
+mod sts;
+mod tokens;
+mod verify;
 
 use std::{
     collections::BTreeMap,
@@ -48,13 +52,20 @@ pub const SERVICES: [&str; 8] = [
 pub struct Fake {
     scenario: RwLock<Scenario>,
     counts: Mutex<BTreeMap<String, u64>>,
+    tokens: tokens::Registry,
+    keys: verify::Keys,
 }
 
 type Shared = Arc<Fake>;
 
 impl Fake {
     fn new(scenario: Scenario) -> Self {
-        Self { scenario: RwLock::new(scenario), counts: Mutex::new(BTreeMap::new()) }
+        Self {
+            scenario: RwLock::new(scenario),
+            counts: Mutex::new(BTreeMap::new()),
+            tokens: tokens::Registry::default(),
+            keys: verify::Keys::default(),
+        }
     }
 
     /// A snapshot of the scenario.
@@ -166,6 +177,16 @@ fn router(fake: Shared) -> Router {
             "/iam/v1/projects/{number}/locations/global/workloadIdentityPools/{pool}/providers/{provider}",
             get(iam::get_provider),
         )
+        .route("/sts/v1/token", post(sts::token))
+        .route("/securetoken/v1/identitybindingtoken", post(sts::identity_binding_token))
+        .route(
+            "/iamcredentials/v1/projects/{project}/serviceAccounts/{account}",
+            post(access::generate_access_token),
+        )
+        .route("/storage/storage/v1/b/{bucket}/iam/testPermissions", get(access::storage_test))
+        .route("/secretmanager/v1/projects/{project}/secrets/{secret}", post(access::secret_test))
+        .route("/pubsub/v1/projects/{project}/{kind}/{name}", post(access::pubsub_test))
+        .route("/cloudresourcemanager/v1/projects/{project}", post(access::project_test))
         .route("/admin/scenario", get(admin_get_scenario).put(admin_put_scenario))
         .route("/admin/faults", put(admin_put_faults))
         .route("/admin/counts", get(admin_counts))

@@ -65,6 +65,8 @@ pub struct ServiceAccount {
     pub bindings: Vec<Binding>,
     /// What its access tokens may do: full resource name → permissions.
     pub grants: BTreeMap<String, Vec<String>>,
+    /// Principals an IAM deny policy stops from impersonating it (`getIamPolicy` does not show these).
+    pub denied_principals: Vec<String>,
 }
 
 /// A role binding.

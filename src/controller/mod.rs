@@ -23,7 +23,8 @@ use kube::{
         events::{Recorder, Reporter},
         predicates,
         reflector::{self, ObjectRef, Store},
-        watcher,
+        utils::ResetTimerBackoff,
+        watcher::{self, ExponentialBackoff, watcher},
     },
 };
 
@@ -33,6 +34,7 @@ use self::{
 };
 use crate::{
     api::{AuthProbe, AuthProbeStatus},
+    chain::Chain,
     cluster::ClusterIssuers,
     engine::Plan,
     google::Google,
@@ -110,6 +112,7 @@ pub struct Context {
     client: Client,
     google: Arc<Google>,
     issuers: ClusterIssuers,
+    chain: Chain,
     metrics: Arc<Metrics>,
     recorder: Recorder,
     probes: Store<AuthProbe>,
@@ -219,6 +222,19 @@ fn error_policy(probe: Arc<AuthProbe>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(delay)
 }
 
+/// Watch retries: 0.5 s doubling to 5 s, with jitter, reset after a minute without errors. kube's
+/// default (0.8 s to 30 s) is tuned for fleets of clients; one operator recovering from an API
+/// server restart (which answers 410 Expired to every resumed watch) needs it quicker.
+fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(ExponentialBackoff::from(builder), Duration::from_secs(60))
+}
+
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(
     client: Client,
@@ -231,7 +247,7 @@ pub async fn run(
     let watch_config = watcher::Config::default().page_size(config.page_size);
     let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let ns_events = watcher(Api::<NamespaceMeta>::all(client.clone()), watch_config.clone())
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(inventory::prune_namespace)
         .reflect(ns_writer)
         .touched_objects();
@@ -240,7 +256,7 @@ pub async fn run(
     let (service_accounts, sa_writer) = reflector::store::<ServiceAccountMeta>();
     let changes = annotation_changes.clone();
     let sa_events = watcher(Api::<ServiceAccountMeta>::all(client.clone()), watch_config.clone())
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(inventory::prune_service_account)
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
@@ -253,7 +269,7 @@ pub async fn run(
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
     let probe_events = watcher(Api::<AuthProbe>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(probe_writer)
         .applied_objects()
         .predicate_filter(
@@ -263,6 +279,7 @@ pub async fn run(
 
     let ctx = Arc::new(Context {
         client: client.clone(),
+        chain: Chain::new(client.clone(), google.clone(), metrics.clone()),
         google,
         issuers: ClusterIssuers::new(client.clone()),
         metrics,

@@ -42,23 +42,24 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
     let previous = newest(probe.status.as_ref(), written.as_ref());
     let plan = ctx.plan(&probe);
 
-    let (report, outcomes_for_history, interval, forced) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], Duration::from_secs(600), false),
+    let (report, outcomes_for_history, interval, forced, recheck_at) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], Duration::from_secs(600), false, None),
         Ok(plan) => {
             let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).cloned();
             let forced = probe_now.is_some() && with_state(&ctx, &name, |s| s.probe_now != probe_now);
             let candidates = select(&ctx, &name, plan, now);
             let pass =
                 Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
-            let services = Services { google: &ctx.google, issuers: &ctx.issuers };
-            let outcomes = probe::evaluate(services, pass, |c| changed_at(&ctx, &name, c)).await;
+            let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
+            let probe::Evaluated { outcomes, recheck_at } =
+                probe::evaluate(services, pass, |c| changed_at(&ctx, &name, c)).await;
             if forced {
                 with_state(&ctx, &name, |s| s.probe_now = probe_now.clone());
             }
             let namespaces = with_state(&ctx, &name, |s| s.scope.as_ref().map_or(0, HashSet::len));
             let report =
                 Report::build(&outcomes, u32::try_from(namespaces).unwrap_or(u32::MAX), plan.token_exchange);
-            (report, outcomes, plan.interval, forced)
+            (report, outcomes, plan.interval, forced, recheck_at)
         }
     };
 
@@ -97,7 +98,9 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
         "probe pass"
     );
     let last = if wrote { now } else { last_probe.unwrap_or(now) };
-    let next_due = last.checked_add(interval.mul_f64(1.0 + rand::random::<f64>() * JITTER)).unwrap_or(now);
+    let periodic = last.checked_add(interval.mul_f64(1.0 + rand::random::<f64>() * JITTER)).unwrap_or(now);
+    // A failure waiting out its propagation grace is judged again as soon as the grace ends.
+    let next_due = recheck_at.map_or(periodic, |r| r.min(periodic));
     Ok(Action::requeue(
         Duration::try_from(next_due.duration_since(now))
             .unwrap_or(Duration::ZERO)

@@ -3,6 +3,7 @@
 //! Google IO happens here; the controller and `authprobe check` feed it data.
 
 pub mod annotation;
+pub mod chain;
 pub mod facts;
 pub mod policy;
 pub mod principal;

@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::OnceCell;
 
-/// Entries older than this are dropped when new ones arrive (longer than the longest interval).
+/// By default entries older than this are dropped when new ones arrive (longer than the longest interval).
 const EVICT_AFTER: Duration = Duration::from_secs(25 * 3600);
 
 #[derive(Debug)]
@@ -23,11 +23,19 @@ struct Slot<V> {
 #[derive(Debug)]
 pub struct FetchCache<K, V> {
     slots: Mutex<HashMap<K, Arc<Slot<V>>>>,
+    evict_after: Duration,
 }
 
 impl<K, V> Default for FetchCache<K, V> {
     fn default() -> Self {
-        Self { slots: Mutex::new(HashMap::new()) }
+        Self::evicting_after(EVICT_AFTER)
+    }
+}
+
+impl<K, V> FetchCache<K, V> {
+    /// A cache that drops entries older than `evict_after` whenever it is used.
+    pub fn evicting_after(evict_after: Duration) -> Self {
+        Self { slots: Mutex::new(HashMap::new()), evict_after }
     }
 }
 
@@ -38,20 +46,35 @@ impl<K: Eq + Hash + Clone, V: Clone> FetchCache<K, V> {
     where
         F: Future<Output = V>,
     {
+        self.get_fresh(key, max_age, |_| true, fetch).await
+    }
+
+    /// Like [`FetchCache::get`], but a cached value is also refetched when `fresh` says it is not.
+    pub async fn get_fresh<F>(
+        &self,
+        key: &K,
+        max_age: Duration,
+        fresh: impl Fn(&V) -> bool,
+        fetch: F,
+    ) -> (V, Option<V>)
+    where
+        F: Future<Output = V>,
+    {
         let (slot, previous) = {
             let mut slots = match self.slots.lock() {
                 Ok(s) => s,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            let reusable = |slot: &Slot<V>| match slot.value.get() {
+                None => true,
+                Some(v) => slot.started.elapsed() < max_age && fresh(v),
+            };
             match slots.get(key) {
-                Some(slot) if slot.value.get().is_none() || slot.started.elapsed() < max_age => {
-                    (slot.clone(), None)
-                }
+                Some(slot) if reusable(slot) => (slot.clone(), None),
                 existing => {
                     let previous = existing.and_then(|s| s.value.get().cloned());
-                    if existing.is_none() {
-                        slots.retain(|_, s| s.started.elapsed() < EVICT_AFTER);
-                    }
+                    let evict_after = self.evict_after;
+                    slots.retain(|_, s| s.started.elapsed() < evict_after);
                     let slot = Arc::new(Slot { started: Instant::now(), value: OnceCell::new() });
                     slots.insert(key.clone(), slot.clone());
                     (slot, previous)

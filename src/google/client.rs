@@ -120,6 +120,8 @@ pub enum Body {
     Empty,
     /// `application/json`.
     Json(serde_json::Value),
+    /// `application/x-www-form-urlencoded`, as Google's clients send to STS.
+    Form(Vec<(&'static str, String)>),
 }
 
 /// A Google answer of any status, after retries.
@@ -278,6 +280,7 @@ impl GoogleClient {
         request = match body {
             Body::Empty => request.header(header::CONTENT_LENGTH, "0"),
             Body::Json(json) => request.json(json),
+            Body::Form(fields) => request.form(fields),
         };
         let transport = |e: reqwest::Error| SendError::Transport {
             api: api.as_str(),

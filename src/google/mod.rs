@@ -143,20 +143,31 @@ pub fn classify_read<T: DeserializeOwned>(api: Api, answer: Result<Answer, SendE
     Err(FetchFailure::new(kind, format!("{} answered {}", api.as_str(), describe(&answer))))
 }
 
-/// `STATUS: message` from Google's error envelope, or the raw body, redacted and cut to 1 KiB.
-pub fn describe(answer: &Answer) -> String {
+/// The error code and text of a Google answer: `(status, message)` from the envelope of most
+/// APIs, `(error, error_description)` from STS's OAuth-style body, or `("", raw body)`.
+pub fn error_parts(answer: &Answer) -> (String, String) {
     let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
     let field = |v: &serde_json::Value, k: &str| {
         v.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string()
     };
-    let text = match json.get("error") {
-        // Google's envelope: {"error":{"code":403,"message":"...","status":"PERMISSION_DENIED"}}
-        Some(e @ serde_json::Value::Object(_)) => format!("{}: {}", field(e, "status"), field(e, "message")),
-        // OAuth style (STS): {"error":"invalid_grant","error_description":"..."}
-        Some(serde_json::Value::String(code)) => format!("{code}: {}", field(&json, "error_description")),
-        _ => String::from_utf8_lossy(&answer.body).into_owned(),
+    match json.get("error") {
+        // {"error":{"code":403,"message":"...","status":"PERMISSION_DENIED"}}
+        Some(e @ serde_json::Value::Object(_)) => (field(e, "status"), field(e, "message")),
+        // {"error":"invalid_grant","error_description":"..."}
+        Some(serde_json::Value::String(code)) => (code.clone(), field(&json, "error_description")),
+        _ => (String::new(), String::from_utf8_lossy(&answer.body).into_owned()),
+    }
+}
+
+/// `STATUS CODE: text` of a Google answer, redacted and cut to 1 KiB.
+pub fn describe(answer: &Answer) -> String {
+    let (code, text) = error_parts(answer);
+    let head = if code.is_empty() {
+        answer.status.as_u16().to_string()
+    } else {
+        format!("{} {code}:", answer.status.as_u16())
     };
-    crate::redact::upstream(&format!("{} {}", answer.status.as_u16(), text.trim()))
+    crate::redact::upstream(&format!("{head} {}", text.trim()))
 }
 
 #[cfg(test)]

@@ -360,6 +360,20 @@ pub async fn event_summary(client: &Client, ns: &str, kind: &str, name: &str) ->
         .collect()
 }
 
+/// How many times each (type, reason) was reported about an object, series repeats included.
+pub async fn event_counts(
+    client: &Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+) -> BTreeMap<(String, String), i32> {
+    let mut counts = BTreeMap::new();
+    for (type_, reason, n) in event_summary(client, ns, kind, name).await {
+        *counts.entry((type_, reason)).or_default() += n;
+    }
+    counts
+}
+
 /// Adds a Google service account with `bindings` (role, members) to the fake.
 pub fn fake_service_account(email: &str, bindings: &[(&str, &[&str])]) {
     let sa = ServiceAccount {

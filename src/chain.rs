@@ -1,0 +1,514 @@
+//! The live chain, run from the controller without a pod: TokenRequest for the KSA (one audience,
+//! 600 s) → GKE identity-binding token or Federation STS exchange → `generateAccessToken` on the
+//! GSA → `testIamPermissions` on each target.
+//!
+//! Tokens exist only in memory: the KSA token only until it is exchanged, the federated and GSA
+//! tokens in a cache (so that probes sharing a KSA and audience share one exchange per interval)
+//! until the earlier of their expiry and the interval. They are sent only to the configured
+//! Google endpoints and never logged, returned in messages, or written anywhere.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http_body_util::BodyExt as _;
+use k8s_openapi::jiff::Timestamp;
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+use crate::{
+    api::{Access, Reason, Stage},
+    engine::{
+        Finding, Ksa, Plan, TokenClaims,
+        annotation::GsaEmail,
+        chain::{self as classify, Upstream},
+        principal::KsaIdentity,
+        target::TargetKind,
+    },
+    google::{
+        Google,
+        client::{Answer, Api, Auth, Body, SendError},
+        describe, error_parts,
+    },
+    metrics::Metrics,
+    redact,
+};
+
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// TokenRequest's minimum, and all a probe needs.
+const KSA_TOKEN_SECONDS: i64 = 600;
+/// A cached token is not used within this long of its expiry.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// Cached tokens never outlive Google's longest access-token lifetime.
+const TOKEN_CACHE_EVICTION: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ExchangeKey {
+    namespace: String,
+    name: String,
+    uid: String,
+    audience: String,
+}
+
+/// A bearer token and when to stop using it.
+#[derive(Clone)]
+struct Credential {
+    token: SecretString,
+    usable_until: Instant,
+}
+
+/// What minting and exchanging one KSA's token gave.
+#[derive(Clone)]
+pub struct Exchange {
+    /// The minted token's claims and key id, for the provider checks; or why none was minted.
+    minted: Result<(Value, Option<String>), Finding>,
+    /// The federated token, or why the exchange failed; `None` when nothing was minted.
+    federated: Option<Result<Credential, Finding>>,
+    /// Google's clock minus the cluster's, from the two answers' `Date` headers.
+    skew: Option<i64>,
+}
+
+impl Exchange {
+    /// The minted token's claims, for the provider stage.
+    pub fn claims(&self) -> Option<TokenClaims<'_>> {
+        self.minted.as_ref().ok().map(|(claims, kid)| TokenClaims { claims, kid: kid.as_deref() })
+    }
+}
+
+/// The chain's state shared by every probe.
+pub struct Chain {
+    kube: kube::Client,
+    google: Arc<Google>,
+    metrics: Arc<Metrics>,
+    exchanges: crate::google::cache::FetchCache<ExchangeKey, Arc<Exchange>>,
+    impersonations: crate::google::cache::FetchCache<(ExchangeKey, String), Result<Credential, Finding>>,
+}
+
+fn who(ksa: &Ksa) -> String {
+    format!("ServiceAccount {}/{}", ksa.namespace, ksa.name)
+}
+
+fn usable(credential: &Result<Credential, Finding>) -> bool {
+    credential.as_ref().is_ok_and(|c| Instant::now() < c.usable_until)
+}
+
+impl Chain {
+    /// A chain minting through `kube` and exchanging through `google`.
+    pub fn new(kube: kube::Client, google: Arc<Google>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            kube,
+            google,
+            metrics,
+            exchanges: crate::google::cache::FetchCache::evicting_after(TOKEN_CACHE_EVICTION),
+            impersonations: crate::google::cache::FetchCache::evicting_after(TOKEN_CACHE_EVICTION),
+        }
+    }
+
+    /// The audience KSA tokens are minted for.
+    pub fn token_audience(plan: &Plan) -> String {
+        match &plan.federation {
+            Some(f) => f.audience.clone(),
+            None => format!("{}.svc.id.goog", plan.project_id.as_deref().unwrap_or_default()),
+        }
+    }
+
+    /// Mints and exchanges the KSA's token, at most once per `max_age` for all probes.
+    pub async fn exchange(&self, plan: &Plan, ksa: &Ksa, max_age: Duration) -> Arc<Exchange> {
+        let key = ExchangeKey {
+            namespace: ksa.namespace.clone(),
+            name: ksa.name.clone(),
+            uid: ksa.uid.clone(),
+            audience: Self::token_audience(plan),
+        };
+        let fresh = |e: &Arc<Exchange>| e.federated.as_ref().is_none_or(|f| f.is_err() || usable(f));
+        self.exchanges
+            .get_fresh(&key, max_age, fresh, async {
+                Arc::new(self.mint_and_exchange(plan, ksa, &key.audience).await)
+            })
+            .await
+            .0
+    }
+
+    async fn mint_and_exchange(&self, plan: &Plan, ksa: &Ksa, audience: &str) -> Exchange {
+        let (token, cluster_date) = match self.mint(ksa, audience).await {
+            Ok(minted) => minted,
+            Err(f) => return Exchange { minted: Err(f), federated: None, skew: None },
+        };
+        let claims = decode_claims(&token);
+        let (answer, url_target) = match &plan.federation {
+            Some(f) => {
+                let body = Body::Form(vec![
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange".into()),
+                    ("audience", format!("//iam.googleapis.com/{}", f.provider)),
+                    ("scope", CLOUD_PLATFORM.into()),
+                    ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token".into()),
+                    ("subject_token", token.expose_secret().to_string()),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt".into()),
+                ]);
+                (
+                    self.post(Api::StsToken, "sts", "/v1/token", &body, Auth::None).await,
+                    format!("provider {}", f.provider),
+                )
+            }
+            None => {
+                let trust = Self::token_audience(plan);
+                let cluster = plan.cluster_url.clone().unwrap_or_default();
+                let identity_namespace = format!("identitynamespace:{trust}:{cluster}");
+                let body = Body::Json(json!({
+                    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                    "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                    "requested_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                    "subject_token": token.expose_secret(),
+                    "audience": identity_namespace,
+                    "scope": CLOUD_PLATFORM,
+                }));
+                (
+                    self.post(
+                        Api::IdentityBindingToken,
+                        "securetoken",
+                        "/v1/identitybindingtoken",
+                        &body,
+                        Auth::None,
+                    )
+                    .await,
+                    format!("identity namespace {trust}"),
+                )
+            }
+        };
+        drop(token);
+        let skew = match (&answer, cluster_date) {
+            (Ok(a), Some(cluster)) => a.date.map(|google| google.as_second() - cluster.as_second()),
+            _ => None,
+        };
+        let federated = Some(match answer {
+            Ok(a) if a.status.is_success() => sts_credential(&a),
+            Ok(a) => {
+                let (code, description) = error_parts(&a);
+                let shown = describe(&a);
+                let upstream = Upstream {
+                    status: a.status.as_u16(),
+                    code: &code,
+                    description: &redact::upstream(&description),
+                    shown: &shown,
+                };
+                Err(classify::exchange(&upstream, &who(ksa), &url_target, skew))
+            }
+            Err(e) => Err(unreachable(Stage::TokenExchange, &e)),
+        });
+        Exchange {
+            minted: claims.map_err(|e| Finding::unknown(Stage::TokenExchange, Reason::GoogleUnavailable, e)),
+            federated,
+            skew,
+        }
+    }
+
+    /// TokenRequest for one audience and 600 s; returns the token and the API server's `Date`.
+    async fn mint(&self, ksa: &Ksa, audience: &str) -> Result<(SecretString, Option<Timestamp>), Finding> {
+        let denied = |detail: String| {
+            Finding::unknown(
+                Stage::TokenExchange,
+                Reason::TokenRequestDenied,
+                format!(
+                    "authprobe could not mint a token for {} ({detail}); its own RBAC needs create on serviceaccounts/token there (chart value tokenExchange)",
+                    who(ksa)
+                ),
+            )
+        };
+        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": [audience], "expirationSeconds": KSA_TOKEN_SECONDS}});
+        let request = http::Request::post(format!(
+            "/api/v1/namespaces/{}/serviceaccounts/{}/token",
+            ksa.namespace, ksa.name
+        ))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&body).unwrap_or_default())
+        .map_err(|e| denied(e.to_string()))?;
+        let response = self
+            .kube
+            .send(request.map(kube::client::Body::from))
+            .await
+            .map_err(|e| denied(redact::upstream(&e.to_string())))?;
+        let status = response.status();
+        let date = response
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| k8s_openapi::jiff::fmt::rfc2822::parse(d).ok())
+            .map(|z| z.timestamp());
+        let bytes = response.into_body().collect().await.map_err(|e| denied(e.to_string()))?.to_bytes();
+        if !status.is_success() {
+            let message: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(denied(format!(
+                "{} {}",
+                status.as_u16(),
+                redact::upstream(message["message"].as_str().unwrap_or_default())
+            )));
+        }
+        let parsed: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| denied(format!("malformed TokenRequest answer: {e}")))?;
+        let token = parsed["status"]["token"]
+            .as_str()
+            .ok_or_else(|| denied("the TokenRequest answer holds no token".into()))?;
+        self.metrics.token_minted();
+        Ok((SecretString::from(token.to_string()), date))
+    }
+
+    async fn post(
+        &self,
+        api: Api,
+        service: &str,
+        path: &str,
+        body: &Body,
+        auth: Auth<'_>,
+    ) -> Result<Answer, SendError> {
+        let url = self.google.endpoints().url(service, path).map_err(SendError::Url)?;
+        self.google.client().send(api, Method::POST, url, body, auth).await
+    }
+
+    /// The rest of the chain for a KSA whose mapping checks passed: clock skew, the exchange's
+    /// outcome, impersonation and the targets.
+    pub async fn verify(
+        &self,
+        plan: &Plan,
+        ksa: &Ksa,
+        gsa: Option<&GsaEmail>,
+        identity: &KsaIdentity,
+        exchange: &Exchange,
+        max_age: Duration,
+    ) -> Result<(), Finding> {
+        exchange.minted.as_ref().map_err(Clone::clone)?;
+        if let Some(finding) = exchange.skew.and_then(|s| classify::clock_skew(&who(ksa), s)) {
+            return Err(finding);
+        }
+        let federated = match &exchange.federated {
+            Some(Ok(c)) => c.clone(),
+            Some(Err(f)) => return Err(f.clone()),
+            None => {
+                return Err(Finding::unknown(
+                    Stage::TokenExchange,
+                    Reason::GoogleUnavailable,
+                    "no exchange ran",
+                ));
+            }
+        };
+        let principal = identity.principal();
+        let (token, as_who, federated_only) = match (plan.access, gsa) {
+            (Access::Impersonation, Some(gsa)) => {
+                let key = (
+                    ExchangeKey {
+                        namespace: ksa.namespace.clone(),
+                        name: ksa.name.clone(),
+                        uid: ksa.uid.clone(),
+                        audience: Self::token_audience(plan),
+                    },
+                    gsa.to_string(),
+                );
+                let fetch = self.impersonate(ksa, gsa, &principal, &federated);
+                let credential = self.impersonations.get_fresh(&key, max_age, usable, fetch).await.0?;
+                (credential, format!("serviceAccount:{gsa}"), false)
+            }
+            _ => (federated, principal, true),
+        };
+        for target in &plan.targets {
+            self.test_target(
+                ksa,
+                &as_who,
+                &target.kind,
+                &target.resource,
+                &target.permissions,
+                &token.token,
+                federated_only,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn impersonate(
+        &self,
+        ksa: &Ksa,
+        gsa: &GsaEmail,
+        principal: &str,
+        federated: &Credential,
+    ) -> Result<Credential, Finding> {
+        let body =
+            Body::Json(json!({"scope": [CLOUD_PLATFORM], "lifetime": format!("{KSA_TOKEN_SECONDS}s")}));
+        let path = format!("/v1/projects/-/serviceAccounts/{gsa}:generateAccessToken");
+        match self
+            .post(Api::GenerateAccessToken, "iamcredentials", &path, &body, Auth::Bearer(&federated.token))
+            .await
+        {
+            Ok(a) if a.status.is_success() => gsa_credential(&a),
+            Ok(a) => {
+                let (code, description) = error_parts(&a);
+                let shown = describe(&a);
+                let upstream = Upstream {
+                    status: a.status.as_u16(),
+                    code: &code,
+                    description: &redact::upstream(&description),
+                    shown: &shown,
+                };
+                Err(classify::impersonation(&upstream, &who(ksa), principal, gsa.as_str()))
+            }
+            Err(e) => Err(unreachable(Stage::Impersonation, &e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn test_target(
+        &self,
+        ksa: &Ksa,
+        as_who: &str,
+        kind: &TargetKind,
+        resource: &str,
+        permissions: &[String],
+        token: &SecretString,
+        federated: bool,
+    ) -> Result<(), Finding> {
+        let api = Api::TestIamPermissions(kind.service());
+        let body = Body::Json(json!({"permissions": permissions}));
+        let answer = match kind {
+            TargetKind::Bucket { bucket } => {
+                let query: String = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(permissions.iter().map(|p| ("permissions", p)))
+                    .finish();
+                let url = self
+                    .google
+                    .endpoints()
+                    .url("storage", &format!("/storage/v1/b/{bucket}/iam/testPermissions?{query}"))
+                    .map_err(|e| unreachable(Stage::Target, &SendError::Url(e)))?;
+                self.google.client().send(api, Method::GET, url, &Body::Empty, Auth::Bearer(token)).await
+            }
+            TargetKind::Project { project } => {
+                self.post(
+                    api,
+                    "cloudresourcemanager",
+                    &format!("/v1/projects/{project}:testIamPermissions"),
+                    &body,
+                    Auth::Bearer(token),
+                )
+                .await
+            }
+            TargetKind::ServiceAccount { project, email } => {
+                self.post(
+                    api,
+                    "iam",
+                    &format!("/v1/projects/{project}/serviceAccounts/{email}:testIamPermissions"),
+                    &body,
+                    Auth::Bearer(token),
+                )
+                .await
+            }
+            TargetKind::Secret { project, secret } => {
+                self.post(
+                    api,
+                    "secretmanager",
+                    &format!("/v1/projects/{project}/secrets/{secret}:testIamPermissions"),
+                    &body,
+                    Auth::Bearer(token),
+                )
+                .await
+            }
+            TargetKind::Topic { project, topic } => {
+                self.post(
+                    api,
+                    "pubsub",
+                    &format!("/v1/projects/{project}/topics/{topic}:testIamPermissions"),
+                    &body,
+                    Auth::Bearer(token),
+                )
+                .await
+            }
+            TargetKind::Subscription { project, subscription } => {
+                self.post(
+                    api,
+                    "pubsub",
+                    &format!("/v1/projects/{project}/subscriptions/{subscription}:testIamPermissions"),
+                    &body,
+                    Auth::Bearer(token),
+                )
+                .await
+            }
+        };
+        let answer = answer.map_err(|e| unreachable(Stage::Target, &e))?;
+        let (code, description) = error_parts(&answer);
+        let shown = describe(&answer);
+        let upstream = Upstream {
+            status: answer.status.as_u16(),
+            code: &code,
+            description: &redact::upstream(&description),
+            shown: &shown,
+        };
+        let missing: Vec<String> = if answer.status == StatusCode::OK {
+            let held: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+            let held: Vec<&str> = held["permissions"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            permissions.iter().filter(|p| !held.contains(&p.as_str())).cloned().collect()
+        } else {
+            vec![]
+        };
+        classify::target(&upstream, &who(ksa), as_who, resource, &missing, federated).map_or(Ok(()), Err)
+    }
+}
+
+/// STS and securetoken: `access_token`, valid for `expires_in` seconds (a number, or a string as
+/// google-auth also accepts; absent means as long as the subject token).
+fn sts_credential(answer: &Answer) -> Result<Credential, Finding> {
+    let body: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+    let expires_in = match &body["expires_in"] {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+    .unwrap_or(KSA_TOKEN_SECONDS.unsigned_abs());
+    bearer_from(&body, "access_token", Duration::from_secs(expires_in))
+}
+
+/// generateAccessToken: `accessToken`, valid until `expireTime`.
+fn gsa_credential(answer: &Answer) -> Result<Credential, Finding> {
+    let body: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+    let expires = body["expireTime"].as_str().and_then(|t| t.parse::<Timestamp>().ok());
+    let lifetime = expires.map_or(Duration::ZERO, |t| {
+        Duration::try_from(t.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO)
+    });
+    bearer_from(&body, "accessToken", lifetime)
+}
+
+fn bearer_from(body: &Value, field: &str, lifetime: Duration) -> Result<Credential, Finding> {
+    let Some(token) = body[field].as_str().filter(|t| !t.is_empty()) else {
+        return Err(Finding::unknown(
+            Stage::TokenExchange,
+            Reason::GoogleUnavailable,
+            format!("Google's answer holds no {field}"),
+        ));
+    };
+    Ok(Credential {
+        token: SecretString::from(token.to_string()),
+        usable_until: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
+    })
+}
+
+fn unreachable(stage: Stage, e: &SendError) -> Finding {
+    match e {
+        SendError::Credentials(c) => Finding::unknown(stage, Reason::CheckerUnauthenticated, c.to_string()),
+        other => Finding::unknown(stage, Reason::GoogleUnavailable, redact::upstream(&other.to_string())),
+    }
+}
+
+/// The unverified payload and `kid` of a JWT (the token is the API server's own, just minted).
+fn decode_claims(token: &SecretString) -> Result<(Value, Option<String>), String> {
+    use base64::Engine as _;
+    let kid = jsonwebtoken::decode_header(token.expose_secret())
+        .map_err(|e| format!("the minted token's header does not parse: {e}"))?
+        .kid;
+    let payload = token.expose_secret().split('.').nth(1).ok_or("the minted token is not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| format!("the minted token's payload is not base64url: {e}"))?;
+    let claims =
+        serde_json::from_slice(&bytes).map_err(|e| format!("the minted token's payload is not JSON: {e}"))?;
+    Ok((claims, kid))
+}

@@ -1,0 +1,311 @@
+//! Classifying the live chain's answers (STS or securetoken, IAM Credentials, testIamPermissions)
+//! into the design's reasons, each message carrying the upstream text (redacted, ≤ 1 KiB) and the fix.
+
+use super::Finding;
+use crate::api::{Reason, Stage};
+
+/// Relative clock difference between Google and the cluster beyond which tokens are refused.
+pub const CLOCK_SKEW_LIMIT_SECONDS: i64 = 60;
+
+/// An answer from Google, as far as classification needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream<'a> {
+    /// HTTP status.
+    pub status: u16,
+    /// OAuth `error` (STS) or the envelope's `status` (other APIs).
+    pub code: &'a str,
+    /// OAuth `error_description` or the envelope's `message`.
+    pub description: &'a str,
+    /// The whole answer as shown to users, redacted and cut to 1 KiB.
+    pub shown: &'a str,
+}
+
+fn undecided(stage: Stage, upstream: &Upstream<'_>, what: &str) -> Option<Finding> {
+    match upstream.status {
+        429 => Some(Finding::unknown(
+            stage,
+            Reason::GoogleThrottled,
+            format!("{what} was throttled after retries: {}", upstream.shown),
+        )),
+        500.. => Some(Finding::unknown(
+            stage,
+            Reason::GoogleUnavailable,
+            format!("{what} kept failing: {}", upstream.shown),
+        )),
+        _ => None,
+    }
+}
+
+/// The exchange (STS for Federation, securetoken for GKE) refused a freshly minted KSA token.
+/// `target` names the provider or identity namespace; `skew` is Google's clock minus the cluster's.
+pub fn exchange(upstream: &Upstream<'_>, who: &str, target: &str, skew: Option<i64>) -> Finding {
+    let stage = Stage::TokenExchange;
+    if let Some(f) = undecided(stage, upstream, "the token exchange") {
+        return f;
+    }
+    let said = format!("the exchange for {target} answered {}", upstream.shown);
+    let d = upstream.description;
+    let (reason, fix) = match upstream.code {
+        "invalid_target" => (Reason::ProviderNotFound, "check that the pool and provider exist, are enabled, and that identity.federation.provider uses the project number".to_string()),
+        "invalid_grant" if d.contains("does not match the expected audience") => {
+            (Reason::AudienceNotAllowed, "make the token audience one the provider allows (identity.federation.audience, --allowed-audiences)".into())
+        }
+        "invalid_grant" if d.contains("The issuer in ID Token") => {
+            (Reason::IssuerMismatch, "set the provider's --issuer-uri to the cluster's issuer (kubectl get --raw /.well-known/openid-configuration)".into())
+        }
+        "invalid_grant" if d.contains("stale to sign-in") => (
+            Reason::ClockSkew,
+            match skew {
+                Some(s) => format!("Google's clock and the cluster's differ by {s}s; a token minted just now is stale to Google. Fix: synchronise the API server's clock (NTP)"),
+                None => "Google judged a token minted just now as stale: the cluster's clock is likely off. Fix: synchronise the API server's clock (NTP)".into(),
+            },
+        ),
+        "invalid_grant" if d.contains("Error connecting to the given credential's issuer") || d.contains("Unable to verify the ID Token signature") => (
+            Reason::SigningKeyNotTrusted,
+            "Google cannot verify the token with the keys it trusts, usually after the cluster's signing key rotated. Fix: kubectl get --raw /openid/v1/jwks > jwks.json && gcloud iam workload-identity-pools providers update-oidc ... --jwk-json-path=jwks.json".into(),
+        ),
+        "unauthorized_client" if d.contains("attribute condition") => {
+            (Reason::AttributeConditionRejected, "widen the provider's --attribute-condition to admit this ServiceAccount".into())
+        }
+        "invalid_request" if d.contains("127 bytes") => {
+            (Reason::SubjectTooLong, "shorten the namespace or ServiceAccount name, or map google.subject to something shorter".into())
+        }
+        _ => (Reason::ExchangeRejected, "see the upstream error".into()),
+    };
+    Finding::fail(stage, reason, format!("{who}: {said}. Fix: {fix}"))
+}
+
+/// `generateAccessToken` on the GSA with the federated token did not succeed.
+pub fn impersonation(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
+    let stage = Stage::Impersonation;
+    if let Some(f) = undecided(stage, upstream, "generateAccessToken") {
+        return f;
+    }
+    let project = gsa
+        .split_once('@')
+        .and_then(|(_, d)| d.strip_suffix(".iam.gserviceaccount.com"))
+        .map(|p| format!(" --project={p}"))
+        .unwrap_or_default();
+    let bind = format!(
+        "gcloud iam service-accounts add-iam-policy-binding {gsa}{project} --role=roles/iam.workloadIdentityUser --member=\"{principal}\""
+    );
+    let (reason, fix) = match (upstream.status, upstream.code) {
+        (404, _) => (Reason::GoogleServiceAccountNotFound, format!("correct the annotation or create {gsa}")),
+        (400, "FAILED_PRECONDITION") => (Reason::GoogleServiceAccountDisabled, format!("gcloud iam service-accounts enable {gsa}{project}")),
+        (401, _) => (Reason::ImpersonationDenied, "Google refused the federated token itself (a disabled pool revokes issued tokens); re-enable the pool or provider".to_string()),
+        _ => (Reason::ImpersonationDenied, bind),
+    };
+    Finding::fail(
+        stage,
+        reason,
+        format!(
+            "{who} ({principal}) may not impersonate {gsa}: generateAccessToken answered {}. Fix: {fix}",
+            upstream.shown
+        ),
+    )
+}
+
+/// `testIamPermissions` on a target. `missing` are requested permissions not held (when it answered 200).
+pub fn target(
+    upstream: &Upstream<'_>,
+    who: &str,
+    identity: &str,
+    resource: &str,
+    missing: &[String],
+    federated: bool,
+) -> Option<Finding> {
+    let stage = Stage::Target;
+    if upstream.status == 200 {
+        if missing.is_empty() {
+            return None;
+        }
+        return Some(Finding::fail(
+            stage,
+            Reason::PermissionMissing,
+            format!(
+                "{who} as {identity} lacks {} on {resource}. Granting roles to other identities cannot help. Fix: grant {identity} a role on {resource} that includes {}",
+                missing.join(", "),
+                missing.join(", ")
+            ),
+        ));
+    }
+    if let Some(f) = undecided(stage, upstream, &format!("testIamPermissions on {resource}")) {
+        return Some(f);
+    }
+    Some(match upstream.status {
+        401 if federated => Finding::fail(
+            stage,
+            Reason::FederatedTokenUnsupported,
+            format!(
+                "{who}: the API of {resource} refuses federated tokens ({}). Fix: use access: Impersonation with a Google service account for this API",
+                upstream.shown
+            ),
+        ),
+        401 => Finding::unknown(
+            stage,
+            Reason::GoogleUnavailable,
+            format!("{who}: the token for {identity} was refused on {resource}: {}", upstream.shown),
+        ),
+        _ => Finding::fail(
+            stage,
+            Reason::PermissionMissing,
+            format!(
+                "{who} as {identity} cannot use {resource} ({}). Fix: check that it exists and grant {identity} access to it",
+                upstream.shown
+            ),
+        ),
+    })
+}
+
+/// Google's clock minus the cluster's, beyond the limit, as a finding.
+pub fn clock_skew(who: &str, skew: i64) -> Option<Finding> {
+    (skew.abs() > CLOCK_SKEW_LIMIT_SECONDS).then(|| {
+        Finding::fail(
+            Stage::TokenExchange,
+            Reason::ClockSkew,
+            format!(
+                "{who}: Google's clock is {skew}s off the cluster's (more than the {CLOCK_SKEW_LIMIT_SECONDS}s tolerated), so tokens are refused as stale or not yet valid. Fix: synchronise the API server's clock (NTP)"
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up<'a>(status: u16, code: &'a str, description: &'a str) -> Upstream<'a> {
+        Upstream { status, code, description, shown: description }
+    }
+
+    #[test]
+    fn every_sts_error_class_has_its_reason() {
+        let cases = [
+            (
+                up(
+                    400,
+                    "invalid_target",
+                    "The target service indicated by the \"audience\" parameters is invalid.",
+                ),
+                Reason::ProviderNotFound,
+            ),
+            (
+                up(
+                    400,
+                    "invalid_grant",
+                    "The audience in ID Token [x] does not match the expected audience.",
+                ),
+                Reason::AudienceNotAllowed,
+            ),
+            (
+                up(
+                    400,
+                    "invalid_grant",
+                    "The issuer in ID Token https://a does not match the expected one in config: https://b",
+                ),
+                Reason::IssuerMismatch,
+            ),
+            (
+                up(400, "invalid_grant", "ID Token issued at 1700000000 is stale to sign-in."),
+                Reason::ClockSkew,
+            ),
+            (
+                up(400, "invalid_grant", "Error connecting to the given credential's issuer."),
+                Reason::SigningKeyNotTrusted,
+            ),
+            (
+                up(400, "invalid_grant", "Unable to verify the ID Token signature."),
+                Reason::SigningKeyNotTrusted,
+            ),
+            (
+                up(
+                    400,
+                    "unauthorized_client",
+                    "The given credential is rejected by the attribute condition.",
+                ),
+                Reason::AttributeConditionRejected,
+            ),
+            (
+                up(
+                    400,
+                    "invalid_request",
+                    "The size of mapped attribute google.subject exceeds the 127 bytes limit.",
+                ),
+                Reason::SubjectTooLong,
+            ),
+            (up(400, "invalid_request", "Invalid value for \"audience\"."), Reason::ExchangeRejected),
+            (up(400, "invalid_grant", "something new"), Reason::ExchangeRejected),
+        ];
+        for (u, reason) in cases {
+            let f = exchange(&u, "ServiceAccount a/b", "provider p", Some(3));
+            assert_eq!((f.reason, f.verdict), (reason, super::super::Verdict::Fail), "{}", u.description);
+            assert!(f.message.contains("Fix:") && f.message.contains(u.description), "{}", f.message);
+        }
+        assert_eq!(
+            exchange(&up(429, "quota_exceeded", "throttled"), "w", "t", None).reason,
+            Reason::GoogleThrottled
+        );
+        assert_eq!(exchange(&up(503, "", "x"), "w", "t", None).verdict, super::super::Verdict::Unknown);
+        assert!(
+            exchange(
+                &up(400, "invalid_grant", "ID Token issued at 1 is stale to sign-in."),
+                "w",
+                "t",
+                Some(300)
+            )
+            .message
+            .contains("300s")
+        );
+    }
+
+    #[test]
+    fn impersonation_and_targets() {
+        let gsa = "payments@acme-prod.iam.gserviceaccount.com";
+        let denied = impersonation(
+            &up(403, "PERMISSION_DENIED", "Permission 'iam.serviceAccounts.getAccessToken' denied"),
+            "w",
+            "principal://p",
+            gsa,
+        );
+        assert_eq!(denied.reason, Reason::ImpersonationDenied);
+        assert!(denied.message.contains(
+            "add-iam-policy-binding payments@acme-prod.iam.gserviceaccount.com --project=acme-prod"
+        ));
+        assert_eq!(
+            impersonation(&up(400, "FAILED_PRECONDITION", "disabled"), "w", "p", gsa).reason,
+            Reason::GoogleServiceAccountDisabled
+        );
+        assert_eq!(
+            impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict,
+            super::super::Verdict::Unknown
+        );
+
+        let ok = up(200, "", "");
+        assert!(target(&ok, "w", "i", "//r", &[], false).is_none());
+        let missing =
+            target(&ok, "w", "serviceAccount:gsa", "//r", &["storage.objects.get".into()], false).unwrap();
+        assert_eq!(missing.reason, Reason::PermissionMissing);
+        assert!(missing.message.contains("storage.objects.get"));
+        let refused = up(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.");
+        assert_eq!(
+            target(&refused, "w", "i", "//r", &[], true).unwrap().reason,
+            Reason::FederatedTokenUnsupported
+        );
+        assert_eq!(
+            target(&refused, "w", "i", "//r", &[], false).unwrap().verdict,
+            super::super::Verdict::Unknown
+        );
+        assert_eq!(
+            target(&up(403, "PERMISSION_DENIED", "x"), "w", "i", "//r", &[], false).unwrap().reason,
+            Reason::PermissionMissing
+        );
+    }
+
+    #[test]
+    fn skew_beyond_the_limit_is_reported() {
+        assert!(clock_skew("w", 59).is_none());
+        assert!(clock_skew("w", -60).is_none());
+        assert_eq!(clock_skew("w", 61).unwrap().reason, Reason::ClockSkew);
+        assert_eq!(clock_skew("w", -3600).unwrap().reason, Reason::ClockSkew);
+    }
+}

@@ -1,0 +1,477 @@
+//! The live chain and the Federation provider checks against the real control plane and the fake
+//! Google, which verifies every KSA token's signature against the API server's JWKS: healthy chains
+//! (GKE and Federation), pool and provider state, audience, issuer, attribute condition, subject
+//! length, impersonation, target permissions, federated-token refusal, clock skew, and no token
+//! material anywhere a person or a scraper can read.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use authprobe::api::{AuthProbe, condition};
+use fake_google::scenario::{
+    Cluster, GkeCluster, GkeProject, Grant, LifeState, Pool, Provider, ServiceAccount,
+};
+use serde_json::{Value, json};
+use support::*;
+
+const CLUSTER_URL: &str =
+    "https://container.googleapis.com/v1/projects/acme-prod/locations/us-central1/clusters/prod-1";
+const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
+const PROJECT_NUMBER: &str = "123456789012";
+
+/// Lets the fake reach this cluster's issuer, and trust it as the GKE cluster `prod-1`.
+fn trust_cluster() {
+    let cp = env().cp;
+    let (issuer, ca) = (cp.issuer(), cp.ca_pem().unwrap());
+    env().fake.update(|s| {
+        if !s.clusters.iter().any(|c| c.issuer == issuer) {
+            s.clusters.push(Cluster { issuer: issuer.clone(), ca_pem: ca });
+            s.gke.push(GkeProject {
+                project_id: "acme-prod".into(),
+                project_number: PROJECT_NUMBER.into(),
+                clusters: vec![GkeCluster { url: CLUSTER_URL.into(), issuer }],
+            });
+        }
+    });
+}
+
+/// Tests that change what every exchange sees (Google's clock, which APIs take federated tokens)
+/// hold this exclusively; the others share it.
+static GLOBAL: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+fn gsa(name: &str) -> String {
+    format!("{name}@acme-prod.iam.gserviceaccount.com")
+}
+
+fn add_gsa(sa: ServiceAccount) {
+    env().fake.update(|s| {
+        s.service_accounts.retain(|x| x.email != sa.email);
+        s.service_accounts.push(sa);
+    });
+}
+
+fn chain_spec(label: &str, value: &str, extra: Value) -> Value {
+    let mut spec = gke_spec(
+        label,
+        value,
+        json!({
+            "identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "prod-1"}},
+            "targets": [{"resource": BUCKET, "permissions": ["storage.objects.get"]}],
+            "probe": {"tokenExchange": true}
+        }),
+    );
+    merge(&mut spec, extra);
+    spec
+}
+
+fn failure_reasons(p: &AuthProbe) -> BTreeMap<String, String> {
+    p.status
+        .as_ref()
+        .map(|s| s.failures.iter().map(|f| (f.namespace.clone(), f.reason.as_str().to_string())).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_healthy_gke_chain_is_verified_end_to_end() {
+    let _shared = GLOBAL.read().await;
+    trust_cluster();
+    let client = client().await;
+    let id = unique("gke");
+    let main = gsa(&unique("gke"));
+    let ns = namespace(&client, "gke", &[("team", id.as_str())]).await;
+    service_account(&client, &ns, "app", Some(&main)).await;
+    add_gsa(ServiceAccount {
+        email: main.clone(),
+        bindings: vec![fake_google::scenario::Binding {
+            role: WIU.into(),
+            members: vec![member(&ns, "app")],
+            condition: None,
+        }],
+        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
+        ..Default::default()
+    });
+    apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
+    let probe = wait_ready(&client, &id, "True", "Verified").await;
+    assert_eq!(
+        condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap(),
+        ("True".into(), "Verified".into())
+    );
+    let counts = env().fake.counts();
+    for api in [
+        "securetoken.identitybindingtoken",
+        "iamcredentials.generateAccessToken",
+        "storage.testIamPermissions",
+    ] {
+        assert!(counts.get(api).copied().unwrap_or_default() >= 1, "{api} never called: {counts:?}");
+    }
+}
+
+/// A Federation pool and provider trusting this cluster, with the cluster's keys uploaded.
+async fn federation(pool_id: &str, provider: Provider) -> String {
+    trust_cluster();
+    let pool = format!("projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}");
+    let provider = Provider { id: "k8s".into(), issuer_uri: env().cp.issuer(), ..provider };
+    env().fake.update(|s| {
+        s.pools.retain(|p| p.name != pool);
+        s.pools.push(Pool { name: pool.clone(), providers: vec![provider], ..Default::default() });
+    });
+    format!("{pool}/providers/k8s")
+}
+
+async fn cluster_jwks() -> String {
+    let client = client().await;
+    client.request_text(http::Request::get("/openid/v1/jwks").body(Vec::new()).unwrap()).await.unwrap()
+}
+
+fn default_mapping() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("google.subject".into(), "assertion.sub".into()),
+        ("attribute.namespace".into(), "assertion['kubernetes.io']['namespace']".into()),
+    ])
+}
+
+fn federation_spec(label: &str, value: &str, provider: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "namespaceSelector": {"matchLabels": {label: value}},
+        "serviceAccounts": {"names": ["app"]},
+        "identity": {"platform": "Federation", "projectNumber": PROJECT_NUMBER, "federation": {"provider": provider}},
+        "targets": [{"resource": BUCKET, "permissions": ["storage.objects.get"]}],
+        "probe": {"tokenExchange": true, "propagationGrace": "0s"}
+    });
+    merge(&mut spec, extra);
+    spec
+}
+
+fn principal(pool: &str, ns: &str) -> String {
+    format!(
+        "principal://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool}/subject/system:serviceaccount:{ns}:app"
+    )
+}
+
+#[tokio::test]
+async fn federation_chain_and_the_attribute_condition_per_namespace() {
+    let _shared = GLOBAL.read().await;
+    let client = client().await;
+    let id = unique("fed");
+    let pool_id = unique("pool");
+    let main = gsa(&unique("fed"));
+    let [billing, ledger, checkout] = [
+        namespace(&client, "billing", &[("team", id.as_str())]).await,
+        namespace(&client, "ledger", &[("team", id.as_str())]).await,
+        namespace(&client, "checkout", &[("team", id.as_str())]).await,
+    ];
+    let condition = format!("assertion['kubernetes.io']['namespace'] in ['{billing}', '{ledger}']");
+    let provider = federation(
+        &pool_id,
+        Provider {
+            attribute_mapping: default_mapping(),
+            attribute_condition: condition,
+            jwks_json: cluster_jwks().await,
+            ..Default::default()
+        },
+    )
+    .await;
+    for ns in [&billing, &ledger, &checkout] {
+        service_account(&client, ns, "app", Some(&main)).await;
+    }
+    add_gsa(ServiceAccount {
+        email: main.clone(),
+        bindings: vec![fake_google::scenario::Binding {
+            role: WIU.into(),
+            members: vec![format!(
+                "principalSet://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}/*"
+            )],
+            condition: None,
+        }],
+        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
+        ..Default::default()
+    });
+    apply_probe(&client, &id, federation_spec("team", &id, &provider, json!({}))).await;
+    let probe = wait_for(&client, &id, "one rejected namespace", |p| {
+        p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.passing == 2 && s.failing == 1)
+    })
+    .await;
+    let failure = &probe.status.as_ref().unwrap().failures[0];
+    assert_eq!(
+        (failure.namespace.as_str(), failure.reason.as_str()),
+        (checkout.as_str(), "AttributeConditionRejected")
+    );
+    assert!(
+        failure.message.contains(&format!("in ['{billing}', '{ledger}']")),
+        "names the clause: {}",
+        failure.message
+    );
+    let exchange = condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!(exchange.0, "Unknown", "the chain did not run for the rejected namespace: {exchange:?}");
+    assert!(env().fake.counts().get("sts.token").copied().unwrap_or_default() >= 2);
+
+    // Admit checkout too: the whole probe verifies through STS, impersonation and the bucket.
+    env().fake.update(|s| {
+        if let Some(p) = s.pools.iter_mut().find(|p| p.name.ends_with(&pool_id)) {
+            p.providers[0].attribute_condition.clear();
+        }
+    });
+    probe_now(&client, &id).await;
+    let probe = wait_ready(&client, &id, "True", "Verified").await;
+    assert_eq!(
+        condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap(),
+        ("True".into(), "Verified".into())
+    );
+}
+
+#[tokio::test]
+async fn provider_state_audience_issuer_and_subject_length() {
+    let _shared = GLOBAL.read().await;
+    let client = client().await;
+    let jwks = cluster_jwks().await;
+    let base =
+        Provider { attribute_mapping: default_mapping(), jwks_json: jwks.clone(), ..Default::default() };
+    let cases: Vec<(&str, Box<dyn Fn(&mut Pool)>, &str)> = vec![
+        ("provider-disabled", Box::new(|p: &mut Pool| p.providers[0].disabled = true), "ProviderDisabled"),
+        (
+            "provider-deleted",
+            Box::new(|p: &mut Pool| p.providers[0].state = LifeState::Deleted),
+            "ProviderNotFound",
+        ),
+        ("pool-disabled", Box::new(|p: &mut Pool| p.disabled = true), "PoolDisabled"),
+        (
+            "audience",
+            Box::new(|p: &mut Pool| {
+                p.providers[0].allowed_audiences = vec!["https://old.endpoint.example".into()]
+            }),
+            "AudienceNotAllowed",
+        ),
+        (
+            "issuer",
+            Box::new(|p: &mut Pool| p.providers[0].issuer_uri = "https://kubernetes.default.svc".into()),
+            "IssuerMismatch",
+        ),
+        (
+            "keys",
+            Box::new(|p: &mut Pool| {
+                p.providers[0].jwks_json =
+                    r#"{"keys":[{"kty":"RSA","kid":"old","n":"AQAB","e":"AQAB"}]}"#.into()
+            }),
+            "SigningKeyNotTrusted",
+        ),
+        (
+            "mapping",
+            Box::new(|p: &mut Pool| {
+                p.providers[0].attribute_mapping.remove("google.subject");
+            }),
+            "AttributeMappingInvalid",
+        ),
+    ];
+    for (name, change, reason) in cases {
+        let id = unique(name);
+        let pool_id = unique("pool");
+        let provider = federation(&pool_id, base.clone()).await;
+        env().fake.update(|s| {
+            if let Some(p) = s.pools.iter_mut().find(|p| p.name.ends_with(&format!("/{pool_id}"))) {
+                change(p);
+            }
+        });
+        let main = gsa(&unique(name));
+        let ns = namespace(&client, name, &[("team", id.as_str())]).await;
+        service_account(&client, &ns, "app", Some(&main)).await;
+        fake_service_account(&main, &[(WIU, &[&principal(&pool_id, &ns)])]);
+        apply_probe(&client, &id, federation_spec("team", &id, &provider, json!({}))).await;
+        let probe = wait_ready(&client, &id, "False", reason).await;
+        let message = &probe.status.unwrap().failures[0].message;
+        assert!(message.contains("Fix:"), "{name}: {message}");
+    }
+
+    // A mapped subject over 127 bytes: a long namespace and ServiceAccount name.
+    let id = unique("long");
+    let pool_id = unique("pool");
+    let provider = federation(&pool_id, base.clone()).await;
+    let ns = namespace(&client, &format!("long-{}", "n".repeat(50)), &[("team", id.as_str())]).await;
+    let ksa = "s".repeat(60);
+    service_account(&client, &ns, &ksa, Some(&gsa(&unique("long")))).await;
+    let mut spec = federation_spec("team", &id, &provider, json!({}));
+    spec["serviceAccounts"]["names"] = json!([ksa]);
+    apply_probe(&client, &id, spec).await;
+    let probe = wait_ready(&client, &id, "False", "SubjectTooLong").await;
+    assert_eq!(probe.status.unwrap().failures[0].stage, authprobe::api::Stage::Static);
+}
+
+#[tokio::test]
+async fn impersonation_denied_and_target_permissions() {
+    let _shared = GLOBAL.read().await;
+    trust_cluster();
+    let client = client().await;
+    let id = unique("access");
+    let (denied_gsa, weak_gsa) = (gsa(&unique("denied")), gsa(&unique("weak")));
+    let denied = namespace(&client, "denied", &[("team", id.as_str())]).await;
+    let weak = namespace(&client, "weak", &[("team", id.as_str())]).await;
+    service_account(&client, &denied, "app", Some(&denied_gsa)).await;
+    service_account(&client, &weak, "app", Some(&weak_gsa)).await;
+    let binding = |ns: &str| {
+        vec![fake_google::scenario::Binding {
+            role: WIU.into(),
+            members: vec![member(ns, "app")],
+            condition: None,
+        }]
+    };
+    // The allow policy maps it, but a deny policy (invisible to getIamPolicy) blocks impersonation.
+    add_gsa(ServiceAccount {
+        email: denied_gsa.clone(),
+        bindings: binding(&denied),
+        denied_principals: vec![member(&denied, "app")],
+        ..Default::default()
+    });
+    // Impersonation works, but the GSA may only list, not read, the bucket.
+    add_gsa(ServiceAccount {
+        email: weak_gsa.clone(),
+        bindings: binding(&weak),
+        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.list".to_string()])]),
+        ..Default::default()
+    });
+    apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
+    let probe =
+        wait_for(&client, &id, "two failures", |p| p.status.as_ref().is_some_and(|s| s.failures.len() == 2))
+            .await;
+    let reasons = failure_reasons(&probe);
+    assert_eq!(reasons[&denied], "ImpersonationDenied");
+    assert_eq!(reasons[&weak], "PermissionMissing");
+    let messages: Vec<&str> =
+        probe.status.as_ref().unwrap().failures.iter().map(|f| f.message.as_str()).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("storage.objects.get") && m.contains(&weak_gsa)),
+        "{messages:?}"
+    );
+    assert_eq!(condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap().0, "False");
+    assert_eq!(
+        condition_of(&probe, condition::MAPPINGS_VERIFIED).unwrap().0,
+        "True",
+        "the mappings themselves are right"
+    );
+}
+
+#[tokio::test]
+async fn an_api_that_refuses_federated_tokens() {
+    let _exclusive = GLOBAL.write().await;
+    let client = client().await;
+    let id = unique("direct");
+    let pool_id = unique("pool");
+    let provider = federation(
+        &pool_id,
+        Provider {
+            attribute_mapping: default_mapping(),
+            jwks_json: cluster_jwks().await,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ns = namespace(&client, "direct", &[("team", id.as_str())]).await;
+    service_account(&client, &ns, "app", None).await;
+    env().fake.update(|s| {
+        s.direct_grants.push(Grant {
+            member: principal(&pool_id, &ns),
+            resource: BUCKET.into(),
+            permissions: vec!["storage.objects.get".into()],
+        });
+        s.federated_token_unsupported = vec!["storage".into()];
+    });
+    apply_probe(
+        &client,
+        &id,
+        federation_spec("team", &id, &provider, json!({"identity": {"access": "Direct"}})),
+    )
+    .await;
+    let probe = wait_ready(&client, &id, "False", "FederatedTokenUnsupported").await;
+    env().fake.update(|s| s.federated_token_unsupported.clear());
+    assert!(probe.status.unwrap().failures[0].message.contains("access: Impersonation"));
+    // Once the API accepts federated tokens, the direct grant is enough.
+    probe_now(&client, &id).await;
+    wait_ready(&client, &id, "True", "Verified").await;
+}
+
+#[tokio::test]
+async fn clock_skew_between_google_and_the_cluster() {
+    let _exclusive = GLOBAL.write().await;
+    trust_cluster();
+    let client = client().await;
+    let id = unique("skew");
+    let main = gsa(&unique("skew"));
+    let ns = namespace(&client, "skew", &[("team", id.as_str())]).await;
+    service_account(&client, &ns, "app", Some(&main)).await;
+    add_gsa(ServiceAccount {
+        email: main.clone(),
+        bindings: vec![fake_google::scenario::Binding {
+            role: WIU.into(),
+            members: vec![member(&ns, "app")],
+            condition: None,
+        }],
+        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
+        ..Default::default()
+    });
+    // Google's clock 15 minutes ahead: the token is stale to it, and the Date headers show why.
+    env().fake.update(|s| s.clock_skew_seconds = 900);
+    apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
+    let probe = wait_ready(&client, &id, "False", "ClockSkew").await;
+    env().fake.update(|s| s.clock_skew_seconds = 0);
+    let message = &probe.status.unwrap().failures[0].message;
+    assert!(message.contains("900s") || message.contains("899s") || message.contains("901s"), "{message}");
+    probe_now(&client, &id).await;
+    wait_ready(&client, &id, "True", "Verified").await;
+}
+
+#[tokio::test]
+async fn no_token_material_reaches_logs_events_status_or_metrics() {
+    let _shared = GLOBAL.read().await;
+    trust_cluster();
+    let client = client().await;
+    let id = unique("hygiene");
+    let main = gsa(&unique("hygiene"));
+    let ns = namespace(&client, "hygiene", &[("team", id.as_str())]).await;
+    service_account(&client, &ns, "app", Some(&main)).await;
+    service_account(&client, &ns, "worker", Some(&main)).await;
+    // app passes the whole chain; worker is mapped but may not read the bucket.
+    add_gsa(ServiceAccount {
+        email: main.clone(),
+        bindings: vec![fake_google::scenario::Binding {
+            role: WIU.into(),
+            members: vec![member(&ns, "app"), member(&ns, "worker")],
+            condition: None,
+        }],
+        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
+        denied_principals: vec![member(&ns, "worker")],
+        ..Default::default()
+    });
+    apply_probe(
+        &client,
+        &id,
+        chain_spec("team", &id, json!({"serviceAccounts": {"names": ["app", "worker"]}})),
+    )
+    .await;
+    let probe = wait_ready(&client, &id, "False", "ImpersonationDenied").await;
+    assert!(
+        env().operator.log_text().contains("\"level\":\"DEBUG\""),
+        "the operator logs at debug level here"
+    );
+    assert!(env().fake.counts().get("iamcredentials.generateAccessToken").copied().unwrap_or_default() >= 2);
+
+    let status = serde_json::to_string(&probe.status).unwrap();
+    let events =
+        serde_json::to_string(&support::events(&client, &ns, "ServiceAccount", "worker").await).unwrap();
+    let probe_events =
+        serde_json::to_string(&support::events(&client, "default", "AuthProbe", &id).await).unwrap();
+    let metrics = env().operator.metrics().await;
+    let log = env().operator.log_text();
+    for (what, text) in [
+        ("status", &status),
+        ("events", &events),
+        ("probe events", &probe_events),
+        ("metrics", &metrics),
+        ("log", &log),
+    ] {
+        for marker in ["eyJ", "ya29."] {
+            assert!(!text.contains(marker), "{what} holds token material ({marker})");
+        }
+    }
+    assert!(events.contains("ImpersonationDenied"), "the scan looked at real events: {events}");
+}
