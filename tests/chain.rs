@@ -229,7 +229,8 @@ async fn provider_state_audience_issuer_and_subject_length() {
     let jwks = cluster_jwks().await;
     let base =
         Provider { attribute_mapping: default_mapping(), jwks_json: jwks.clone(), ..Default::default() };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Pool)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut Pool)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
         ("provider-disabled", Box::new(|p: &mut Pool| p.providers[0].disabled = true), "ProviderDisabled"),
         (
             "provider-deleted",

@@ -8,8 +8,6 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
 use authprobe::api::{AuthProbe, condition};
 use fake_google::scenario::{Faults, OPERATOR_PERMISSIONS};
 use futures::StreamExt;
@@ -31,21 +29,38 @@ async fn broken_probe(client: &kube::Client, id: &str) {
     apply_probe(client, id, gke_spec("team", id, json!({}))).await;
 }
 
-/// Records every Ready status the probe ever shows.
-fn record_ready(client: &kube::Client, id: &str) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+/// Records every Ready status the probe ever shows, in order.
+fn record_ready(
+    client: &kube::Client,
+    id: &str,
+) -> (tokio::sync::watch::Receiver<Vec<String>>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     let api = Api::<AuthProbe>::all(client.clone());
     let config = watcher::Config::default().fields(&format!("metadata.name={id}"));
-    let sink = seen.clone();
     let task = tokio::spawn(async move {
         let mut stream = watcher(api, config).applied_objects().boxed();
         while let Some(Ok(p)) = stream.next().await {
             if let Some((status, reason)) = ready(&p) {
-                sink.lock().unwrap().push(format!("{status}/{reason}"));
+                tx.send_modify(|seen| seen.push(format!("{status}/{reason}")));
             }
         }
     });
-    (seen, task)
+    (rx, task)
+}
+
+/// Everything the recorder saw up to and including the first False.
+async fn seen_until_false(
+    mut seen: tokio::sync::watch::Receiver<Vec<String>>,
+    task: tokio::task::JoinHandle<()>,
+) -> Vec<String> {
+    let all = tokio::time::timeout(WAIT, seen.wait_for(|s| s.iter().any(|x| x.starts_with("False"))))
+        .await
+        .expect("the recorder sees False")
+        .expect("recorder alive")
+        .clone();
+    task.abort();
+    let first_false = all.iter().position(|s| s.starts_with("False")).unwrap_or(all.len());
+    all[..first_false].to_vec()
 }
 
 fn set_faults(faults: Faults) {
@@ -78,10 +93,8 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
     set_faults(Faults::default());
     probe_now(&client, &id).await;
     wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
-    recorder.abort();
-    let seen = seen.lock().unwrap().clone();
-    let first_false = seen.iter().position(|s| s.starts_with("False")).unwrap();
-    assert!(seen[..first_false].iter().all(|s| s == "Unknown/GoogleUnavailable"), "{seen:?}");
+    let before = seen_until_false(seen, recorder).await;
+    assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleUnavailable"), "{before:?}");
 }
 
 #[tokio::test]
@@ -101,10 +114,8 @@ async fn throttling_is_unknown_never_false() {
     set_faults(Faults::default());
     probe_now(&client, &id).await;
     wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
-    recorder.abort();
-    let seen = seen.lock().unwrap().clone();
-    let first_false = seen.iter().position(|s| s.starts_with("False")).unwrap();
-    assert!(seen[..first_false].iter().all(|s| s == "Unknown/GoogleThrottled"), "{seen:?}");
+    let before = seen_until_false(seen, recorder).await;
+    assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleThrottled"), "{before:?}");
 }
 
 #[tokio::test]

@@ -308,9 +308,20 @@ pub async fn wait_for(
     what: &str,
     cond: impl Fn(&AuthProbe) -> bool,
 ) -> AuthProbe {
+    wait_for_within(client, name, what, WAIT, cond).await
+}
+
+/// [`wait_for`] with its own bound, for waits that include an API server restart.
+pub async fn wait_for_within(
+    client: &Client,
+    name: &str,
+    what: &str,
+    within: Duration,
+    cond: impl Fn(&AuthProbe) -> bool,
+) -> AuthProbe {
     let api = Api::<AuthProbe>::all(client.clone());
     let waited = tokio::time::timeout(
-        WAIT,
+        within,
         await_condition(api.clone(), name, move |p: Option<&AuthProbe>| p.is_some_and(&cond)),
     )
     .await;
