@@ -33,3 +33,10 @@ cluster: ## Run the local control plane until Ctrl-C; prints `export KUBECONFIG=
 .PHONY: demo
 demo: ## The operator on a local control plane against a fake Google: a broken namespace, its fix, Ready
 	tools/demo.sh
+
+MUSL := x86_64-unknown-linux-musl
+
+.PHONY: static
+static: ## Build the static (musl) release binary the image ships
+	rustup target add $(MUSL)
+	$(CARGO) build --locked --release --target $(MUSL) --bin authprobe

@@ -28,6 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator (the default).
     Run(RunArgs),
+    /// Check AuthProbes once against the current kubeconfig. Exit 0: all passing; 1: something
+    /// failing; 2: cannot tell (or the spec is invalid).
+    Check(CheckArgs),
     /// Print the AuthProbe CRD as YAML (what crds/authprobe.yaml holds).
     Crd,
 }
@@ -44,6 +47,15 @@ pub struct RunArgs {
     /// Quiet time before a burst of Namespace or ServiceAccount changes is reconciled, e.g. 500ms.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub debounce: Duration,
+    /// Elect one active replica through a Lease; the others wait.
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Where the Lease lives (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// On SIGTERM, in-flight probes get this long to finish before the lease is released.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// Google access.
     #[command(flatten)]
     pub google: GoogleArgs,
@@ -58,10 +70,27 @@ impl Default for RunArgs {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             concurrency: 4,
             debounce: Duration::from_millis(500),
+            leader_elect: false,
+            lease_namespace: std::env::var("POD_NAMESPACE").ok(),
+            shutdown_timeout: Duration::from_secs(20),
             google: GoogleArgs::default(),
             log: LogArgs::default(),
         }
     }
+}
+
+/// `authprobe check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A file of one or more AuthProbe documents ("-" for standard input).
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    /// How to print the results.
+    #[arg(short, long, value_enum, default_value_t = crate::check::Output::Table)]
+    pub output: crate::check::Output,
+    /// Google access.
+    #[command(flatten)]
+    pub google: GoogleArgs,
 }
 
 /// How authprobe reaches Google; the same for `run` and `check`.

@@ -3,38 +3,36 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::{health::Health, metrics::Metrics};
 
 #[derive(Clone)]
 struct Shared {
     metrics: Arc<Metrics>,
-    ready: watch::Receiver<bool>,
+    health: Arc<Health>,
 }
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    ready: watch::Receiver<bool>,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(Shared { metrics, ready });
+        .with_state(Shared { metrics, health });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
-    if *s.ready.borrow() {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "watches not synced")
+    match s.health.readiness() {
+        Ok(state) => (StatusCode::OK, state.to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 

@@ -3,12 +3,16 @@
 
 pub mod api;
 pub mod chain;
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod controller;
 pub mod engine;
 pub mod google;
+pub mod health;
 pub mod http;
+pub mod inventory;
+pub mod leader;
 pub mod metrics;
 pub mod probe;
 pub mod redact;

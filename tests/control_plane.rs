@@ -289,3 +289,25 @@ async fn status_written_by_server_side_apply_reads_back() -> Result<()> {
     assert_eq!(read.spec, created.spec, "a status write leaves the spec alone");
     Ok(())
 }
+
+#[tokio::test]
+async fn every_example_is_accepted_by_the_api_server() {
+    let client = ControlPlane::shared().client().await.unwrap();
+    let api = Api::<AuthProbe>::all(client);
+    let dir = authprobe_harness::repo_root().join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let probe: AuthProbe = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let dry_run = PostParams { dry_run: true, ..Default::default() };
+        api.create(&dry_run, &probe).await.unwrap_or_else(|e| panic!("{} is refused: {e}", path.display()));
+        authprobe::engine::Plan::parse(&probe.spec)
+            .unwrap_or_else(|e| panic!("{} is an InvalidSpec: {e}", path.display()));
+        checked += 1;
+    }
+    assert!(checked >= 2, "only {checked} examples found");
+}

@@ -4,7 +4,6 @@
 //! same watches feed both the caches the probes read and the triggers.
 
 mod history;
-pub mod inventory;
 mod reconcile;
 
 use std::{
@@ -28,16 +27,15 @@ use kube::{
     },
 };
 
-use self::{
-    history::History,
-    inventory::{AnnotationChanges, NamespaceMeta, ServiceAccountMeta, key},
-};
+use self::history::History;
 use crate::{
     api::{AuthProbe, AuthProbeStatus},
     chain::Chain,
     cluster::ClusterIssuers,
     engine::Plan,
     google::Google,
+    health::Health,
+    inventory::{self, AnnotationChanges, NamespaceMeta, ServiceAccountMeta, key},
     metrics::Metrics,
 };
 
@@ -235,19 +233,29 @@ fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     ResetTimerBackoff::new(ExponentialBackoff::from(builder), Duration::from_secs(60))
 }
 
+/// Reports each watch item to `health` (errors are retried by the watch itself).
+fn observe<T, E>(health: &Arc<Health>, watch: &'static str) -> impl FnMut(&Result<T, E>) + use<T, E> {
+    let health = health.clone();
+    move |item| match item {
+        Ok(_) => health.watch_ok(watch),
+        Err(_) => health.watch_failed(watch),
+    }
+}
+
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(
     client: Client,
     google: Arc<Google>,
     metrics: Arc<Metrics>,
     config: Config,
-    ready: tokio::sync::watch::Sender<bool>,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let watch_config = watcher::Config::default().page_size(config.page_size);
     let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let ns_events = watcher(Api::<NamespaceMeta>::all(client.clone()), watch_config.clone())
         .backoff(watch_backoff())
+        .inspect(observe(&health, "Namespace"))
         .modify(inventory::prune_namespace)
         .reflect(ns_writer)
         .touched_objects();
@@ -257,6 +265,7 @@ pub async fn run(
     let changes = annotation_changes.clone();
     let sa_events = watcher(Api::<ServiceAccountMeta>::all(client.clone()), watch_config.clone())
         .backoff(watch_backoff())
+        .inspect(observe(&health, "ServiceAccount"))
         .modify(inventory::prune_service_account)
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
@@ -270,6 +279,7 @@ pub async fn run(
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
     let probe_events = watcher(Api::<AuthProbe>::all(client.clone()), watcher::Config::default())
         .backoff(watch_backoff())
+        .inspect(observe(&health, "AuthProbe"))
         .reflect(probe_writer)
         .applied_objects()
         .predicate_filter(
@@ -302,7 +312,7 @@ pub async fn run(
             let synced = futures::try_join!(p.wait_until_ready(), n.wait_until_ready(), s.wait_until_ready());
             if synced.is_ok() {
                 tracing::info!("watches synced");
-                let _ = ready.send(true);
+                health.synced();
             }
         }
     };

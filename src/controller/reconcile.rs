@@ -17,13 +17,14 @@ use kube::{
     },
 };
 
-use super::{Context, Error, FIELD_MANAGER, ProbeState, history::Transition, inventory};
+use super::{Context, Error, FIELD_MANAGER, ProbeState, history::Transition};
 use crate::{
     api::{AuthProbe, AuthProbeStatus, PROBE_NOW_ANNOTATION, Reason, condition},
     engine::{
         Candidate, Ksa, Plan,
         report::{Report, Status, same_verdict, to_status},
     },
+    inventory,
     probe::{self, Pass, Services},
     redact,
 };

@@ -45,7 +45,9 @@ pub struct Env {
     pub fake_addr: SocketAddr,
     /// The fake's state.
     pub fake: Arc<Fake>,
-    /// The operator.
+    /// `AUTHPROBE_GOOGLE_ENDPOINTS` for the fake.
+    pub endpoints: String,
+    /// The shared operator (started by [`env`], not by [`base`]).
     pub operator: Operator,
 }
 
@@ -62,8 +64,9 @@ pub struct Operator {
 
 static ENV: OnceLock<Env> = OnceLock::new();
 
-/// Starts (once) and returns the environment.
-pub fn env() -> &'static Env {
+/// The control plane and the fake, with an operator that is not started: for test binaries that
+/// run their own operators.
+pub fn base() -> &'static Env {
     ENV.get_or_init(|| {
         let cp = ControlPlane::shared();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -94,14 +97,21 @@ pub fn env() -> &'static Env {
             .expect("thread");
         let (fake_addr, fake, endpoints) = rx.recv().expect("the fake starts");
         let operator = Operator::new(cp, &endpoints, &["--google-retry-deadline=8s"]);
-        operator.start().expect("the operator starts");
         authprobe_harness::at_exit(|| {
             if let Some(env) = ENV.get() {
                 env.operator.kill();
             }
         });
-        Env { cp, fake_addr, fake, operator }
+        Env { cp, fake_addr, fake, endpoints, operator }
     })
+}
+
+/// [`base`] with the shared operator running.
+pub fn env() -> &'static Env {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    let env = base();
+    STARTED.get_or_init(|| env.operator.start().expect("the operator starts"));
+    env
 }
 
 impl Operator {
@@ -129,6 +139,13 @@ impl Operator {
                 ("RUST_LOG", "info,authprobe=debug".into()),
             ],
         }
+    }
+
+    /// Sets (or replaces) an environment variable of the process.
+    pub fn with_env(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.envs.retain(|(k, _)| *k != key);
+        self.envs.push((key, value.into()));
+        self
     }
 
     /// Starts the process and waits until /readyz answers 200.

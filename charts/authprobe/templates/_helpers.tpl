@@ -37,3 +37,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}
+
+{{- /* A Go duration (90s, 30m, 1h30m) in seconds, for PromQL comparisons. */ -}}
+{{- define "authprobe.seconds" -}}
+{{- $total := 0 -}}
+{{- range $part := regexFindAll "[0-9]+[hms]" . -1 -}}
+{{- $n := int (trimSuffix "h" (trimSuffix "m" (trimSuffix "s" $part))) -}}
+{{- if hasSuffix "h" $part }}{{ $total = add $total (mul $n 3600) }}{{ else if hasSuffix "m" $part }}{{ $total = add $total (mul $n 60) }}{{ else }}{{ $total = add $total $n }}{{ end -}}
+{{- end -}}
+{{- $total -}}
+{{- end }}

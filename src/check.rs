@@ -1,0 +1,328 @@
+//! `authprobe check -f PROBE.yaml`: one pass of the same checks against the current kubeconfig,
+//! for CI pipelines and pre-deploy gates. Exit 0: all passing; 1: something failing; 2: cannot tell.
+
+use std::{fmt::Write as _, sync::Arc};
+
+use k8s_openapi::{api::core::v1::ServiceAccount, jiff::Timestamp};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, ObjectList},
+    core::PartialObjectMeta,
+};
+use serde::Serialize;
+
+use crate::{
+    api::{AuthProbe, condition},
+    chain::Chain,
+    cluster::ClusterIssuers,
+    engine::{
+        Plan, Verdict,
+        report::{KsaOutcome, Report, Status},
+    },
+    google::Google,
+    inventory::{self, NamespaceMeta, ServiceAccountMeta},
+    metrics::Metrics,
+    probe::{self, Pass, Services},
+};
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// A table for people.
+    Table,
+    /// One JSON document.
+    Json,
+    /// JUnit XML: a test case per ServiceAccount.
+    Junit,
+}
+
+/// The outcome of checking one probe.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checked {
+    /// The probe's name.
+    pub probe: String,
+    /// 0, 1 or 2.
+    pub exit_code: u8,
+    /// The conditions the operator would write.
+    pub conditions: Vec<ConditionOut>,
+    /// Counts.
+    pub summary: crate::api::Summary,
+    /// Every checked ServiceAccount.
+    pub results: Vec<ResultOut>,
+}
+
+/// A condition.
+#[derive(Debug, Serialize)]
+pub struct ConditionOut {
+    /// Type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    /// Reason.
+    pub reason: String,
+    /// Message.
+    pub message: String,
+}
+
+/// One ServiceAccount's result.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultOut {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub service_account: String,
+    /// passing, failing or unknown.
+    pub result: &'static str,
+    /// The stage that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The message with its fix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Parses every AuthProbe in a YAML stream.
+pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
+    let probes: Vec<AuthProbe> =
+        serde_saphyr::from_multiple(text).map_err(|e| format!("not AuthProbe YAML: {e}"))?;
+    if probes.is_empty() {
+        return Err("no AuthProbe in the file".into());
+    }
+    Ok(probes)
+}
+
+/// Checks one probe against the cluster and Google.
+pub async fn check(
+    client: &Client,
+    google: Arc<Google>,
+    metrics: Arc<Metrics>,
+    probe: &AuthProbe,
+) -> Result<Checked, kube::Error> {
+    let name = probe.name_any();
+    let plan = match Plan::parse(&probe.spec) {
+        Ok(plan) => plan,
+        Err(invalid) => return Ok(checked(name, &Report::invalid(&invalid), &[], 2)),
+    };
+    let namespaces: ObjectList<NamespaceMeta> =
+        Api::all(client.clone()).list_metadata(&ListParams::default()).await?;
+    let selected: Vec<String> = namespaces
+        .items
+        .iter()
+        .filter(|ns| plan.selects_namespace(ns.metadata.labels.as_ref()))
+        .filter_map(|ns| ns.metadata.name.clone())
+        .collect();
+    let service_accounts: ObjectList<PartialObjectMeta<ServiceAccount>> =
+        Api::<ServiceAccount>::all(client.clone()).list_metadata(&ListParams::default()).await?;
+    let ksas: Vec<_> = service_accounts
+        .items
+        .iter()
+        .map(|sa: &ServiceAccountMeta| inventory::ksa(sa))
+        .filter(|k| selected.contains(&k.namespace) && plan.selects_ksa(k))
+        .collect();
+    let candidates = selected.iter().flat_map(|ns| plan.candidates(ns, &ksas)).collect();
+    let issuers = ClusterIssuers::new(client.clone());
+    let chain = Chain::new(client.clone(), google.clone(), metrics);
+    let services = Services { google: &google, issuers: &issuers, chain: Some(&chain) };
+    let pass = Pass { plan: &plan, candidates, max_age: std::time::Duration::ZERO, now: Timestamp::now() };
+    // No history here: only a KSA's creation opens the propagation grace.
+    let evaluated = probe::evaluate(services, pass, |c| c.ksa.as_ref().and_then(|k| k.created)).await;
+    let report = Report::build(
+        &evaluated.outcomes,
+        u32::try_from(selected.len()).unwrap_or(u32::MAX),
+        plan.token_exchange,
+    );
+    let code = exit_code(&report);
+    Ok(checked(name, &report, &evaluated.outcomes, code))
+}
+
+/// 1 when anything is definitely failing, 2 when anything is undecided (or the spec is invalid), else 0.
+fn exit_code(report: &Report) -> u8 {
+    match report.condition(condition::READY).map(|c| c.status) {
+        Some(Status::True) => 0,
+        Some(Status::False) if report.summary.failing > 0 => 1,
+        _ => 2,
+    }
+}
+
+fn checked(probe: String, report: &Report, outcomes: &[KsaOutcome], exit_code: u8) -> Checked {
+    let results = outcomes
+        .iter()
+        .map(|o| {
+            let f = o.finding();
+            ResultOut {
+                namespace: o.namespace.clone(),
+                service_account: o.name.clone(),
+                result: match f.map(|f| f.verdict) {
+                    None => "passing",
+                    Some(Verdict::Fail) => "failing",
+                    Some(Verdict::Unknown) => "unknown",
+                },
+                stage: f.map(|f| f.stage.to_string()),
+                reason: f.map(|f| f.reason.to_string()),
+                message: f.map(|f| f.message.clone()),
+            }
+        })
+        .collect();
+    Checked {
+        probe,
+        exit_code,
+        conditions: report
+            .conditions
+            .iter()
+            .map(|c| ConditionOut {
+                type_: c.type_.into(),
+                status: c.status.as_str().into(),
+                reason: c.reason.to_string(),
+                message: c.message.clone(),
+            })
+            .collect(),
+        summary: report.summary,
+        results,
+    }
+}
+
+/// Renders the results.
+pub fn render(checked: &[Checked], output: Output) -> String {
+    match output {
+        Output::Json => serde_json::to_string_pretty(&serde_json::json!({
+            "exitCode": overall(checked),
+            "probes": checked,
+        }))
+        .unwrap_or_default(),
+        Output::Table => table(checked),
+        Output::Junit => junit(checked),
+    }
+}
+
+/// The exit code of a run over several probes: failing beats undecided beats passing.
+pub fn overall(checked: &[Checked]) -> u8 {
+    if checked.iter().any(|c| c.exit_code == 1) {
+        1
+    } else {
+        checked.iter().map(|c| c.exit_code).max().unwrap_or(0)
+    }
+}
+
+fn table(checked: &[Checked]) -> String {
+    let mut out = String::new();
+    for c in checked {
+        let ready = c.conditions.iter().find(|x| x.type_ == condition::READY);
+        let _ = writeln!(
+            out,
+            "AuthProbe {}: Ready={} ({}), {} namespaces, {} ServiceAccounts: {} passing, {} failing, {} unknown",
+            c.probe,
+            ready.map_or("?", |r| r.status.as_str()),
+            ready.map_or("?", |r| r.reason.as_str()),
+            c.summary.namespaces,
+            c.summary.service_accounts,
+            c.summary.passing,
+            c.summary.failing,
+            c.summary.unknown
+        );
+        let width = c
+            .results
+            .iter()
+            .map(|r| r.namespace.len() + r.service_account.len() + 1)
+            .max()
+            .unwrap_or(0)
+            .max(14);
+        let _ = writeln!(out, "{:<width$}  {:<8}  {:<13}  REASON", "SERVICEACCOUNT", "RESULT", "STAGE");
+        for r in &c.results {
+            let who = format!("{}/{}", r.namespace, r.service_account);
+            let _ = writeln!(
+                out,
+                "{who:<width$}  {:<8}  {:<13}  {}",
+                r.result,
+                r.stage.as_deref().unwrap_or("-"),
+                r.reason.as_deref().unwrap_or("-")
+            );
+        }
+        for r in c.results.iter().filter(|r| r.message.is_some()) {
+            let _ = writeln!(
+                out,
+                "\n{}/{}: {}",
+                r.namespace,
+                r.service_account,
+                r.message.as_deref().unwrap_or_default()
+            );
+        }
+        if c.results.is_empty()
+            && let Some(r) = ready.filter(|r| r.status != "True")
+        {
+            let _ = writeln!(out, "{}", r.message);
+        }
+    }
+    out
+}
+
+fn junit(checked: &[Checked]) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&apos;")
+    };
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
+    for c in checked {
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"authprobe/{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\">",
+            esc(&c.probe),
+            c.results.len().max(1),
+            c.summary.failing,
+            c.summary.unknown + u32::from(c.results.is_empty() && c.exit_code != 0)
+        );
+        if c.results.is_empty() {
+            let ready = c.conditions.iter().find(|x| x.type_ == condition::READY);
+            let _ = write!(out, "    <testcase classname=\"authprobe\" name=\"{}\"", esc(&c.probe));
+            match ready.filter(|r| r.status != "True") {
+                Some(r) => {
+                    let _ = writeln!(
+                        out,
+                        ">\n      <error type=\"{}\" message=\"{}\">{}</error>\n    </testcase>",
+                        esc(&r.reason),
+                        esc(&r.reason),
+                        esc(&r.message)
+                    );
+                }
+                None => out.push_str("/>\n"),
+            }
+        }
+        for r in &c.results {
+            let _ = write!(
+                out,
+                "    <testcase classname=\"{}\" name=\"{}/{}\"",
+                esc(&r.namespace),
+                esc(&r.namespace),
+                esc(&r.service_account)
+            );
+            let element = match r.result {
+                "failing" => Some("failure"),
+                "unknown" => Some("error"),
+                _ => None,
+            };
+            match element {
+                Some(el) => {
+                    let _ = writeln!(
+                        out,
+                        ">\n      <{el} type=\"{}\" message=\"{}\">{}</{el}>\n    </testcase>",
+                        esc(r.stage.as_deref().unwrap_or_default()),
+                        esc(r.reason.as_deref().unwrap_or_default()),
+                        esc(r.message.as_deref().unwrap_or_default())
+                    );
+                }
+                None => out.push_str("/>\n"),
+            }
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
