@@ -20,7 +20,7 @@ crd: ## Regenerate crds/authprobe.yaml and the chart's copy from the Rust types
 	cp crds/authprobe.yaml charts/authprobe/files/authprobe.crd.yaml
 
 .PHONY: test
-test: tools ## Format, lint and run every test against a real local control plane
+test: tools static ## Format, lint and run every test against a real local control plane
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked
@@ -38,5 +38,5 @@ MUSL := x86_64-unknown-linux-musl
 
 .PHONY: static
 static: ## Build the static (musl) release binary the image ships
-	rustup target add $(MUSL)
+	tools/ensure-musl.sh
 	$(CARGO) build --locked --release --target $(MUSL) --bin authprobe
