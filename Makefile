@@ -19,10 +19,13 @@ crd: ## Regenerate crds/authprobe.yaml and the chart's copy from the Rust types
 	$(CARGO) run --quiet -- crd > crds/authprobe.yaml
 	cp crds/authprobe.yaml charts/authprobe/files/authprobe.crd.yaml
 
-.PHONY: test
-test: tools static ## Format, lint and run every test against a real local control plane
+.PHONY: lint
+lint: ## rustfmt and clippy, as the tests run them
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: test
+test: tools static lint ## Format, lint and run every test against a real local control plane
 	$(CARGO) test --workspace --locked
 
 .PHONY: cluster

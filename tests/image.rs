@@ -25,7 +25,8 @@ fn has_interpreter(elf: &[u8]) -> bool {
 #[test]
 fn the_shipped_binary_is_static_and_runs() {
     let path = repo_root().join(STATIC_BINARY);
-    let elf = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run `make static` (make test does)", path.display()));
+    let elf = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make static` (make test does)", path.display()));
     assert!(!has_interpreter(&elf), "the image binary must be static: distroless-static has no loader");
     let out = Command::new(&path).arg("crd").output().unwrap();
     assert!(out.status.success());
