@@ -43,3 +43,11 @@ MUSL := x86_64-unknown-linux-musl
 static: ## Build the static (musl) release binary the image ships
 	tools/ensure-musl.sh
 	$(CARGO) build --locked --release --target $(MUSL) --bin authprobe
+
+.PHONY: bench
+bench: tools ## Benchmarks at 1,000 and 10,000 namespaces next to a naive checker (long; not part of make test)
+	command -v jq >/dev/null || tools/apt-install.sh jq
+	$(CARGO) build --locked --release --bin authprobe --bin authprobe-bench
+	target/release/authprobe-bench --namespaces 1000 --out bench/results/1k.json
+	target/release/authprobe-bench --namespaces 10000 --out bench/results/10k.json
+	target/release/authprobe-bench --namespaces 1000 --chain --skip-baseline --out bench/results/1k-chain.json

@@ -123,7 +123,7 @@ async fn healthy_gke_probe(admin: &Client, id: &str, namespaces: usize) -> Vec<S
 #[tokio::test]
 async fn the_chart_installs_and_its_rbac_is_enough_and_no_more() {
     let _serial = SERIAL.lock().await;
-    let admin = client().await;
+    let admin = base_client().await;
     let release_ns = namespace(&admin, "authprobe-system", &[]).await;
     let chart = authprobe_harness::repo_root().join("charts/authprobe");
     // The CRD is already there (the harness installed it); the chart adopts it.
@@ -200,7 +200,7 @@ async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Durat
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
     let _serial = SERIAL.lock().await;
-    let admin = client().await;
+    let admin = base_client().await;
     let lease_ns = namespace(&admin, "lease", &[]).await;
     let replica = |name: &'static str| {
         Operator::new(base().cp, &base().endpoints, &["--leader-elect", "--google-retry-deadline=8s"])
@@ -222,10 +222,19 @@ async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
     apply_probe(&admin, &id, gke_spec("team", &id, json!({}))).await;
     wait_ready(&admin, &id, "False", "PrincipalNotMapped").await;
     let (leader, standby) = if first == "replica-a" { (&a, &b) } else { (&b, &a) };
-    assert!(
-        leader.log_text().contains("probe pass") && !standby.log_text().contains("probe pass"),
-        "only the leader probes"
-    );
+    // Events name the replica that wrote them: only the leader acts.
+    let wait_events = tokio::time::timeout(WAIT, async {
+        loop {
+            let on_sa = support::events(&admin, &ns, "ServiceAccount", "app").await;
+            if !on_sa.is_empty() {
+                return on_sa;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let on_sa = wait_events.await.expect("the leader's Warning");
+    let writers: Vec<Option<String>> = on_sa.iter().map(|e| e.reporting_instance.clone()).collect();
+    assert_eq!(writers, vec![Some(first.clone())], "only the leader writes");
 
     // The leader crashes: the standby takes over once the lock expires, and keeps probing.
     leader.kill();

@@ -3,8 +3,6 @@
 set -euo pipefail
 if ! command -v musl-gcc >/dev/null; then
   echo "tools: installing musl-tools from Debian" >&2
-  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends musl-tools
+  "$(dirname "$0")/apt-install.sh" musl-tools
 fi
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl

@@ -222,9 +222,14 @@ fn reqwest_blocking_get(url: &str) -> Result<u16> {
     Ok(response.split_whitespace().nth(1).context("status")?.parse()?)
 }
 
-/// An admin client for this test's runtime.
+/// An admin client for this test's runtime, with the shared operator running.
 pub async fn client() -> Client {
     env().cp.client().await.expect("client")
+}
+
+/// An admin client, without starting the shared operator (for tests that run their own).
+pub async fn base_client() -> Client {
+    base().cp.client().await.expect("client")
 }
 
 /// A unique suffix for names within this test binary.
@@ -235,7 +240,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates a namespace with labels; returns its name.
 pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
-    env().cp.namespace(client, prefix, labels).await.expect("namespace")
+    base().cp.namespace(client, prefix, labels).await.expect("namespace")
 }
 
 /// Creates a ServiceAccount, annotated with `gsa` when given.
@@ -351,7 +356,7 @@ pub async fn wait_for_within(
                 .ok()
                 .and_then(|p| p.status)
                 .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default());
-            let log = env().operator.log_text();
+            let log = base().operator.log_text();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             panic!(
                 "{name}: timed out waiting for {what} ({outcome:?}); status: {}\noperator log (newest first):\n{}",
@@ -417,7 +422,7 @@ pub fn fake_service_account(email: &str, bindings: &[(&str, &[&str])]) {
         grants: BTreeMap::new(),
         ..Default::default()
     };
-    env().fake.update(|s| {
+    base().fake.update(|s| {
         s.service_accounts.retain(|x| x.email != email);
         s.service_accounts.push(sa);
     });

@@ -1,0 +1,581 @@
+//! `make bench`: authprobe under load on the local control plane, against a fake Google with a set
+//! latency, next to the naive way of checking. One run per size; prints a table and writes
+//! `bench/results/<name>.json`.
+//!
+//! Phases: populate N namespaces × M KSAs over G GSAs and P probes; start the (release) operator as
+//! its own ServiceAccount, so the API server's audit log attributes its requests; time to every
+//! probe's complete status; RSS; a steady window with no pass due (API requests by verb and
+//! resource, status writes); Google calls over two intervals; annotation change → status latency;
+//! a forced re-list (API server restart) for peak RSS; then the naive checker.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, Seek},
+    path::PathBuf,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use authprobe::api::{AuthProbe, Summary};
+use authprobe_harness::{ControlPlane, Options, free_port};
+use clap::Parser;
+use fake_google::scenario::{Binding, Faults, Scenario, ServiceAccount as GoogleSa};
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
+    core::v1::{Namespace, ServiceAccount},
+    rbac::v1::ClusterRoleBinding,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::{Value, json};
+
+const PROJECT: &str = "bench-project";
+const POOL: &str = "bench-project.svc.id.goog";
+const OPERATOR_TOKEN: &str = "bench-operator";
+const OPERATOR_USER: &str = "system:serviceaccount:authprobe-system:authprobe";
+
+/// One benchmark run.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Namespaces.
+    #[arg(long, default_value_t = 1000)]
+    namespaces: usize,
+    /// KSAs per namespace.
+    #[arg(long, default_value_t = 3)]
+    ksas: usize,
+    /// Distinct GSAs the KSAs are annotated with.
+    #[arg(long, default_value_t = 100)]
+    gsas: usize,
+    /// AuthProbes, each selecting an equal share of the namespaces.
+    #[arg(long, default_value_t = 10)]
+    probes: usize,
+    /// Latency the fake Google adds to every request.
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// Annotation changes timed (each change and its revert are two samples).
+    #[arg(long, default_value_t = 20)]
+    samples: usize,
+    /// The probes' interval, in seconds.
+    #[arg(long, default_value_t = 60)]
+    interval_seconds: u64,
+    /// Run the live chain (TokenRequest, exchange, impersonation).
+    #[arg(long)]
+    chain: bool,
+    /// Skip the naive checker.
+    #[arg(long)]
+    skip_baseline: bool,
+    /// Where to write the JSON result.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn gsa(i: usize) -> String {
+    format!("gsa-{i:03}@{PROJECT}.iam.gserviceaccount.com")
+}
+
+fn unmapped_gsa() -> String {
+    format!("unmapped@{PROJECT}.iam.gserviceaccount.com")
+}
+
+/// KSA `j` of namespace `i` impersonates this GSA; one KSA in a hundred is deliberately unmapped.
+fn gsa_of(i: usize, j: usize, gsas: usize) -> (usize, bool) {
+    let n = i * 7 + j * 13;
+    (n % gsas, n % 100 != 42)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let operator_bin = authprobe_harness::repo_root().join("target/release/authprobe");
+    anyhow::ensure!(operator_bin.is_file(), "{} is missing: make bench builds it", operator_bin.display());
+    let mut results = BTreeMap::<&str, Value>::new();
+    results.insert("size", json!({"namespaces": args.namespaces, "ksasPerNamespace": args.ksas, "gsas": args.gsas, "probes": args.probes, "latencyMs": args.latency_ms, "intervalSeconds": args.interval_seconds, "chain": args.chain}));
+
+    eprintln!("bench: starting the control plane");
+    let cp =
+        tokio::task::spawn_blocking(|| ControlPlane::start(Options { install_crds: true, audit_log: true }))
+            .await??;
+    let client = cp.client().await?;
+    let fake = fake_google::start("127.0.0.1:0".parse()?, scenario(&args, &cp)?).await?;
+
+    eprintln!("bench: populating {} namespaces × {} KSAs", args.namespaces, args.ksas);
+    let started = Instant::now();
+    populate(&client, &args).await?;
+    results.insert("populateSeconds", json!(started.elapsed().as_secs_f64()));
+
+    let (kubeconfig, _) = operator_identity(&cp, &client).await?;
+    let http = free_port()?;
+    let log = cp.dir().join("operator.log");
+    let token = cp.dir().join("operator-token");
+    std::fs::write(&token, OPERATOR_TOKEN)?;
+    let mut operator_args = vec![
+        "run".to_string(),
+        format!("--http-addr=127.0.0.1:{http}"),
+        format!("--google-access-token-file={}", token.display()),
+    ];
+    operator_args.push("--log-format=json".into());
+    eprintln!("bench: starting the operator");
+    let t0 = Instant::now();
+    let mut operator = authprobe_harness::spawn(
+        &operator_bin,
+        &operator_args,
+        &[
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("AUTHPROBE_GOOGLE_ENDPOINTS", fake.endpoints()),
+            ("RUST_LOG", "info".to_string()),
+        ],
+        &log,
+    )?;
+    let pid = operator.id();
+    let rss = Arc::new(Mutex::new(Vec::<(f64, u64)>::new()));
+    let sampler = tokio::spawn(sample_rss(pid, rss.clone(), t0));
+
+    let summaries = watch_summaries(client.clone());
+    let expected = args.ksas * args.namespaces / args.probes;
+    wait_all(&summaries, args.probes, |s| s.service_accounts as usize == expected, Duration::from_secs(600))
+        .await
+        .context("first complete status")?;
+    let first_complete = t0.elapsed();
+    eprintln!("bench: every probe complete after {:.1} s", first_complete.as_secs_f64());
+    results.insert("firstCompleteSeconds", json!(first_complete.as_secs_f64()));
+
+    // Steady state: between passes, nothing should be listed or written.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let steady_window = Duration::from_secs(args.interval_seconds / 2);
+    let audit_from = audit_offset(&cp)?;
+    let rss_before = rss.lock().map(|r| r.len()).unwrap_or_default();
+    tokio::time::sleep(steady_window).await;
+    let requests = audit_counts(&cp, audit_from)?;
+    let steady_rss = rss
+        .lock()
+        .map(|r| r[rss_before..].iter().map(|(_, b)| *b).max().unwrap_or_default())
+        .unwrap_or_default();
+    eprintln!("bench: steady window {:?}: {requests:?}, RSS {} MiB", steady_window, steady_rss / (1 << 20));
+    results.insert("steadyWindowSeconds", json!(steady_window.as_secs()));
+    results.insert("steadyApiRequests", json!(requests));
+    results.insert("steadyRssMiB", json!(steady_rss as f64 / f64::from(1 << 20)));
+
+    // Google calls over two intervals, next to the lower bound.
+    fake.fake.reset_counts();
+    let window = Duration::from_secs(args.interval_seconds * 2);
+    tokio::time::sleep(window + Duration::from_secs(args.interval_seconds / 5)).await;
+    let counts = fake.fake.counts();
+    let per_interval: BTreeMap<&String, f64> = counts.iter().map(|(k, v)| (k, *v as f64 / 2.0)).collect();
+    let distinct_ksas = args.namespaces * args.ksas;
+    results.insert("googleCallsPerInterval", json!(per_interval));
+    results.insert(
+        "googleLowerBound",
+        json!({"iam.getIamPolicy": args.gsas, "iam.serviceAccounts.get": args.gsas, "exchanges": if args.chain { distinct_ksas } else { 0 }}),
+    );
+    eprintln!("bench: Google calls per interval {per_interval:?}");
+
+    // Annotation change → status, timed.
+    let latencies = change_latencies(&client, &summaries, &args).await?;
+    results.insert("changeToStatusMs", percentiles(&latencies));
+    eprintln!("bench: change → status {:?}", results["changeToStatusMs"]);
+
+    // A forced re-list: the API server restarts, every watch re-lists.
+    let before = rss.lock().map(|r| r.len()).unwrap_or_default();
+    cp.restart_apiserver().await?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let relist_peak =
+        rss.lock().map(|r| r[before..].iter().map(|(_, b)| *b).max().unwrap_or_default()).unwrap_or_default();
+    results.insert("relistPeakRssMiB", json!(relist_peak as f64 / f64::from(1 << 20)));
+    results.insert("peakRssMiB", json!(vm_hwm(pid).unwrap_or_default() as f64 / f64::from(1 << 20)));
+    authprobe_harness::stop(&mut operator, Duration::from_secs(30));
+    sampler.abort();
+
+    if !args.skip_baseline {
+        results.insert("baseline", naive(&cp, &fake, &args).await?);
+        if let (Some(naive_s), Some(naive_calls)) =
+            (results["baseline"]["seconds"].as_f64(), results["baseline"]["googleCalls"].as_f64())
+        {
+            let ours = counts.get("iam.getIamPolicy").copied().unwrap_or_default() as f64 / 2.0
+                + counts.get("iam.serviceAccounts.get").copied().unwrap_or_default() as f64 / 2.0;
+            results.insert("ratios", json!({"wallTime": naive_s / first_complete.as_secs_f64(), "googleCalls": naive_calls / ours.max(1.0)}));
+        }
+    }
+    let bars = bars(&results, &args);
+    results.insert("bars", bars);
+    let text = serde_json::to_string_pretty(&results)?;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, text + "\n")?;
+    print_table(&results);
+    drop(operator);
+    Ok(())
+}
+
+fn scenario(args: &Args, cp: &ControlPlane) -> Result<Scenario> {
+    let mut members: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for i in 0..args.namespaces {
+        for j in 0..args.ksas {
+            let (g, mapped) = gsa_of(i, j, args.gsas);
+            if mapped {
+                members.entry(g).or_default().push(format!("serviceAccount:{POOL}[bench-{i:05}/sa-{j}]"));
+            }
+        }
+    }
+    let mut accounts: Vec<GoogleSa> = (0..args.gsas)
+        .map(|g| GoogleSa {
+            email: gsa(g),
+            bindings: vec![Binding {
+                role: "roles/iam.workloadIdentityUser".into(),
+                members: members.remove(&g).unwrap_or_default(),
+                condition: None,
+            }],
+            ..Default::default()
+        })
+        .collect();
+    accounts.push(GoogleSa { email: unmapped_gsa(), ..Default::default() });
+    Ok(Scenario {
+        operator: fake_google::scenario::Operator {
+            tokens: vec![OPERATOR_TOKEN.into()],
+            ..Default::default()
+        },
+        service_accounts: accounts,
+        clusters: vec![fake_google::scenario::Cluster { issuer: cp.issuer(), ca_pem: cp.ca_pem()? }],
+        gke: vec![fake_google::scenario::GkeProject {
+            project_id: PROJECT.into(),
+            project_number: "999000111222".into(),
+            clusters: vec![fake_google::scenario::GkeCluster { url: cluster_url(), issuer: cp.issuer() }],
+        }],
+        faults: Faults { latency_ms: args.latency_ms, ..Default::default() },
+        ..Default::default()
+    })
+}
+
+fn cluster_url() -> String {
+    format!("https://container.googleapis.com/v1/projects/{PROJECT}/locations/us-central1/clusters/bench")
+}
+
+async fn populate(client: &Client, args: &Args) -> Result<()> {
+    let namespaces = Api::<Namespace>::all(client.clone());
+    stream::iter(0..args.namespaces)
+        .map(|i| {
+            let namespaces = namespaces.clone();
+            let client = client.clone();
+            let probes = args.probes;
+            let ksas = args.ksas;
+            let gsas = args.gsas;
+            async move {
+                let name = format!("bench-{i:05}");
+                let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": {"bench-probe": format!("p{}", i % probes)}}}))?;
+                namespaces.create(&PostParams::default(), &ns).await?;
+                let sas = Api::<ServiceAccount>::namespaced(client, &name);
+                for j in 0..ksas {
+                    let (g, _) = gsa_of(i, j, gsas);
+                    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": format!("sa-{j}"), "annotations": {"iam.gke.io/gcp-service-account": gsa(g)}}}))?;
+                    sas.create(&PostParams::default(), &sa).await?;
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let probes = Api::<AuthProbe>::all(client.clone());
+    for p in 0..args.probes {
+        let mut spec = json!({
+            "namespaceSelector": {"matchLabels": {"bench-probe": format!("p{p}")}},
+            "serviceAccounts": {"names": (0..args.ksas).map(|j| format!("sa-{j}")).collect::<Vec<_>>()},
+            "identity": {"platform": "GKE", "projectId": PROJECT, "projectNumber": "999000111222"},
+            "probe": {"interval": format!("{}s", args.interval_seconds), "propagationGrace": "0s", "tokenExchange": args.chain}
+        });
+        if args.chain {
+            spec["identity"]["gke"] = json!({"clusterLocation": "us-central1", "clusterName": "bench"});
+        }
+        let probe = json!({"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "metadata": {"name": format!("bench-p{p}")}, "spec": spec});
+        probes
+            .patch(&format!("bench-p{p}"), &PatchParams::apply("bench").force(), &Patch::Apply(&probe))
+            .await?;
+    }
+    Ok(())
+}
+
+/// A ServiceAccount for the operator (cluster-admin: only attribution matters here) and a kubeconfig for it.
+async fn operator_identity(cp: &ControlPlane, client: &Client) -> Result<(PathBuf, String)> {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "authprobe-system"}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), "authprobe-system");
+    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "authprobe"}}))?)
+        .await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "authprobe-bench"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "authprobe", "namespace": "authprobe-system"}]
+    }))?;
+    Api::<ClusterRoleBinding>::all(client.clone()).create(&PostParams::default(), &binding).await?;
+    let request: TokenRequest = serde_json::from_value(json!({"spec": {"expirationSeconds": 86_400}}))?;
+    let token = sas
+        .create_token_request("authprobe", &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("no token")?;
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(cp.ca_pem()?);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{}\", certificate-authority-data: {ca}}}\nusers:\n- name: u\n  user: {{token: {token}}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+        cp.server_url()
+    );
+    let path = cp.dir().join("operator-kubeconfig");
+    std::fs::write(&path, kubeconfig)?;
+    Ok((path, token))
+}
+
+type Summaries = tokio::sync::watch::Receiver<BTreeMap<String, Summary>>;
+
+/// The latest summary of every probe, from a watch.
+fn watch_summaries(client: Client) -> Summaries {
+    let (tx, rx) = tokio::sync::watch::channel(BTreeMap::new());
+    tokio::spawn(async move {
+        let mut stream =
+            watcher(Api::<AuthProbe>::all(client), watcher::Config::default()).applied_objects().boxed();
+        while let Some(item) = stream.next().await {
+            if let Ok(p) = item
+                && let Some(summary) = p.status.as_ref().and_then(|s| s.summary)
+            {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                tx.send_modify(|m| {
+                    m.insert(name, summary);
+                });
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_all(
+    summaries: &Summaries,
+    probes: usize,
+    done: impl Fn(&Summary) -> bool,
+    within: Duration,
+) -> Result<()> {
+    let mut rx = summaries.clone();
+    tokio::time::timeout(within, rx.wait_for(|m| m.len() == probes && m.values().all(&done))).await??;
+    Ok(())
+}
+
+async fn sample_rss(pid: u32, samples: Arc<Mutex<Vec<(f64, u64)>>>, t0: Instant) {
+    loop {
+        if let Some(rss) = proc_status(pid, "VmRSS:")
+            && let Ok(mut s) = samples.lock()
+        {
+            s.push((t0.elapsed().as_secs_f64(), rss));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+fn vm_hwm(pid: u32) -> Option<u64> {
+    proc_status(pid, "VmHWM:")
+}
+
+fn audit_offset(cp: &ControlPlane) -> Result<u64> {
+    Ok(std::fs::metadata(cp.audit_log()).map(|m| m.len()).unwrap_or(0))
+}
+
+/// The operator's API requests logged since `from`, by "verb resource[/subresource]".
+fn audit_counts(cp: &ControlPlane, from: u64) -> Result<BTreeMap<String, u64>> {
+    let mut file = std::fs::File::open(cp.audit_log())?;
+    file.seek(std::io::SeekFrom::Start(from))?;
+    let mut counts = BTreeMap::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(&line?) else { continue };
+        if entry["user"]["username"] != OPERATOR_USER {
+            continue;
+        }
+        let verb = entry["verb"].as_str().unwrap_or_default();
+        let stage = entry["stage"].as_str().unwrap_or_default();
+        // Long-running watches are counted when they start; everything else when it completes.
+        if (verb == "watch" && stage != "ResponseStarted") || (verb != "watch" && stage != "ResponseComplete")
+        {
+            continue;
+        }
+        let resource = entry["objectRef"]["resource"].as_str().unwrap_or("-");
+        let key = match entry["objectRef"]["subresource"].as_str() {
+            Some(sub) => format!("{verb} {resource}/{sub}"),
+            None => format!("{verb} {resource}"),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// Changes a KSA's annotation to a GSA that does not map it, times the status showing it, and back.
+async fn change_latencies(client: &Client, summaries: &Summaries, args: &Args) -> Result<Vec<f64>> {
+    let mut latencies = Vec::new();
+    for s in 0..args.samples {
+        let i = (s * 7919) % args.namespaces;
+        let j = s % args.ksas;
+        let (g, mapped) = gsa_of(i, j, args.gsas);
+        if !mapped {
+            continue;
+        }
+        let probe = format!("bench-p{}", i % args.probes);
+        let base = summaries.borrow().get(&probe).map(|x| x.failing).context("probe summary")?;
+        let sas = Api::<ServiceAccount>::namespaced(client.clone(), &format!("bench-{i:05}"));
+        for (to, failing) in [(unmapped_gsa(), base + 1), (gsa(g), base)] {
+            let patch = json!({"metadata": {"annotations": {"iam.gke.io/gcp-service-account": to}}});
+            let started = Instant::now();
+            sas.patch(&format!("sa-{j}"), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            let mut rx = summaries.clone();
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                rx.wait_for(|m| m.get(&probe).is_some_and(|x| x.failing == failing)),
+            )
+            .await
+            .with_context(|| format!("{probe} never showed {failing} failing"))??;
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    if latencies.is_empty() {
+        bail!("no latency samples");
+    }
+    Ok(latencies)
+}
+
+fn percentiles(samples: &[f64]) -> Value {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let idx = ((q * sorted.len() as f64).ceil() as usize).saturating_sub(1).min(sorted.len() - 1);
+        sorted[idx]
+    };
+    json!({"samples": sorted.len(), "p50": at(0.50), "p99": at(0.99), "max": sorted.last()})
+}
+
+/// The naive checker over the same cluster and fake.
+async fn naive(cp: &ControlPlane, fake: &fake_google::Running, args: &Args) -> Result<Value> {
+    fake.fake.reset_counts();
+    let script = authprobe_harness::repo_root().join("bench/naive-check.sh");
+    let iam = format!("http://{}/iam", fake.addr);
+    eprintln!("bench: running the naive checker");
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let kubeconfig = cp.kubeconfig_path();
+        move || {
+            Command::new("bash")
+                .arg(script)
+                .args([iam.as_str(), OPERATOR_TOKEN, POOL, "8"])
+                .env("KUBECONFIG", kubeconfig)
+                .env("KUBECTL", authprobe_harness::tools_bin().join("kubectl"))
+                .output()
+        }
+    })
+    .await??;
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(out.status.success(), "naive checker failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let calls: u64 = fake.fake.counts().values().sum();
+    let _ = args;
+    Ok(json!({"seconds": seconds, "googleCalls": calls, "result": text, "parallel": 8}))
+}
+
+fn bars(r: &BTreeMap<&str, Value>, args: &Args) -> Value {
+    let steady = &r["steadyApiRequests"];
+    let lists: u64 = steady
+        .as_object()
+        .map(|o| o.iter().filter(|(k, _)| k.starts_with("list ")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    let writes = steady["patch authprobes/status"].as_u64().unwrap_or(0);
+    let calls = &r["googleCallsPerInterval"];
+    let policy = calls["iam.getIamPolicy"].as_f64().unwrap_or(0.0);
+    let gets = calls["iam.serviceAccounts.get"].as_f64().unwrap_or(0.0);
+    json!({
+        "firstCompleteWithin60s": r["firstCompleteSeconds"].as_f64().unwrap_or(f64::MAX) <= 60.0,
+        "steadyRssAtMost128MiB": r["steadyRssMiB"].as_f64().unwrap_or(f64::MAX) <= 128.0,
+        "changeToStatusP99Within2s": r["changeToStatusMs"]["p99"].as_f64().unwrap_or(f64::MAX) <= 2000.0,
+        "noListsInSteadyState": lists == 0,
+        "noStatusWritesInSteadyState": writes == 0,
+        "googleCallsAtLowerBound": (policy - args.gsas as f64).abs() <= 0.5 + args.gsas as f64 * 0.05 && (gets - args.gsas as f64).abs() <= 0.5 + args.gsas as f64 * 0.05,
+    })
+}
+
+fn print_table(r: &BTreeMap<&str, Value>) {
+    let size = &r["size"];
+    let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    let ok = |v: &Value| if v.as_bool() == Some(true) { "meets" } else { "MISSES" };
+    let bars = &r["bars"];
+    println!(
+        "\n{} namespaces x {} KSAs over {} GSAs, {} probes, Google latency {} ms, chain {}",
+        size["namespaces"],
+        size["ksasPerNamespace"],
+        size["gsas"],
+        size["probes"],
+        size["latencyMs"],
+        size["chain"]
+    );
+    println!("{:<46} {:>14}  bar", "measure", "value");
+    let row = |name: &str, value: String, bar: &str| println!("{name:<46} {value:>14}  {bar}");
+    row("populate (s)", num(&r["populateSeconds"]), "");
+    row(
+        "operator start -> every probe complete (s)",
+        num(&r["firstCompleteSeconds"]),
+        &format!("{} (<= 60 s)", ok(&bars["firstCompleteWithin60s"])),
+    );
+    row(
+        "steady RSS (MiB)",
+        num(&r["steadyRssMiB"]),
+        &format!("{} (<= 128 MiB)", ok(&bars["steadyRssAtMost128MiB"])),
+    );
+    row("peak RSS, forced re-list included (MiB)", num(&r["peakRssMiB"]), "");
+    row("change -> status p50 (ms)", num(&r["changeToStatusMs"]["p50"]), "");
+    row(
+        "change -> status p99 (ms)",
+        num(&r["changeToStatusMs"]["p99"]),
+        &format!("{} (<= 2 s)", ok(&bars["changeToStatusP99Within2s"])),
+    );
+    let steady = r["steadyApiRequests"].as_object().cloned().unwrap_or_default();
+    let steady_text = if steady.is_empty() {
+        "none".to_string()
+    } else {
+        steady.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+    };
+    row(
+        &format!("API requests in {} s steady", r["steadyWindowSeconds"]),
+        steady_text,
+        &format!(
+            "{} lists, {} writes",
+            ok(&bars["noListsInSteadyState"]),
+            ok(&bars["noStatusWritesInSteadyState"])
+        ),
+    );
+    if let Some(calls) = r["googleCallsPerInterval"].as_object() {
+        for (api, v) in calls {
+            row(&format!("Google {api} per interval"), num(v), "");
+        }
+    }
+    row(
+        "Google lower bound (policy reads, SA gets)",
+        num(&r["googleLowerBound"]["iam.getIamPolicy"]),
+        ok(&bars["googleCallsAtLowerBound"]),
+    );
+    if r["baseline"].is_object() {
+        row("naive checker wall time (s)", num(&r["baseline"]["seconds"]), "");
+        row("naive checker Google calls", num(&r["baseline"]["googleCalls"]), "");
+        row("ratio naive/authprobe wall time", num(&r["ratios"]["wallTime"]), "");
+        row("ratio naive/authprobe Google calls per pass", num(&r["ratios"]["googleCalls"]), "");
+    }
+}
