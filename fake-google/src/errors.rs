@@ -105,3 +105,37 @@ pub fn throttled(api: &str, retry_after_seconds: u64) -> Response {
 pub fn sts_error(code: StatusCode, error: &str, description: &str) -> Response {
     (code, Json(json!({"error": error, "error_description": description}))).into_response()
 }
+
+/// A broken 200 answer.
+pub fn malformed(kind: crate::scenario::Malformed) -> Response {
+    use crate::scenario::Malformed;
+    match kind {
+        Malformed::TruncatedJson => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"version":1,"etag":"BwX","bindings":[{"role":"roles/iam.workloadIdent"#).into_response()
+        }
+        Malformed::HtmlPage => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1><p>The proxy received an invalid response.</p></body></html>",
+        )
+            .into_response(),
+        Malformed::WrongTypes => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"version":"three","etag":7,"bindings":"none","disabled":"maybe","email":["x"]}"#,
+        )
+            .into_response(),
+        Malformed::HugeBody => {
+            let chunk = bytes_of_members();
+            let chunks = (0..128).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+            let body = axum::body::Body::from_stream(futures::stream::iter(chunks));
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+    }
+}
+
+/// 64 KiB of policy members, repeated to make a body far larger than any real answer.
+fn bytes_of_members() -> axum::body::Bytes {
+    let member = "\"serviceAccount:acme-prod.svc.id.goog[ns/ksa]\",";
+    axum::body::Bytes::from(member.repeat(64 * 1024 / member.len()))
+}

@@ -52,6 +52,8 @@ pub const SERVICES: [&str; 8] = [
 pub struct Fake {
     scenario: RwLock<Scenario>,
     counts: Mutex<BTreeMap<String, u64>>,
+    /// Requests subject to faults so far, for evenly spread errors.
+    faulted: std::sync::atomic::AtomicU64,
     tokens: tokens::Registry,
     keys: verify::Keys,
 }
@@ -63,6 +65,7 @@ impl Fake {
         Self {
             scenario: RwLock::new(scenario),
             counts: Mutex::new(BTreeMap::new()),
+            faulted: std::sync::atomic::AtomicU64::new(0),
             tokens: tokens::Registry::default(),
             keys: verify::Keys::default(),
         }
@@ -92,11 +95,12 @@ impl Fake {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    /// Zeroes the counters.
+    /// Zeroes the counters, and restarts the pattern of evenly spread errors.
     pub fn reset_counts(&self) {
         if let Ok(mut c) = self.counts.lock() {
             c.clear();
         }
+        self.faulted.store(0, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Counts a request to `api` and applies the scenario's faults: `Err` is the injected answer.
@@ -111,11 +115,21 @@ impl Fake {
         if faults.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
         }
-        let roll: f64 = rand::random();
-        if roll < faults.error_rate {
+        if let Some(kind) = faults.malformed {
+            return Err(errors::malformed(kind));
+        }
+        let failed = if faults.evenly {
+            // Request n fails when the running share of failures would otherwise fall behind the rate.
+            let n = self.faulted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) as f64;
+            ((n + 1.0) * faults.error_rate).floor() > (n * faults.error_rate).floor()
+        } else {
+            rand::random::<f64>() < faults.error_rate
+        };
+        if failed {
             return Err(errors::unavailable());
         }
-        if roll < faults.error_rate + faults.throttle_rate {
+        let roll: f64 = rand::random();
+        if roll < faults.throttle_rate {
             return Err(errors::throttled(api, faults.retry_after_seconds));
         }
         Ok(())

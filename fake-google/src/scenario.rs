@@ -197,6 +197,26 @@ pub struct Faults {
     pub retry_after_seconds: u64,
     /// API names (`iam.getIamPolicy`, `sts.token`, ...) the faults apply to; empty: all.
     pub apis: Vec<String>,
+    /// Spread errors evenly (exactly `errorRate` of the requests, in a fixed pattern) rather than
+    /// at random, so that retry counts are reproducible.
+    pub evenly: bool,
+    /// Answer 200 with a broken body instead of the real answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub malformed: Option<Malformed>,
+}
+
+/// Broken answers a proxy or a bug could produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Malformed {
+    /// JSON cut off mid-way.
+    TruncatedJson,
+    /// An HTML error page served with 200.
+    HtmlPage,
+    /// Valid JSON with fields of the wrong types.
+    WrongTypes,
+    /// 8 MiB of JSON, streamed without a length.
+    HugeBody,
 }
 
 impl Scenario {
