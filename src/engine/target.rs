@@ -32,7 +32,12 @@ impl TargetKind {
 
 /// Parses a full resource name; the error names the kinds that are supported.
 pub fn parse_target(resource: &str) -> Result<TargetKind, String> {
-    let segment_ok = |s: &str| !s.is_empty() && s.len() <= 255 && !s.contains(['/', '?', '#', '%', ' ']);
+    // Google's resource IDs use letters, digits and `-_.~+`; a service account is an email (one `@`).
+    // Nothing that could change a URL's host, path, query or fragment gets through.
+    let id_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~' | '+');
+    let segment_ok =
+        |s: &str| !s.is_empty() && s.len() <= 255 && s != "." && s != ".." && s.chars().all(id_char);
+    let email_ok = |s: &str| s.split_once('@').is_some_and(|(a, d)| segment_ok(a) && segment_ok(d));
     let parts: Vec<&str> = resource.strip_prefix("//").unwrap_or("").split('/').collect();
     let kind = match parts.as_slice() {
         ["cloudresourcemanager.googleapis.com", "projects", p] => {
@@ -63,7 +68,7 @@ pub fn parse_target(resource: &str) -> Result<TargetKind, String> {
     };
     let segments_ok = match &kind {
         TargetKind::Project { project } => segment_ok(project),
-        TargetKind::ServiceAccount { project, email } => segment_ok(project) && segment_ok(email),
+        TargetKind::ServiceAccount { project, email } => segment_ok(project) && email_ok(email),
         TargetKind::Bucket { bucket } => segment_ok(bucket),
         TargetKind::Secret { project, secret } => segment_ok(project) && segment_ok(secret),
         TargetKind::Topic { project, topic } => segment_ok(project) && segment_ok(topic),
@@ -121,6 +126,11 @@ mod tests {
             "//storage.googleapis.com/projects/_/buckets/",
             "//storage.googleapis.com/projects/_/buckets/b/objects/o",
             "//storage.googleapis.com/projects/_/buckets/b%2F..",
+            "//storage.googleapis.com/projects/_/buckets/b@127.0.0.1:8080",
+            "//storage.googleapis.com/projects/_/buckets/..",
+            "//storage.googleapis.com/projects/_/buckets/b?x=1",
+            "//iam.googleapis.com/projects/p/serviceAccounts/x@127.0.0.1:1#",
+            "//iam.googleapis.com/projects/p/serviceAccounts/no-at-sign",
             "storage.googleapis.com/projects/_/buckets/b",
             "//evil.example.com/projects/_/buckets/b",
             "",
