@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::{
-    api::{AuthProbeStatus, Reason},
+    api::{AuthProbeStatus, Reason, condition},
     engine::{
         Verdict,
         report::{KsaOutcome, Since},
@@ -38,6 +38,10 @@ pub struct History {
     /// already warned on the first pass rather than warned again.
     assume_warned_once: bool,
     seeded: bool,
+    /// The Ready (status, reason) the probe's last Ready event announced.
+    pub ready_announced: Option<(String, String)>,
+    /// Whether CheckerHealthy=False has been announced since it last held True.
+    pub checker_failure_announced: bool,
 }
 
 impl History {
@@ -50,6 +54,10 @@ impl History {
     pub fn seed(&mut self, status: Option<&AuthProbeStatus>) {
         self.seeded = true;
         let Some(status) = status else { return };
+        let condition_of = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_);
+        self.ready_announced = condition_of(condition::READY).map(|c| (c.status.clone(), c.reason.clone()));
+        self.checker_failure_announced =
+            condition_of(condition::CHECKER_HEALTHY).is_some_and(|c| c.status == "False");
         let mut listed_failing = 0u32;
         for f in &status.failures {
             let failing = !is_undecided(f.reason);
@@ -96,7 +104,36 @@ impl History {
             since.insert(id.clone(), (finding.reason, started));
             next.insert(id, Entry { reason: finding.reason, since: started, warned });
         }
-        (since, transitions, History { ksas: next, assume_warned_once: false, seeded: true })
+        let history = History {
+            ksas: next,
+            assume_warned_once: false,
+            seeded: true,
+            ready_announced: self.ready_announced.clone(),
+            checker_failure_announced: self.checker_failure_announced,
+        };
+        (since, transitions, history)
+    }
+
+    /// Takes back what `before` remembered for KSAs whose event could not be published, so the
+    /// next pass sees the same transition and publishes it again.
+    pub fn unpublished(&mut self, before: &History, transitions: &[Transition]) {
+        for t in transitions {
+            match t {
+                Transition::Failing { namespace, name, .. } => {
+                    let id = (namespace.clone(), name.clone());
+                    let warned = before.ksas.get(&id).and_then(|p| p.warned);
+                    if let Some(entry) = self.ksas.get_mut(&id) {
+                        entry.warned = warned;
+                    }
+                }
+                Transition::Recovered { namespace, name } => {
+                    let id = (namespace.clone(), name.clone());
+                    if let Some(entry) = before.ksas.get(&id) {
+                        self.ksas.insert(id, entry.clone());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -169,6 +206,31 @@ mod tests {
         assert_eq!(ev, vec![Transition::Recovered { namespace: "a".into(), name: "app".into() }]);
         let (_, ev) = pass(&mut h, &[out("a", None)], "2026-01-01T00:50:00Z");
         assert!(ev.is_empty());
+    }
+
+    #[test]
+    fn an_unpublished_event_is_published_next_pass() {
+        let mut before = History::default();
+        before.seed(None);
+        let (_, ev, mut next) =
+            before.update(&[out("a", fail(Reason::PrincipalNotMapped))], t("2026-01-01T00:00:00Z"));
+        next.unpublished(&before, &ev);
+        let (_, again, mut after) =
+            next.update(&[out("a", fail(Reason::PrincipalNotMapped))], t("2026-01-01T00:10:00Z"));
+        assert_eq!(again, ev, "the lost Warning comes again");
+        let (_, recovered, mut passing) = after.update(&[out("a", None)], t("2026-01-01T00:20:00Z"));
+        assert_eq!(recovered.len(), 1);
+        passing.unpublished(&after, &recovered);
+        let (_, again, _) = passing.update(&[out("a", None)], t("2026-01-01T00:30:00Z"));
+        assert_eq!(again, recovered, "the lost Normal comes again");
+        // Published events are not repeated.
+        after.unpublished(&next, &[]);
+        assert!(
+            after
+                .update(&[out("a", fail(Reason::PrincipalNotMapped))], t("2026-01-01T00:40:00Z"))
+                .1
+                .is_empty()
+        );
     }
 
     #[test]

@@ -17,7 +17,10 @@ use kube::{
     },
 };
 
-use super::{Context, Error, FIELD_MANAGER, ProbeState, history::Transition};
+use super::{
+    Context, Error, FIELD_MANAGER, ProbeState,
+    history::{History, Transition},
+};
 use crate::{
     api::{AuthProbe, AuthProbeStatus, PROBE_NOW_ANNOTATION, Reason, condition},
     engine::{
@@ -67,7 +70,7 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
     if !with_state(&ctx, &name, |s| s.history.is_seeded()) {
         with_state(&ctx, &name, |s| s.history.seed(previous));
     }
-    let (since, transitions, next_history) =
+    let (since, transitions, mut next_history) =
         with_state(&ctx, &name, |s| s.history.update(&outcomes_for_history, now));
     let status = to_status(&report, previous, probe.metadata.generation, now, &since);
 
@@ -80,8 +83,11 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
         write_status(&ctx, &name, &status).await?;
         with_state(&ctx, &name, |s| s.written = Some(status.clone()));
     }
-    with_state(&ctx, &name, |s| s.history = next_history);
-    publish(&ctx, &probe, previous, &report, &transitions).await;
+    let unpublished = publish(&ctx, &probe, &report, &transitions, &mut next_history).await;
+    with_state(&ctx, &name, |s| {
+        next_history.unpublished(&s.history, &unpublished);
+        s.history = next_history;
+    });
     ctx.metrics.probe_report(
         &name,
         &report,
@@ -192,14 +198,16 @@ async fn write_status(ctx: &Context, probe: &str, status: &AuthProbeStatus) -> R
 }
 
 /// Events: one per KSA transition on the ServiceAccount, one per Ready transition and one when
-/// CheckerHealthy turns False on the AuthProbe. Best effort: a lost event is logged, not retried.
+/// CheckerHealthy turns False on the AuthProbe. An event the API server refuses is not marked as
+/// announced, so the next pass publishes it again; returns the KSA transitions that were lost.
 async fn publish(
     ctx: &Context,
     probe: &AuthProbe,
-    previous: Option<&AuthProbeStatus>,
     report: &Report,
     transitions: &[Transition],
-) {
+    history: &mut History,
+) -> Vec<Transition> {
+    let mut unpublished = vec![];
     let uids: BTreeMap<(String, String), String> = transitions
         .iter()
         .filter_map(|t| {
@@ -243,37 +251,41 @@ async fn publish(
             ..Default::default()
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(namespace = %ns, serviceaccount = %name, error = %e, "cannot publish an event");
+            tracing::warn!(namespace = %ns, serviceaccount = %name, error = %e, "cannot publish an event; retrying next pass");
+            unpublished.push(t.clone());
         }
     }
 
-    let condition_of = |type_: &str| {
-        previous
-            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-            .map(|c| (c.status.clone(), c.reason.clone()))
-    };
     let probe_ref = probe.object_ref(&());
-    if let Some(ready) = report.condition(condition::READY)
-        && condition_of(condition::READY)
-            != Some((ready.status.as_str().to_string(), ready.reason.as_str().to_string()))
-    {
-        let e = match ready.status {
-            Status::True => event(EventType::Normal, Reason::Verified, &ready.message),
-            _ => event(EventType::Warning, ready.reason, &ready.message),
-        };
-        if let Err(err) = ctx.recorder.publish(&e, &probe_ref).await {
-            tracing::warn!(probe = %probe.name_any(), error = %err, "cannot publish an event");
+    if let Some(ready) = report.condition(condition::READY) {
+        let verdict = (ready.status.as_str().to_string(), ready.reason.as_str().to_string());
+        if history.ready_announced.as_ref() != Some(&verdict) {
+            let e = match ready.status {
+                Status::True => event(EventType::Normal, Reason::Verified, &ready.message),
+                _ => event(EventType::Warning, ready.reason, &ready.message),
+            };
+            match ctx.recorder.publish(&e, &probe_ref).await {
+                Ok(()) => history.ready_announced = Some(verdict),
+                Err(err) => {
+                    tracing::warn!(probe = %probe.name_any(), error = %err, "cannot publish an event; retrying next pass");
+                }
+            }
         }
     }
-    if let Some(checker) = report.condition(condition::CHECKER_HEALTHY)
-        && checker.status == Status::False
-        && condition_of(condition::CHECKER_HEALTHY).is_none_or(|(s, _)| s != "False")
-    {
-        let e = event(EventType::Warning, checker.reason, &checker.message);
-        if let Err(err) = ctx.recorder.publish(&e, &probe_ref).await {
-            tracing::warn!(probe = %probe.name_any(), error = %err, "cannot publish an event");
+    if let Some(checker) = report.condition(condition::CHECKER_HEALTHY) {
+        if checker.status != Status::False {
+            history.checker_failure_announced = false;
+        } else if !history.checker_failure_announced {
+            let e = event(EventType::Warning, checker.reason, &checker.message);
+            match ctx.recorder.publish(&e, &probe_ref).await {
+                Ok(()) => history.checker_failure_announced = true,
+                Err(err) => {
+                    tracing::warn!(probe = %probe.name_any(), error = %err, "cannot publish an event; retrying next pass");
+                }
+            }
         }
     }
+    unpublished
 }
 
 fn event(type_: EventType, reason: Reason, note: &str) -> Event {
