@@ -220,7 +220,8 @@ fn error_policy(probe: Arc<AuthProbe>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(delay)
 }
 
-/// Watch retries: 0.5 s doubling to 5 s, with jitter, reset after a minute without errors. kube's
+/// Watch retries: 0.5 s doubling to 5 s, plus up to as much again in jitter, reset after a minute
+/// without errors. kube's
 /// default (0.8 s to 30 s) is tuned for fleets of clients; one operator recovering from an API
 /// server restart (which answers 410 Expired to every resumed watch) needs it quicker.
 fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
@@ -233,13 +234,26 @@ fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     ResetTimerBackoff::new(ExponentialBackoff::from(builder), Duration::from_secs(60))
 }
 
-/// Reports each watch item to `health` (errors are retried by the watch itself).
-fn observe<T, E>(health: &Arc<Health>, watch: &'static str) -> impl FnMut(&Result<T, E>) + use<T, E> {
+/// Reports each watch item to `health` and logs errors (the watch itself retries them).
+fn observe<T, E: std::fmt::Display>(
+    health: &Arc<Health>,
+    watch: &'static str,
+) -> impl FnMut(&Result<T, E>) + use<T, E> {
     let health = health.clone();
     move |item| match item {
         Ok(_) => health.watch_ok(watch),
-        Err(_) => health.watch_failed(watch),
+        Err(error) => {
+            tracing::warn!(watch, %error, "watch failed; retrying");
+            health.watch_failed(watch);
+        }
     }
+}
+
+/// Keeps watch errors from the controller: it backs off its whole trigger stream on any error
+/// (0.8 s doubling to 30 s), which stalls every watch behind one that failed, on top of that
+/// watch's own retries. Errors end here, already logged and counted by [`observe`].
+fn objects_only<T, E>(item: &Result<T, E>) -> futures::future::Ready<bool> {
+    futures::future::ready(item.is_ok())
 }
 
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
@@ -258,7 +272,8 @@ pub async fn run(
         .inspect(observe(&health, "Namespace"))
         .modify(inventory::prune_namespace)
         .reflect(ns_writer)
-        .touched_objects();
+        .touched_objects()
+        .filter(objects_only);
 
     let annotation_changes = Arc::new(AnnotationChanges::default());
     let (service_accounts, sa_writer) = reflector::store::<ServiceAccountMeta>();
@@ -273,7 +288,8 @@ pub async fn run(
             watcher::Event::Init | watcher::Event::InitDone => {}
         })
         .reflect(sa_writer)
-        .touched_objects();
+        .touched_objects()
+        .filter(objects_only);
 
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
@@ -285,7 +301,8 @@ pub async fn run(
         .predicate_filter(
             predicates::generation::<AuthProbe>.combine(predicates::annotations),
             Default::default(),
-        );
+        )
+        .filter(objects_only);
 
     let ctx = Arc::new(Context {
         client: client.clone(),
