@@ -224,6 +224,13 @@ async fn invalid_probes_are_refused_with_the_cel_messages() -> Result<()> {
         }
     }
     assert!(unexpected.is_empty(), "cases not refused as expected:\n{}", unexpected.join("\n"));
+    // Printed unconditionally: RELIABILITY.md quotes it.
+    use std::io::Write as _;
+    writeln!(
+        std::io::stderr(),
+        "admission: {} invalid AuthProbes refused, each with its message",
+        cases.len()
+    )?;
     Ok(())
 }
 

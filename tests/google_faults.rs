@@ -20,13 +20,14 @@ use support::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A broken mapping (KSA bound nowhere) under a fresh GSA, so nothing cached answers for it.
+/// A broken mapping (KSA bound nowhere) under a fresh GSA, so nothing cached answers for it;
+/// probed every 30 s, the shortest interval.
 async fn broken_probe(client: &kube::Client, id: &str) {
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("faulty"));
     let ns = namespace(client, "faults", &[("team", id)]).await;
     service_account(client, &ns, "app", Some(&gsa)).await;
     fake_service_account(&gsa, &[]);
-    apply_probe(client, id, gke_spec("team", id, json!({}))).await;
+    apply_probe(client, id, gke_spec("team", id, json!({"probe": {"interval": "30s"}}))).await;
 }
 
 /// Records every Ready status the probe ever shows, in order.
@@ -90,11 +91,18 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
         ("Unknown".into(), "GoogleUnavailable".into())
     );
 
+    // No nudge: the next periodic pass (30 s plus jitter) finds Google back.
     set_faults(Faults::default());
-    probe_now(&client, &id).await;
+    let back = std::time::Instant::now();
     wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     let before = seen_until_false(seen, recorder).await;
     assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleUnavailable"), "{before:?}");
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "fault: Google IAM down (100% 503): Unknown/GoogleUnavailable, never False; true verdict {:.1} s after it came back, unprompted",
+        back.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test]

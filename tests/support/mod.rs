@@ -24,11 +24,12 @@ use fake_google::{
     Fake,
     scenario::{Binding, Scenario, ServiceAccount},
 };
+use futures::StreamExt;
 use k8s_openapi::api::{core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
-    runtime::wait::await_condition,
+    runtime::{WatchStreamExt, wait::await_condition, watcher},
 };
 use serde_json::{Value, json};
 
@@ -177,6 +178,16 @@ impl Operator {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&self) -> bool {
+        self.child.lock().unwrap().as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills it at once (a crash).
@@ -405,6 +416,28 @@ pub async fn event_counts(
         *counts.entry((type_, reason)).or_default() += n;
     }
     counts
+}
+
+/// Waits until the events about an object count exactly `want` (see [`event_counts`]).
+pub async fn wait_for_events(client: &Client, ns: &str, kind: &str, name: &str, want: &[(&str, &str, i32)]) {
+    let want: BTreeMap<(String, String), i32> =
+        want.iter().map(|(t, r, n)| (((*t).to_string(), (*r).to_string()), *n)).collect();
+    let config = watcher::Config::default().fields(&format!("regarding.kind={kind},regarding.name={name}"));
+    let mut changes = watcher(Api::<Event>::namespaced(client.clone(), ns), config).default_backoff().boxed();
+    let waited = tokio::time::timeout(WAIT, async {
+        // Every watch event (the initial list included) is a moment to count again.
+        while changes.next().await.is_some() {
+            if event_counts(client, ns, kind, name).await == want {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if waited != Ok(true) {
+        let seen = event_counts(client, ns, kind, name).await;
+        panic!("events about {kind} {ns}/{name}: waited for {want:?}, have {seen:?}");
+    }
 }
 
 /// Adds a Google service account with `bindings` (role, members) to the fake.
