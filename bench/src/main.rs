@@ -73,6 +73,9 @@ struct Args {
     /// Where to write the JSON result.
     #[arg(long)]
     out: PathBuf,
+    /// The operator binary to measure (default: target/release/authprobe).
+    #[arg(long)]
+    operator: Option<PathBuf>,
 }
 
 fn gsa(i: usize) -> String {
@@ -92,9 +95,13 @@ fn gsa_of(i: usize, j: usize, gsas: usize) -> (usize, bool) {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let operator_bin = authprobe_harness::repo_root().join("target/release/authprobe");
+    let operator_bin = args
+        .operator
+        .clone()
+        .unwrap_or_else(|| authprobe_harness::repo_root().join("target/release/authprobe"));
     anyhow::ensure!(operator_bin.is_file(), "{} is missing: make bench builds it", operator_bin.display());
     let mut results = BTreeMap::<&str, Value>::new();
+    results.insert("operator", json!(operator_bin.display().to_string()));
     results.insert("size", json!({"namespaces": args.namespaces, "ksasPerNamespace": args.ksas, "gsas": args.gsas, "probes": args.probes, "latencyMs": args.latency_ms, "intervalSeconds": args.interval_seconds, "chain": args.chain}));
 
     eprintln!("bench: starting the control plane");
@@ -503,8 +510,13 @@ fn bars(r: &BTreeMap<&str, Value>, args: &Args) -> Value {
     let calls = &r["googleCallsPerInterval"];
     let policy = calls["iam.getIamPolicy"].as_f64().unwrap_or(0.0);
     let gets = calls["iam.serviceAccounts.get"].as_f64().unwrap_or(0.0);
+    // With the live chain, a first pass cannot beat the client-side STS pacing (half of Google's
+    // quota): KSAs / 50 per second. The 60 s bar is for the mapping checks.
+    let first = r["firstCompleteSeconds"].as_f64().unwrap_or(f64::MAX);
+    let first_bar = if args.chain { json!(null) } else { json!(first <= 60.0) };
     json!({
-        "firstCompleteWithin60s": r["firstCompleteSeconds"].as_f64().unwrap_or(f64::MAX) <= 60.0,
+        "firstCompleteWithin60s": first_bar,
+        "stsPacingFloorSeconds": if args.chain { json!(args.namespaces * args.ksas / 50) } else { json!(null) },
         "steadyRssAtMost128MiB": r["steadyRssMiB"].as_f64().unwrap_or(f64::MAX) <= 128.0,
         "changeToStatusP99Within2s": r["changeToStatusMs"]["p99"].as_f64().unwrap_or(f64::MAX) <= 2000.0,
         "noListsInSteadyState": lists == 0,
@@ -513,11 +525,12 @@ fn bars(r: &BTreeMap<&str, Value>, args: &Args) -> Value {
     })
 }
 
-fn print_table(r: &BTreeMap<&str, Value>) {
-    let size = &r["size"];
+fn print_table(results: &BTreeMap<&str, Value>) {
+    let r = |key: &str| results.get(key).unwrap_or(&Value::Null);
+    let size = r("size");
     let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
     let ok = |v: &Value| if v.as_bool() == Some(true) { "meets" } else { "MISSES" };
-    let bars = &r["bars"];
+    let bars = r("bars");
     println!(
         "\n{} namespaces x {} KSAs over {} GSAs, {} probes, Google latency {} ms, chain {}",
         size["namespaces"],
@@ -529,32 +542,33 @@ fn print_table(r: &BTreeMap<&str, Value>) {
     );
     println!("{:<46} {:>14}  bar", "measure", "value");
     let row = |name: &str, value: String, bar: &str| println!("{name:<46} {value:>14}  {bar}");
-    row("populate (s)", num(&r["populateSeconds"]), "");
-    row(
-        "operator start -> every probe complete (s)",
-        num(&r["firstCompleteSeconds"]),
-        &format!("{} (<= 60 s)", ok(&bars["firstCompleteWithin60s"])),
-    );
+    row("populate (s)", num(r("populateSeconds")), "");
+    let first_bar = if bars["firstCompleteWithin60s"].is_null() {
+        format!("STS pacing floor {} s (the bar applies without the chain)", bars["stsPacingFloorSeconds"])
+    } else {
+        format!("{} (<= 60 s)", ok(&bars["firstCompleteWithin60s"]))
+    };
+    row("operator start -> every probe complete (s)", num(r("firstCompleteSeconds")), &first_bar);
     row(
         "steady RSS (MiB)",
-        num(&r["steadyRssMiB"]),
+        num(r("steadyRssMiB")),
         &format!("{} (<= 128 MiB)", ok(&bars["steadyRssAtMost128MiB"])),
     );
-    row("peak RSS, forced re-list included (MiB)", num(&r["peakRssMiB"]), "");
-    row("change -> status p50 (ms)", num(&r["changeToStatusMs"]["p50"]), "");
+    row("peak RSS, forced re-list included (MiB)", num(r("peakRssMiB")), "");
+    row("change -> status p50 (ms)", num(&r("changeToStatusMs")["p50"]), "");
     row(
         "change -> status p99 (ms)",
-        num(&r["changeToStatusMs"]["p99"]),
+        num(&r("changeToStatusMs")["p99"]),
         &format!("{} (<= 2 s)", ok(&bars["changeToStatusP99Within2s"])),
     );
-    let steady = r["steadyApiRequests"].as_object().cloned().unwrap_or_default();
+    let steady = r("steadyApiRequests").as_object().cloned().unwrap_or_default();
     let steady_text = if steady.is_empty() {
         "none".to_string()
     } else {
         steady.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
     };
     row(
-        &format!("API requests in {} s steady", r["steadyWindowSeconds"]),
+        &format!("API requests in {} s steady", r("steadyWindowSeconds")),
         steady_text,
         &format!(
             "{} lists, {} writes",
@@ -562,20 +576,20 @@ fn print_table(r: &BTreeMap<&str, Value>) {
             ok(&bars["noStatusWritesInSteadyState"])
         ),
     );
-    if let Some(calls) = r["googleCallsPerInterval"].as_object() {
+    if let Some(calls) = r("googleCallsPerInterval").as_object() {
         for (api, v) in calls {
             row(&format!("Google {api} per interval"), num(v), "");
         }
     }
     row(
         "Google lower bound (policy reads, SA gets)",
-        num(&r["googleLowerBound"]["iam.getIamPolicy"]),
+        num(&r("googleLowerBound")["iam.getIamPolicy"]),
         ok(&bars["googleCallsAtLowerBound"]),
     );
-    if r["baseline"].is_object() {
-        row("naive checker wall time (s)", num(&r["baseline"]["seconds"]), "");
-        row("naive checker Google calls", num(&r["baseline"]["googleCalls"]), "");
-        row("ratio naive/authprobe wall time", num(&r["ratios"]["wallTime"]), "");
-        row("ratio naive/authprobe Google calls per pass", num(&r["ratios"]["googleCalls"]), "");
+    if r("baseline").is_object() {
+        row("naive checker wall time (s)", num(&r("baseline")["seconds"]), "");
+        row("naive checker Google calls", num(&r("baseline")["googleCalls"]), "");
+        row("ratio naive/authprobe wall time", num(&r("ratios")["wallTime"]), "");
+        row("ratio naive/authprobe Google calls per pass", num(&r("ratios")["googleCalls"]), "");
     }
 }
