@@ -450,10 +450,13 @@ async fn no_token_material_reaches_logs_events_status_or_metrics() {
     )
     .await;
     let probe = wait_ready(&client, &id, "False", "ImpersonationDenied").await;
-    assert!(
-        env().operator.log_text().contains("\"level\":\"DEBUG\""),
-        "the operator logs at debug level here"
-    );
+    // The "reconciled" debug line follows the status write it reports.
+    let debug_logged = tokio::time::timeout(WAIT, async {
+        while !env().operator.log_text().contains("\"level\":\"DEBUG\"") {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    assert!(debug_logged.await.is_ok(), "the operator logs at debug level here");
     assert!(env().fake.counts().get("iamcredentials.generateAccessToken").copied().unwrap_or_default() >= 2);
 
     let status = serde_json::to_string(&probe.status).unwrap();
@@ -475,4 +478,12 @@ async fn no_token_material_reaches_logs_events_status_or_metrics() {
         }
     }
     assert!(events.contains("ImpersonationDenied"), "the scan looked at real events: {events}");
+
+    // Files: the exact tokens that crossed the fake, searched for in etcd's data (every object the
+    // operator wrote), the control plane's logs and the operator's log.
+    let credentials = env().fake.credentials_seen();
+    assert!(credentials.iter().any(|c| c.starts_with("eyJ")), "the fake saw KSA tokens");
+    assert!(credentials.iter().any(|c| c.starts_with("ya29.")), "the fake issued access tokens");
+    let scanned = assert_no_credential_in_files(env().cp.dir(), &credentials);
+    assert!(scanned > 1 << 20, "the scan read etcd's data ({scanned} bytes)");
 }

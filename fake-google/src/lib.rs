@@ -95,6 +95,12 @@ impl Fake {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
+    /// Every KSA token presented to STS or securetoken and every access token issued, most
+    /// recent 4096: what must never appear in logs, Events, status, metrics or files.
+    pub fn credentials_seen(&self) -> Vec<String> {
+        self.tokens.witnessed()
+    }
+
     /// Zeroes the counters, and restarts the pattern of evenly spread errors.
     pub fn reset_counts(&self) {
         if let Ok(mut c) = self.counts.lock() {

@@ -107,6 +107,7 @@ async fn verified(
     expected_issuer: &str,
     audience_ok: impl Fn(&str) -> bool,
 ) -> Result<Value, Response> {
+    fake.tokens.witness(token);
     let Some((_, _, claims)) = verify::peek(token) else {
         return Err(bad("invalid_grant", "Unable to parse the ID Token."));
     };

@@ -3,7 +3,7 @@
 //! the fake and the operator reach their verdicts independently.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, SystemTime},
 };
@@ -81,10 +81,14 @@ pub enum Issued {
     ServiceAccount { email: String },
 }
 
-/// Live tokens.
+/// Credentials the fake remembers so tests can prove none of them was written anywhere.
+const WITNESSED: usize = 4096;
+
+/// Live tokens, and every credential that crossed the fake (bounded).
 #[derive(Debug, Default)]
 pub struct Registry {
     tokens: Mutex<HashMap<String, (SystemTime, Issued)>>,
+    witnessed: Mutex<VecDeque<String>>,
 }
 
 impl Registry {
@@ -98,7 +102,23 @@ impl Registry {
             tokens.retain(|_, (exp, _)| *exp > now);
             tokens.insert(token.clone(), (now + lifetime, what));
         }
+        self.witness(&token);
         token
+    }
+
+    /// Remembers a credential that was presented to or issued by the fake.
+    pub fn witness(&self, credential: &str) {
+        if let Ok(mut seen) = self.witnessed.lock() {
+            if seen.len() == WITNESSED {
+                seen.pop_front();
+            }
+            seen.push_back(credential.to_string());
+        }
+    }
+
+    /// The credentials remembered, oldest first.
+    pub fn witnessed(&self) -> Vec<String> {
+        self.witnessed.lock().map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// What a live token is.

@@ -468,3 +468,30 @@ pub fn member(ns: &str, ksa: &str) -> String {
 
 /// `roles/iam.workloadIdentityUser`.
 pub const WIU: &str = "roles/iam.workloadIdentityUser";
+
+/// Fails if any of `credentials` appears in any file under `dir` (the control plane's etcd data,
+/// its logs and the operator's log); returns the bytes scanned. Every credential is a JWT
+/// (`eyJ…`) or an access token (`ya29.…`), so each file is searched for those markers only and
+/// each hit compared against the set.
+pub fn assert_no_credential_in_files(dir: &std::path::Path, credentials: &[String]) -> u64 {
+    let wanted: std::collections::HashSet<&[u8]> = credentials.iter().map(|c| c.as_bytes()).collect();
+    let token_char = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_');
+    let mut scanned = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            pending.extend(std::fs::read_dir(&path).expect("readable").flatten().map(|e| e.path()));
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&path) else { continue }; // a socket, or removed meanwhile
+        scanned += bytes.len() as u64;
+        for start in 0..bytes.len().saturating_sub(3) {
+            let rest = &bytes[start..];
+            if rest.starts_with(b"eyJ") || rest.starts_with(b"ya29.") {
+                let len = rest.iter().take_while(|b| token_char(b)).count();
+                assert!(!wanted.contains(&rest[..len]), "{} holds a credential", path.display());
+            }
+        }
+    }
+    scanned
+}
