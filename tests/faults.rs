@@ -10,7 +10,6 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -40,11 +39,6 @@ fn operator() -> &'static Operator {
         });
         operator
     })
-}
-
-fn report(line: &str) {
-    // Unconditionally printed: RELIABILITY.md quotes these.
-    let _ = writeln!(std::io::stderr(), "fault: {line}");
 }
 
 /// A probe over namespaces whose KSA `app` is mapped, plus (when `broken`) one whose KSA nobody
@@ -167,10 +161,13 @@ async fn api_server_killed_mid_run() {
             ready(p) == Some(("True".into(), "Verified".into()))
         })
         .await;
-    report(&format!(
-        "kube-apiserver killed for 5 s: Ready=True {:.1} s after it came back",
-        started.elapsed().as_secs_f64()
-    ));
+    report(
+        "fault",
+        &format!(
+            "kube-apiserver killed for 5 s: Ready=True {:.1} s after it came back",
+            started.elapsed().as_secs_f64()
+        ),
+    );
     assert_eq!(op.pid(), pid, "the operator was not restarted");
     assert!(op.alive(), "the operator survived");
     assert!(!op.log_text().contains("panicked"));
@@ -200,10 +197,13 @@ async fn etcd_restarted_under_a_healthy_probe() {
     let client = base_client().await;
     let after = fresh_pass(&client, &id).await;
     let seen = recorder.stop();
-    report(&format!(
-        "etcd restarted: Ready seen as {:?} throughout",
-        seen.iter().collect::<std::collections::BTreeSet<_>>()
-    ));
+    report(
+        "fault",
+        &format!(
+            "etcd restarted: Ready seen as {:?} throughout",
+            seen.iter().collect::<std::collections::BTreeSet<_>>()
+        ),
+    );
     assert!(seen.iter().all(|r| r.0 == "True"), "a healthy probe never left Ready: {seen:?}");
     assert_eq!(
         ready_condition(&after).last_transition_time,
@@ -247,7 +247,7 @@ async fn the_operator_restarted_gracefully_and_by_sigkill() {
             "{how}"
         );
         assert_eq!(failing.status.as_ref().unwrap().failures[0].since, since_before, "{how}: since is kept");
-        report(&format!("operator restarted by {how}: both probes unchanged after a fresh pass"));
+        report("fault", &format!("operator restarted by {how}: both probes unchanged after a fresh pass"));
     }
     let seen = recorder.stop();
     assert!(seen.iter().all(|r| r.0 == "True"), "the healthy probe never regressed: {seen:?}");
@@ -295,12 +295,15 @@ async fn flaky_slow_google_converges_with_bounded_retries() {
     let counts = base().fake.counts();
     let calls: u64 = counts.values().sum();
     let fault_free = 2 * gsas as u64;
-    report(&format!(
-        "Google at 30% 503 + 2 s latency: converged in {:.1} s with {calls} calls {counts:?} for {fault_free} fault-free ({:.2}x); Ready seen {:?}",
-        started.elapsed().as_secs_f64(),
-        calls as f64 / fault_free as f64,
-        seen.iter().collect::<std::collections::BTreeSet<_>>()
-    ));
+    report(
+        "fault",
+        &format!(
+            "Google at 30% 503 + 2 s latency: converged in {:.1} s with {calls} calls {counts:?} for {fault_free} fault-free ({:.2}x); Ready seen {:?}",
+            started.elapsed().as_secs_f64(),
+            calls as f64 / fault_free as f64,
+            seen.iter().collect::<std::collections::BTreeSet<_>>()
+        ),
+    );
     assert!(calls as f64 <= 1.5 * fault_free as f64, "{calls} calls for {fault_free}");
     assert!(seen.iter().all(|r| r.0 != "False"), "no fault produced a False verdict: {seen:?}");
     assert_eq!(waited.status.unwrap().summary.unwrap().failing, 0);

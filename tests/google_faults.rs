@@ -97,11 +97,12 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
     wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     let before = seen_until_false(seen, recorder).await;
     assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleUnavailable"), "{before:?}");
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr(),
-        "fault: Google IAM down (100% 503): Unknown/GoogleUnavailable, never False; true verdict {:.1} s after it came back, unprompted",
-        back.elapsed().as_secs_f64()
+    report(
+        "fault",
+        &format!(
+            "Google IAM down (100% 503): Unknown/GoogleUnavailable, never False; true verdict {:.1} s after it came back, unprompted",
+            back.elapsed().as_secs_f64()
+        ),
     );
 }
 
@@ -124,6 +125,10 @@ async fn throttling_is_unknown_never_false() {
     wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     let before = seen_until_false(seen, recorder).await;
     assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleThrottled"), "{before:?}");
+    report(
+        "fault",
+        "Google throttling (every call 429, Retry-After: 1): Unknown/GoogleThrottled, never False; true verdict once it stopped",
+    );
 }
 
 #[tokio::test]

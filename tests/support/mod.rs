@@ -495,3 +495,9 @@ pub fn assert_no_credential_in_files(dir: &std::path::Path, credentials: &[Strin
     }
     scanned
 }
+
+/// A result line printed whether or not the test passes: RELIABILITY.md quotes these.
+pub fn report(kind: &str, line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{kind}: {line}");
+}
