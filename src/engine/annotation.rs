@@ -48,13 +48,12 @@ pub fn parse_gsa(value: &str) -> Result<GsaEmail, String> {
     };
     if !is_account_id(account) {
         return Err(format!(
-            "{shown}: {:?} is not a service account ID (lowercase letters, digits and hyphens)",
-            truncate(account, 64)
+            "{shown}: the name before '@' is not a service account ID (lowercase letters, digits and hyphens)"
         ));
     }
     let project = if let Some(project) = domain.strip_suffix(".iam.gserviceaccount.com") {
         if !is_project_id(project) {
-            return Err(format!("{shown}: {:?} is not a project ID", truncate(project, 64)));
+            return Err(format!("{shown}: the domain does not start with a valid project ID"));
         }
         Some(project.to_string())
     } else if domain == "developer.gserviceaccount.com" || domain == "appspot.gserviceaccount.com" {
@@ -82,9 +81,23 @@ pub fn is_project_id(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// Quotes untrusted text for a message: escaped (no raw newlines or control characters) and at most 128 characters.
+/// How much of an untrusted value a message quotes, in bytes after escaping.
+const QUOTED_BYTES: usize = 256;
+
+/// Quotes untrusted text for a message: escaped (no raw newlines or control characters), and
+/// bounded after escaping, since one control character escapes to up to ten.
 pub fn quote(value: &str) -> String {
-    format!("{:?}", truncate(value, 128))
+    let mut quoted = String::from('"');
+    for c in value.chars() {
+        let escaped: String = if c == '\'' { c.into() } else { c.escape_debug().collect() };
+        if quoted.len() + escaped.len() > QUOTED_BYTES {
+            quoted.push('…');
+            break;
+        }
+        quoted.push_str(&escaped);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// The first `max` characters of `s`, with `…` when cut.
@@ -121,7 +134,7 @@ mod tests {
             ("payments@acme-prod.iam.gserviceaccount.com.evil.example", "is not a Google service account"),
             ("payments@acme-prod.iam.gserviceacount.com", "is not a Google service account"),
             ("payments@acme-prod.iam.gserviceaccount.com@x", "is not a Google service account"),
-            ("payments@acme_prod.iam.gserviceaccount.com", "is not a project ID"),
+            ("payments@acme_prod.iam.gserviceaccount.com", "not start with a valid project ID"),
             ("pаyments@acme-prod.iam.gserviceaccount.com", "is not a service account ID"), // Cyrillic а
             ("Payments@acme-prod.iam.gserviceaccount.com", "is not a service account ID"),
             ("x\"; rm -rf /@acme-prod.iam.gserviceaccount.com", "is not a service account ID"),
@@ -139,6 +152,9 @@ mod tests {
     fn quote_escapes_and_truncates() {
         assert_eq!(quote("a\nb"), "\"a\\nb\"");
         assert_eq!(truncate("héllo", 2), "hé…");
-        assert_eq!(quote(&"x".repeat(200)).chars().count(), 128 + 3);
+        assert_eq!(quote(&"x".repeat(300)), format!("\"{}…\"", "x".repeat(255)));
+        assert_eq!(quote("it's \"x\""), r#""it's \"x\"""#);
+        let hostile = quote(&"\u{14}".repeat(1000));
+        assert!(hostile.len() <= 256 + 4 && !hostile.contains('\u{14}'), "{hostile}");
     }
 }
