@@ -24,8 +24,12 @@ lint: ## rustfmt and clippy, as the tests run them
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+.PHONY: audit
+audit: ## Dependency licences, bans and sources (cargo-deny; advisories when the database is reachable)
+	tools/audit.sh
+
 .PHONY: test
-test: tools static lint ## Format, lint and run every test against a real local control plane
+test: tools static lint audit ## Format, lint, audit dependencies and run every test against a real local control plane
 	$(CARGO) test --workspace --locked
 
 .PHONY: cluster
@@ -47,7 +51,21 @@ static: ## Build the static (musl) release binary the image ships
 .PHONY: bench
 bench: tools ## Benchmarks at 1,000 and 10,000 namespaces next to a naive checker (long; not part of make test)
 	command -v jq >/dev/null || tools/apt-install.sh jq
-	$(CARGO) build --locked --release --bin authprobe --bin authprobe-bench
+	$(CARGO) build --locked --release -p authprobe --bin authprobe
+	$(CARGO) build --locked --release -p authprobe-bench
 	target/release/authprobe-bench --namespaces 1000 --out bench/results/1k.json
 	target/release/authprobe-bench --namespaces 10000 --out bench/results/10k.json
-	target/release/authprobe-bench --namespaces 1000 --chain --skip-baseline --out bench/results/1k-chain.json
+	target/release/authprobe-bench --namespaces 1000 --chain --skip-baseline --interval-seconds 120 --samples 10 --out bench/results/1k-chain.json
+	$(MAKE) static
+	target/release/authprobe-bench --namespaces 10000 --skip-baseline --operator target/$(MUSL)/release/authprobe --out bench/results/10k-musl.json
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := annotation principal resource_name google_response attribute_mapping
+
+.PHONY: fuzz
+fuzz: ## Fuzz the parsers and Google response decoding, FUZZ_SECONDS per target (not part of make test)
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	for target in $(FUZZ_TARGETS); do \
+	  cargo +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
