@@ -540,8 +540,8 @@ fn print_table(results: &BTreeMap<&str, Value>) {
         size["latencyMs"],
         size["chain"]
     );
-    println!("{:<46} {:>14}  bar", "measure", "value");
-    let row = |name: &str, value: String, bar: &str| println!("{name:<46} {value:>14}  {bar}");
+    println!("{:<54} {:>8}  bar", "measure", "value");
+    let row = |name: &str, value: String, bar: &str| println!("{name:<54} {value:>8}  {bar}");
     row("populate (s)", num(r("populateSeconds")), "");
     let first_bar = if bars["firstCompleteWithin60s"].is_null() {
         format!("STS pacing floor {} s (the bar applies without the chain)", bars["stsPacingFloorSeconds"])
