@@ -367,69 +367,20 @@ impl Chain {
         federated: bool,
     ) -> Result<(), Finding> {
         let api = Api::TestIamPermissions(kind.service());
-        let body = Body::Json(json!({"permissions": permissions}));
-        let answer = match kind {
-            TargetKind::Bucket { bucket } => {
-                let query: String = url::form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(permissions.iter().map(|p| ("permissions", p)))
-                    .finish();
-                let url = self
-                    .google
-                    .endpoints()
-                    .url("storage", &format!("/storage/v1/b/{bucket}/iam/testPermissions?{query}"))
-                    .map_err(|e| unreachable(Stage::Target, &SendError::Url(e)))?;
-                self.google.client().send(api, Method::GET, url, &Body::Empty, Auth::Bearer(token)).await
-            }
-            TargetKind::Project { project } => {
-                self.post(
-                    api,
-                    "cloudresourcemanager",
-                    &format!("/v1/projects/{project}:testIamPermissions"),
-                    &body,
-                    Auth::Bearer(token),
-                )
-                .await
-            }
-            TargetKind::ServiceAccount { project, email } => {
-                self.post(
-                    api,
-                    "iam",
-                    &format!("/v1/projects/{project}/serviceAccounts/{email}:testIamPermissions"),
-                    &body,
-                    Auth::Bearer(token),
-                )
-                .await
-            }
-            TargetKind::Secret { project, secret } => {
-                self.post(
-                    api,
-                    "secretmanager",
-                    &format!("/v1/projects/{project}/secrets/{secret}:testIamPermissions"),
-                    &body,
-                    Auth::Bearer(token),
-                )
-                .await
-            }
-            TargetKind::Topic { project, topic } => {
-                self.post(
-                    api,
-                    "pubsub",
-                    &format!("/v1/projects/{project}/topics/{topic}:testIamPermissions"),
-                    &body,
-                    Auth::Bearer(token),
-                )
-                .await
-            }
-            TargetKind::Subscription { project, subscription } => {
-                self.post(
-                    api,
-                    "pubsub",
-                    &format!("/v1/projects/{project}/subscriptions/{subscription}:testIamPermissions"),
-                    &body,
-                    Auth::Bearer(token),
-                )
-                .await
-            }
+        let path = kind.test_permissions_path();
+        let answer = if matches!(kind, TargetKind::Bucket { .. }) {
+            let query: String = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(permissions.iter().map(|p| ("permissions", p)))
+                .finish();
+            let url = self
+                .google
+                .endpoints()
+                .url(kind.service(), &format!("{path}?{query}"))
+                .map_err(|e| unreachable(Stage::Target, &SendError::Url(e)))?;
+            self.google.client().send(api, Method::GET, url, &Body::Empty, Auth::Bearer(token)).await
+        } else {
+            let body = Body::Json(json!({"permissions": permissions}));
+            self.post(api, kind.service(), &path, &body, Auth::Bearer(token)).await
         };
         let answer = answer.map_err(|e| unreachable(Stage::Target, &e))?;
         let (code, description) = error_parts(&answer);

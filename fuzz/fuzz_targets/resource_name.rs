@@ -8,8 +8,7 @@ fuzz_target!(|resource: &str| {
     if let Ok(kind) = parse_target(resource) {
         let endpoints = Endpoints::new(&[]);
         let service = kind.service();
-        let path = format!("/v1/{}", resource.trim_start_matches('/'));
-        if let Ok(url) = endpoints.url(service, &path) {
+        if let Ok(url) = endpoints.url(service, &kind.test_permissions_path()) {
             assert_eq!(url.host_str(), Some(format!("{service}.googleapis.com").as_str()), "{resource} -> {url}");
         }
     }

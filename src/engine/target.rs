@@ -28,6 +28,27 @@ impl TargetKind {
             TargetKind::Topic { .. } | TargetKind::Subscription { .. } => "pubsub",
         }
     }
+
+    /// The path of this resource's testIamPermissions on [`TargetKind::service`]. Cloud Storage
+    /// takes the permissions in the query of a GET; the others in the JSON body of a POST.
+    pub fn test_permissions_path(&self) -> String {
+        match self {
+            TargetKind::Bucket { bucket } => format!("/storage/v1/b/{bucket}/iam/testPermissions"),
+            TargetKind::Project { project } => format!("/v1/projects/{project}:testIamPermissions"),
+            TargetKind::ServiceAccount { project, email } => {
+                format!("/v1/projects/{project}/serviceAccounts/{email}:testIamPermissions")
+            }
+            TargetKind::Secret { project, secret } => {
+                format!("/v1/projects/{project}/secrets/{secret}:testIamPermissions")
+            }
+            TargetKind::Topic { project, topic } => {
+                format!("/v1/projects/{project}/topics/{topic}:testIamPermissions")
+            }
+            TargetKind::Subscription { project, subscription } => {
+                format!("/v1/projects/{project}/subscriptions/{subscription}:testIamPermissions")
+            }
+        }
+    }
 }
 
 /// Parses a full resource name; the error names the kinds that are supported.
@@ -116,6 +137,35 @@ mod tests {
             parse_target("//pubsub.googleapis.com/projects/acme-prod/subscriptions/orders-sub"),
             Ok(TargetKind::Subscription { .. })
         ));
+    }
+
+    #[test]
+    fn each_kind_has_its_test_permissions_path() {
+        let path = |r: &str| parse_target(r).unwrap().test_permissions_path();
+        assert_eq!(
+            path("//storage.googleapis.com/projects/_/buckets/b"),
+            "/storage/v1/b/b/iam/testPermissions"
+        );
+        assert_eq!(
+            path("//cloudresourcemanager.googleapis.com/projects/p"),
+            "/v1/projects/p:testIamPermissions"
+        );
+        assert_eq!(
+            path("//iam.googleapis.com/projects/p/serviceAccounts/x@p.iam.gserviceaccount.com"),
+            "/v1/projects/p/serviceAccounts/x@p.iam.gserviceaccount.com:testIamPermissions"
+        );
+        assert_eq!(
+            path("//secretmanager.googleapis.com/projects/p/secrets/s"),
+            "/v1/projects/p/secrets/s:testIamPermissions"
+        );
+        assert_eq!(
+            path("//pubsub.googleapis.com/projects/p/topics/t"),
+            "/v1/projects/p/topics/t:testIamPermissions"
+        );
+        assert_eq!(
+            path("//pubsub.googleapis.com/projects/p/subscriptions/s"),
+            "/v1/projects/p/subscriptions/s:testIamPermissions"
+        );
     }
 
     #[test]
