@@ -67,6 +67,16 @@ fn chain_spec(label: &str, value: &str, extra: Value) -> Value {
     spec
 }
 
+/// A GSA that grants `roles/iam.workloadIdentityUser` to `members` and may read [`BUCKET`].
+fn bucket_reader(email: &str, members: Vec<String>) -> ServiceAccount {
+    ServiceAccount {
+        email: email.to_string(),
+        bindings: vec![fake_google::scenario::Binding { role: WIU.into(), members, condition: None }],
+        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
+        ..Default::default()
+    }
+}
+
 fn failure_reasons(p: &AuthProbe) -> BTreeMap<String, String> {
     p.status
         .as_ref()
@@ -83,16 +93,7 @@ async fn a_healthy_gke_chain_is_verified_end_to_end() {
     let main = gsa(&unique("gke"));
     let ns = namespace(&client, "gke", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
-    add_gsa(ServiceAccount {
-        email: main.clone(),
-        bindings: vec![fake_google::scenario::Binding {
-            role: WIU.into(),
-            members: vec![member(&ns, "app")],
-            condition: None,
-        }],
-        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
-        ..Default::default()
-    });
+    add_gsa(bucket_reader(&main, vec![member(&ns, "app")]));
     apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
     let probe = wait_ready(&client, &id, "True", "Verified").await;
     assert_eq!(
@@ -177,18 +178,12 @@ async fn federation_chain_and_the_attribute_condition_per_namespace() {
     for ns in [&billing, &ledger, &checkout] {
         service_account(&client, ns, "app", Some(&main)).await;
     }
-    add_gsa(ServiceAccount {
-        email: main.clone(),
-        bindings: vec![fake_google::scenario::Binding {
-            role: WIU.into(),
-            members: vec![format!(
-                "principalSet://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}/*"
-            )],
-            condition: None,
-        }],
-        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
-        ..Default::default()
-    });
+    add_gsa(bucket_reader(
+        &main,
+        vec![format!(
+            "principalSet://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}/*"
+        )],
+    ));
     apply_probe(&client, &id, federation_spec("team", &id, &provider, json!({}))).await;
     let probe = wait_for(&client, &id, "one rejected namespace", |p| {
         p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.passing == 2 && s.failing == 1)
@@ -400,16 +395,7 @@ async fn clock_skew_between_google_and_the_cluster() {
     let main = gsa(&unique("skew"));
     let ns = namespace(&client, "skew", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
-    add_gsa(ServiceAccount {
-        email: main.clone(),
-        bindings: vec![fake_google::scenario::Binding {
-            role: WIU.into(),
-            members: vec![member(&ns, "app")],
-            condition: None,
-        }],
-        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
-        ..Default::default()
-    });
+    add_gsa(bucket_reader(&main, vec![member(&ns, "app")]));
     // Google's clock 15 minutes ahead: the token is stale to it, and the Date headers show why.
     env().fake.update(|s| s.clock_skew_seconds = 900);
     apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
@@ -433,15 +419,8 @@ async fn no_token_material_reaches_logs_events_status_or_metrics() {
     service_account(&client, &ns, "worker", Some(&main)).await;
     // app passes the whole chain; worker is mapped but may not read the bucket.
     add_gsa(ServiceAccount {
-        email: main.clone(),
-        bindings: vec![fake_google::scenario::Binding {
-            role: WIU.into(),
-            members: vec![member(&ns, "app"), member(&ns, "worker")],
-            condition: None,
-        }],
-        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.get".to_string()])]),
         denied_principals: vec![member(&ns, "worker")],
-        ..Default::default()
+        ..bucket_reader(&main, vec![member(&ns, "app"), member(&ns, "worker")])
     });
     apply_probe(
         &client,
