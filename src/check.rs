@@ -3,6 +3,7 @@
 
 use std::{fmt::Write as _, sync::Arc};
 
+use anyhow::Context as _;
 use k8s_openapi::{api::core::v1::ServiceAccount, jiff::Timestamp};
 use kube::{
     Api, Client, ResourceExt,
@@ -14,6 +15,7 @@ use serde::Serialize;
 use crate::{
     api::{AuthProbe, condition},
     chain::Chain,
+    cli::CheckArgs,
     cluster::ClusterIssuers,
     engine::{
         Plan, Verdict,
@@ -325,4 +327,23 @@ fn junit(checked: &[Checked]) -> String {
     }
     out.push_str("</testsuites>\n");
     out
+}
+
+/// `authprobe check`: reads the probes, checks each, prints the results and returns the exit code.
+pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let probes = parse_probes(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
+    let metrics = Arc::new(Metrics::new());
+    let google = Arc::new(args.google.connect(metrics.clone())?);
+    let mut results = Vec::new();
+    for probe in &probes {
+        results.push(check(&client, google.clone(), metrics.clone(), probe).await?);
+    }
+    print!("{}", render(&results, args.output));
+    Ok(overall(&results))
 }

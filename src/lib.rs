@@ -14,6 +14,7 @@ pub mod http;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;
+pub mod operator;
 pub mod probe;
 pub mod redact;
 pub mod telemetry;
