@@ -185,15 +185,7 @@ impl Chain {
         let federated = Some(match answer {
             Ok(a) if a.status.is_success() => sts_credential(&a),
             Ok(a) => {
-                let (code, description) = error_parts(&a);
-                let shown = describe(&a);
-                let upstream = Upstream {
-                    status: a.status.as_u16(),
-                    code: &code,
-                    description: &redact::upstream(&description),
-                    shown: &shown,
-                };
-                Err(classify::exchange(&upstream, &who(ksa), &url_target, skew))
+                Err(read_upstream(&a, |upstream| classify::exchange(upstream, &who(ksa), &url_target, skew)))
             }
             Err(e) => Err(unreachable(Stage::TokenExchange, &e)),
         });
@@ -340,17 +332,9 @@ impl Chain {
             .await
         {
             Ok(a) if a.status.is_success() => gsa_credential(&a),
-            Ok(a) => {
-                let (code, description) = error_parts(&a);
-                let shown = describe(&a);
-                let upstream = Upstream {
-                    status: a.status.as_u16(),
-                    code: &code,
-                    description: &redact::upstream(&description),
-                    shown: &shown,
-                };
-                Err(classify::impersonation(&upstream, &who(ksa), principal, gsa.as_str()))
-            }
+            Ok(a) => Err(read_upstream(&a, |upstream| {
+                classify::impersonation(upstream, &who(ksa), principal, gsa.as_str())
+            })),
             Err(e) => Err(unreachable(Stage::Impersonation, &e)),
         }
     }
@@ -383,14 +367,6 @@ impl Chain {
             self.post(api, kind.service(), &path, &body, Auth::Bearer(token)).await
         };
         let answer = answer.map_err(|e| unreachable(Stage::Target, &e))?;
-        let (code, description) = error_parts(&answer);
-        let shown = describe(&answer);
-        let upstream = Upstream {
-            status: answer.status.as_u16(),
-            code: &code,
-            description: &redact::upstream(&description),
-            shown: &shown,
-        };
         let missing: Vec<String> = if answer.status == StatusCode::OK {
             let held: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
             let held: Vec<&str> = held["permissions"]
@@ -401,8 +377,25 @@ impl Chain {
         } else {
             vec![]
         };
-        classify::target(&upstream, &who(ksa), as_who, resource, &missing, federated).map_or(Ok(()), Err)
+        read_upstream(&answer, |upstream| {
+            classify::target(upstream, &who(ksa), as_who, resource, &missing, federated)
+        })
+        .map_or(Ok(()), Err)
     }
+}
+
+/// Hands `classify` the answer as the engine reads it: code and description from the error
+/// envelope, both redacted, and the whole answer as shown to users.
+fn read_upstream<T>(answer: &Answer, classify: impl FnOnce(&Upstream<'_>) -> T) -> T {
+    let (code, description) = error_parts(answer);
+    let description = redact::upstream(&description);
+    let shown = describe(answer);
+    classify(&Upstream {
+        status: answer.status.as_u16(),
+        code: &code,
+        description: &description,
+        shown: &shown,
+    })
 }
 
 /// STS and securetoken: `access_token`, valid for `expires_in` seconds (a number, or a string as
