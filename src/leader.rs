@@ -2,7 +2,7 @@
 //! and mints tokens. A graceful stop releases the lease; a standby watches the Lease so it takes
 //! over within about a second of a release instead of waiting for the lock to expire.
 
-use std::time::Duration;
+use std::{convert::Infallible, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -11,7 +11,10 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 
 /// The Lease's name.
 pub const LEASE_NAME: &str = "authprobe-leader";
@@ -47,8 +50,12 @@ pub async fn acquire(
     stop: impl Future<Output = ()>,
 ) -> Result<Option<Leadership>, LeaseError> {
     let leases = Api::<Lease>::namespaced(client.clone(), namespace);
+    let (holder_tx, mut holder) = watch::channel(None);
     let campaign = async {
         loop {
+            // Releases seen from here on count for this manager, including one that lands while
+            // it reads the Lease or before the standby's watch has first listed it.
+            holder.borrow_and_update();
             // A new manager reads the Lease afresh; one that has seen it held waits for its expiry.
             let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
                 .with_namespace(namespace)
@@ -60,12 +67,13 @@ pub async fn acquire(
             tokio::select! {
                 changed = manager.changed() => if changed? { return Ok::<_, LeaseError>(manager) },
                 // A graceful stop releases the lock before it expires: campaign again at once.
-                () = released(&leases) => {}
+                () = next_release(&mut holder) => {}
             }
         }
     };
     let manager = tokio::select! {
         won = campaign => won?,
+        never = follow_holder(&leases, holder_tx) => match never {},
         () = stop => return Ok(None),
     };
     tracing::info!(identity, namespace, lease = LEASE_NAME, "acquired the lease: reconciling");
@@ -74,18 +82,25 @@ pub async fn acquire(
     Ok(Some(Leadership { release: Some(release), task }))
 }
 
-/// Resolves when a held Lease is released (held, then without holder).
-async fn released(leases: &Api<Lease>) {
+/// Publishes the Lease's holder (`None`: nobody holds it) on every change the watch reports.
+async fn follow_holder(leases: &Api<Lease>, holder: watch::Sender<Option<String>>) -> Infallible {
     let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
     let mut events = watcher(leases.clone(), config).default_backoff().applied_objects().boxed();
-    let mut seen_held = false;
     while let Some(event) = events.next().await {
         if let Ok(lease) = event {
-            let held = lease.spec.and_then(|s| s.holder_identity).is_some_and(|h| !h.is_empty());
-            if seen_held && !held {
-                return;
-            }
-            seen_held |= held;
+            let current = lease.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+            // Sent even when unchanged: the first report may already be the release.
+            holder.send_replace(current);
+        }
+    }
+    std::future::pending().await
+}
+
+/// Resolves when a report newer than the last one seen shows the Lease without holder.
+async fn next_release(holder: &mut watch::Receiver<Option<String>>) {
+    while holder.changed().await.is_ok() {
+        if holder.borrow_and_update().is_none() {
+            return;
         }
     }
     std::future::pending().await

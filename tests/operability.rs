@@ -197,6 +197,40 @@ async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Durat
     }
 }
 
+/// A standby takes a released lease at once whatever the moment of the release during its start:
+/// before its first read of the Lease, between that read and its watch's first list, or after.
+/// The release moment is the variable here, so it is stepped, not awaited.
+#[tokio::test]
+async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
+    let _serial = SERIAL.lock().await;
+    let admin = base_client().await;
+    let lease_ns = namespace(&admin, "release", &[]).await;
+    for release_after_ms in (0..=200).step_by(10) {
+        let leader = authprobe::leader::acquire(admin.clone(), &lease_ns, "leader", std::future::pending())
+            .await
+            .unwrap()
+            .expect("a free lease is won");
+        let standby = tokio::spawn({
+            let (client, ns) = (admin.clone(), lease_ns.clone());
+            async move { authprobe::leader::acquire(client, &ns, "standby", std::future::pending()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(release_after_ms)).await;
+        let released_at = Instant::now();
+        leader.release(Duration::from_secs(5)).await;
+        let won = tokio::time::timeout(Duration::from_secs(5), standby)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("released {release_after_ms} ms into the standby's start: not taken in 5 s")
+            })
+            .unwrap()
+            .unwrap()
+            .expect("the standby leads");
+        let took = released_at.elapsed();
+        assert!(took < Duration::from_secs(3), "released {release_after_ms} ms in: taken after {took:?}");
+        won.release(Duration::from_secs(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
     let _serial = SERIAL.lock().await;
