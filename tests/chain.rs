@@ -95,7 +95,7 @@ async fn a_healthy_gke_chain_is_verified_end_to_end() {
     service_account(&client, &ns, "app", Some(&main)).await;
     add_gsa(bucket_reader(&main, vec![member(&ns, "app")]));
     apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
-    let probe = wait_ready(&client, &id, "True", "Verified").await;
+    let probe = wait_verified(&client, &id, 1).await;
     assert_eq!(
         condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap(),
         ("True".into(), "Verified".into())

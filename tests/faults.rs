@@ -190,7 +190,7 @@ async fn etcd_restarted_under_a_healthy_probe() {
     let client = base_client().await;
     let id = unique("etcd");
     scenario(&client, &id, 2, false).await;
-    let before = wait_ready(&client, &id, "True", "Verified").await;
+    let before = wait_verified(&client, &id, 2).await;
     let recorder = record(&client, &id);
     let pid = op.pid();
     base().cp.restart_etcd().await.unwrap();
@@ -221,7 +221,7 @@ async fn the_operator_restarted_gracefully_and_by_sigkill() {
     let (healthy_id, broken_id) = (unique("steady"), unique("failing"));
     scenario(&client, &healthy_id, 2, false).await;
     let broken = scenario(&client, &broken_id, 1, true).await.broken.unwrap();
-    let healthy_before = wait_ready(&client, &healthy_id, "True", "Verified").await;
+    let healthy_before = wait_verified(&client, &healthy_id, 2).await;
     let broken_before = wait_ready(&client, &broken_id, "False", "PrincipalNotMapped").await;
     let since_before = broken_before.status.as_ref().unwrap().failures[0].since.clone();
     let recorder = record(&client, &healthy_id);
@@ -283,13 +283,7 @@ async fn flaky_slow_google_converges_with_bounded_retries() {
     let recorder = record(&client, &id);
     let started = Instant::now();
     apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
-    // Every KSA passing, not just Ready: a pass that ran before the operator's cache held the new
-    // namespaces is Ready over fewer KSAs.
-    let waited = wait_for_within(&client, &id, "convergence", Duration::from_secs(300), |p| {
-        ready(p) == Some(("True".into(), "Verified".into()))
-            && p.status.as_ref().and_then(|s| s.summary.as_ref()).is_some_and(|s| s.passing == gsas as u32)
-    })
-    .await;
+    let waited = wait_verified_within(&client, &id, gsas as u32, Duration::from_secs(300)).await;
     base().fake.update(|s| s.faults = Faults::default());
     let seen = recorder.stop();
     let counts = base().fake.counts();

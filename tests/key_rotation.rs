@@ -64,7 +64,7 @@ async fn a_rotated_signing_key_is_not_trusted_until_uploaded() {
         "probe": {"tokenExchange": true, "propagationGrace": "0s"}
     });
     apply_probe(&client, &id, spec).await;
-    let probe = wait_ready(&client, &id, "True", "Verified").await;
+    let probe = wait_verified(&client, &id, 1).await;
     assert_eq!(condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap().0, "True");
 
     // The cluster now signs with a new key, still publishing the old one for verification.

@@ -115,6 +115,17 @@ pub fn env() -> &'static Env {
     env
 }
 
+/// A test's own operator dies with it, also when the test panics: left running, it would keep
+/// reconciling and writing Events into the tests that follow.
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(mut c) = child.take() {
+            authprobe_harness::kill(&mut c);
+        }
+    }
+}
+
 impl Operator {
     /// An operator (not started) talking to the fake at `endpoints`, with `extra` arguments.
     pub fn new(cp: &ControlPlane, endpoints: &str, extra: &[&str]) -> Self {
@@ -382,6 +393,23 @@ pub async fn wait_for_within(
 pub async fn wait_ready(client: &Client, name: &str, status: &str, reason: &str) -> AuthProbe {
     let want = Some((status.to_string(), reason.to_string()));
     wait_for(client, name, &format!("Ready={status}/{reason}"), move |p| ready(p) == want).await
+}
+
+/// Waits for Ready True/Verified over exactly `ksas` passing ServiceAccounts: a pass that ran before
+/// the operator's cache held a new namespace is Verified over fewer (a probe selecting nothing is
+/// Verified too).
+pub async fn wait_verified(client: &Client, name: &str, ksas: u32) -> AuthProbe {
+    wait_verified_within(client, name, ksas, WAIT).await
+}
+
+/// [`wait_verified`] with its own bound.
+pub async fn wait_verified_within(client: &Client, name: &str, ksas: u32, within: Duration) -> AuthProbe {
+    let what = format!("Ready=True/Verified over {ksas} ServiceAccounts");
+    wait_for_within(client, name, &what, within, move |p| {
+        ready(p).is_some_and(|r| r.0 == "True" && r.1 == "Verified")
+            && p.status.as_ref().and_then(|s| s.summary.as_ref()).is_some_and(|s| s.passing == ksas)
+    })
+    .await
 }
 
 /// events.k8s.io Events about an object.
