@@ -50,12 +50,12 @@ pub async fn acquire(
     stop: impl Future<Output = ()>,
 ) -> Result<Option<Leadership>, LeaseError> {
     let leases = Api::<Lease>::namespaced(client.clone(), namespace);
-    let (holder_tx, mut holder) = watch::channel(None);
+    let (held_tx, mut held) = watch::channel(false);
     let campaign = async {
         loop {
             // Releases seen from here on count for this manager, including one that lands while
             // it reads the Lease or before the standby's watch has first listed it.
-            holder.borrow_and_update();
+            held.borrow_and_update();
             // A new manager reads the Lease afresh; one that has seen it held waits for its expiry.
             let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
                 .with_namespace(namespace)
@@ -67,13 +67,13 @@ pub async fn acquire(
             tokio::select! {
                 changed = manager.changed() => if changed? { return Ok::<_, LeaseError>(manager) },
                 // A graceful stop releases the lock before it expires: campaign again at once.
-                () = next_release(&mut holder) => {}
+                () = next_release(&mut held) => {}
             }
         }
     };
     let manager = tokio::select! {
         won = campaign => won?,
-        never = follow_holder(&leases, holder_tx) => match never {},
+        never = follow_held(&leases, held_tx) => match never {},
         () = stop => return Ok(None),
     };
     tracing::info!(identity, namespace, lease = LEASE_NAME, "acquired the lease: reconciling");
@@ -82,24 +82,24 @@ pub async fn acquire(
     Ok(Some(Leadership { release: Some(release), task }))
 }
 
-/// Publishes the Lease's holder (`None`: nobody holds it) on every change the watch reports.
-async fn follow_holder(leases: &Api<Lease>, holder: watch::Sender<Option<String>>) -> Infallible {
+/// Publishes whether the Lease is held, on every report of its watch.
+async fn follow_held(leases: &Api<Lease>, held: watch::Sender<bool>) -> Infallible {
     let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
     let mut events = watcher(leases.clone(), config).default_backoff().applied_objects().boxed();
     while let Some(event) = events.next().await {
         if let Ok(lease) = event {
-            let current = lease.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+            let holder = lease.spec.and_then(|s| s.holder_identity);
             // Sent even when unchanged: the first report may already be the release.
-            holder.send_replace(current);
+            held.send_replace(holder.is_some_and(|h| !h.is_empty()));
         }
     }
     std::future::pending().await
 }
 
 /// Resolves when a report newer than the last one seen shows the Lease without holder.
-async fn next_release(holder: &mut watch::Receiver<Option<String>>) {
-    while holder.changed().await.is_ok() {
-        if holder.borrow_and_update().is_none() {
+async fn next_release(held: &mut watch::Receiver<bool>) {
+    while held.changed().await.is_ok() {
+        if !*held.borrow_and_update() {
             return;
         }
     }
