@@ -119,10 +119,7 @@ pub fn env() -> &'static Env {
 /// reconciling and writing Events into the tests that follow.
 impl Drop for Operator {
     fn drop(&mut self) {
-        let child = self.child.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(mut c) = child.take() {
-            authprobe_harness::kill(&mut c);
-        }
+        self.kill();
     }
 }
 
@@ -201,9 +198,9 @@ impl Operator {
         self.child.lock().unwrap().as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Kills it at once (a crash).
+    /// Kills it at once (a crash). Also works after a panic poisoned the lock, so it can run on drop.
     pub fn kill(&self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             authprobe_harness::kill(&mut c);
         }
     }
