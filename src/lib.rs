@@ -1,20 +1,15 @@
 //! authprobe: proves, continuously and per namespace, that each Kubernetes ServiceAccount can still
 //! become the Google identity it is supposed to become, and says which step fails and how to fix it.
+//!
+//! Layers, bottom up (each room imports only rooms below it):
+//! `authprobe_core` (api, pure engine) ← [`metrics`], [`google`] ← [`probe`] ← [`controller`] ←
+//! [`runtime`] ← [`cmd`].
 
-pub mod api;
-pub mod chain;
-pub mod check;
-pub mod cli;
-pub mod cluster;
+pub use authprobe_core::{api, engine, redact};
+
+pub mod cmd;
 pub mod controller;
-pub mod engine;
 pub mod google;
-pub mod health;
-pub mod http;
-pub mod inventory;
-pub mod leader;
 pub mod metrics;
-pub mod operator;
 pub mod probe;
-pub mod redact;
-pub mod telemetry;
+pub mod runtime;

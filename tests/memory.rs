@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicIsize, Ordering},
 };
 
-use authprobe::inventory::{self, AnnotationChanges, NamespaceMeta, ServiceAccountMeta};
+use authprobe::controller::inventory::{self, AnnotationChanges, NamespaceMeta, ServiceAccountMeta};
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
 

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use authprobe::runtime::leader::{DEFAULT_LEASE_NAME, LEASE_SECONDS, LeaseRef};
 use authprobe_harness::tools_bin;
 use fake_google::scenario::{Binding, Cluster, GkeCluster, GkeProject, ServiceAccount as GoogleSa};
 use k8s_openapi::api::{
@@ -163,10 +164,7 @@ async fn the_chart_installs_and_its_rbac_is_enough_and_no_more() {
         "True",
         "minted tokens under the chart's RBAC"
     );
-    let lease = Api::<Lease>::namespaced(admin.clone(), &release_ns)
-        .get(authprobe::leader::LEASE_NAME)
-        .await
-        .unwrap();
+    let lease = Api::<Lease>::namespaced(admin.clone(), &release_ns).get(DEFAULT_LEASE_NAME).await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("authprobe-chart-0"));
     assert_eq!(event_counts(&admin, "default", "AuthProbe", &id).await.len(), 1, "events are allowed too");
     let log = operator.log_text();
@@ -187,7 +185,7 @@ fn lease_holder(lease: &Lease) -> Option<String> {
 async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Duration) {
     let started = Instant::now();
     loop {
-        if let Ok(lease) = leases.get(authprobe::leader::LEASE_NAME).await
+        if let Ok(lease) = leases.get(DEFAULT_LEASE_NAME).await
             && let Some(holder) = lease_holder(&lease)
             && Some(holder.as_str()) != not
         {
@@ -209,13 +207,17 @@ async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
     let mut slowest = Duration::ZERO;
     let moments = (0..=200).step_by(10).count();
     for release_after_ms in (0..=200).step_by(10) {
-        let leader = authprobe::leader::acquire(admin.clone(), &lease_ns, "leader", std::future::pending())
-            .await
-            .unwrap()
-            .expect("a free lease is won");
+        let lease = LeaseRef { namespace: lease_ns.clone(), name: DEFAULT_LEASE_NAME.into() };
+        let leader =
+            authprobe::runtime::leader::acquire(admin.clone(), &lease, "leader", std::future::pending())
+                .await
+                .unwrap()
+                .expect("a free lease is won");
         let standby = tokio::spawn({
-            let (client, ns) = (admin.clone(), lease_ns.clone());
-            async move { authprobe::leader::acquire(client, &ns, "standby", std::future::pending()).await }
+            let (client, lease) = (admin.clone(), lease.clone());
+            async move {
+                authprobe::runtime::leader::acquire(client, &lease, "standby", std::future::pending()).await
+            }
         });
         tokio::time::sleep(Duration::from_millis(release_after_ms)).await;
         let released_at = Instant::now();
@@ -286,10 +288,7 @@ async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
     let (second, crash_takeover) = wait_takeover(&leases, Some(&first)).await;
     assert_ne!(second, first);
     report("leader", &format!("takeover after killing the leader: {:.1} s", crash_takeover.as_secs_f64()));
-    assert!(
-        crash_takeover <= Duration::from_secs(authprobe::leader::LEASE_SECONDS + 5),
-        "{crash_takeover:?}"
-    );
+    assert!(crash_takeover <= Duration::from_secs(LEASE_SECONDS + 5), "{crash_takeover:?}");
     probe_now(&admin, &id).await;
     let before = standby.log_text().matches("probe pass").count();
     wait_for(&admin, &id, "a pass by the new leader", |p| ready(p).is_some_and(|r| r.0 == "False")).await;

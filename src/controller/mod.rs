@@ -3,17 +3,14 @@
 //! re-checks too). Namespaces and ServiceAccounts are watched once, metadata only, pruned, and the
 //! same watches feed both the caches the probes read and the triggers.
 
-mod history;
+pub mod inventory;
+pub mod progress;
 mod reconcile;
+mod state;
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, ResourceExt,
     runtime::{
@@ -27,24 +24,25 @@ use kube::{
     },
 };
 
-use self::history::History;
+use self::{
+    inventory::{AnnotationChanges, NamespaceMeta, ServiceAccountMeta, key},
+    progress::Progress,
+    state::States,
+};
 use crate::{
-    api::{AuthProbe, AuthProbeStatus},
-    chain::Chain,
-    cluster::ClusterIssuers,
-    engine::Plan,
+    api::AuthProbe,
+    engine::selector::{Labels, NO_LABELS},
     google::Google,
-    health::Health,
-    inventory::{self, AnnotationChanges, NamespaceMeta, ServiceAccountMeta, key},
     metrics::Metrics,
+    probe::{exchange::Chain, issuer::ClusterIssuers},
 };
 
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "authprobe";
 
-/// Tunables.
+/// The controller's tuning.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub struct Tuning {
     /// Probes reconciled at once.
     pub concurrency: u16,
     /// Quiet time before a burst of changes is reconciled.
@@ -55,7 +53,7 @@ pub struct Config {
     pub instance: Option<String>,
 }
 
-impl Default for Config {
+impl Default for Tuning {
     fn default() -> Self {
         Self { concurrency: 4, debounce: Duration::from_millis(500), page_size: 500, instance: None }
     }
@@ -88,23 +86,6 @@ impl Error {
     }
 }
 
-/// What one probe remembers between passes.
-#[derive(Debug, Default)]
-struct ProbeState {
-    history: History,
-    /// Namespaces selected in the last pass (compact keys), to notice coverage being lost or gained.
-    scope: Option<HashSet<u64>>,
-    /// When a namespace entered the probe's scope, for the propagation grace.
-    entered: HashMap<u64, Timestamp>,
-    /// The last `authprobe.io/probe-now` value acted on.
-    probe_now: Option<String>,
-    /// The status this replica last wrote: the cached object can lag behind it by a watch event.
-    written: Option<AuthProbeStatus>,
-}
-
-/// A probe's checked spec and the generation it was checked at.
-type CachedPlan = (Option<i64>, Arc<Result<Plan, String>>);
-
 /// Everything reconciles share.
 pub struct Context {
     client: Client,
@@ -117,51 +98,20 @@ pub struct Context {
     namespaces: Store<NamespaceMeta>,
     service_accounts: Store<ServiceAccountMeta>,
     annotation_changes: Arc<AnnotationChanges>,
-    states: Mutex<HashMap<String, ProbeState>>,
-    plans: Mutex<HashMap<String, CachedPlan>>,
-    failures: Mutex<HashMap<String, u32>>,
+    states: Arc<States>,
 }
 
 impl Context {
-    /// The checked spec of `probe`, parsed once per generation.
-    fn plan(&self, probe: &AuthProbe) -> Arc<Result<Plan, String>> {
-        let name = probe.name_any();
-        let generation = probe.metadata.generation;
-        let mut plans = match self.plans.lock() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        match plans.get(&name) {
-            Some((g, plan)) if *g == generation => plan.clone(),
-            _ => {
-                let plan = Arc::new(Plan::parse(&probe.spec));
-                plans.insert(name, (generation, plan.clone()));
-                plan
-            }
-        }
-    }
-
-    fn covered_last_pass(&self, probe: &str, namespace_key: u64) -> bool {
-        self.states
-            .lock()
-            .ok()
-            .and_then(|s| s.get(probe).and_then(|p| p.scope.as_ref().map(|sc| sc.contains(&namespace_key))))
-            .unwrap_or(false)
-    }
-
     /// The probes a namespace change concerns: those selecting it now or in their last pass.
-    fn probes_for_namespace(
-        &self,
-        namespace: &str,
-        labels: Option<&std::collections::BTreeMap<String, String>>,
-    ) -> Vec<ObjectRef<AuthProbe>> {
+    fn probes_for_namespace(&self, namespace: &str, labels: &Labels) -> Vec<ObjectRef<AuthProbe>> {
         let ns_key = key(&[namespace]);
         self.probes
             .state()
             .iter()
             .filter(|p| {
-                let selects = self.plan(p).as_ref().as_ref().is_ok_and(|plan| plan.selects_namespace(labels));
-                selects || self.covered_last_pass(&p.name_any(), ns_key)
+                let selects =
+                    self.states.plan(p).as_ref().as_ref().is_ok_and(|plan| plan.selects_namespace(labels));
+                selects || self.states.covered_last_pass(&p.uid().unwrap_or_default(), ns_key)
             })
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect()
@@ -171,28 +121,10 @@ impl Context {
     fn probes_for_service_account(&self, sa: &ServiceAccountMeta) -> Vec<ObjectRef<AuthProbe>> {
         let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
         let ns = self.namespaces.get(&ObjectRef::new(namespace));
-        self.probes_for_namespace(namespace, ns.as_ref().and_then(|n| n.metadata.labels.as_ref()))
-    }
-
-    /// Drops the memory and metrics of probes that no longer exist.
-    fn forget_deleted(&self) {
-        let live: HashSet<String> = self.probes.state().iter().map(|p| p.name_any()).collect();
-        let gone: Vec<String> = match self.states.lock() {
-            Ok(mut states) => {
-                let gone = states.keys().filter(|k| !live.contains(*k)).cloned().collect::<Vec<_>>();
-                for g in &gone {
-                    states.remove(g);
-                }
-                gone
-            }
-            Err(_) => vec![],
-        };
-        for probe in gone {
-            self.metrics.forget_probe(&probe);
-            if let Ok(mut plans) = self.plans.lock() {
-                plans.remove(&probe);
-            }
-        }
+        self.probes_for_namespace(
+            namespace,
+            ns.as_ref().and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&NO_LABELS),
+        )
     }
 
     async fn wait_for_caches(&self) -> Result<(), Error> {
@@ -201,19 +133,39 @@ impl Context {
     }
 }
 
+/// Forgets a probe's state and metric series as soon as its Delete event arrives, and after a
+/// re-list every probe the list no longer shows (a watch that was down reports no Delete).
+fn forget_deleted(
+    states: Arc<States>,
+    metrics: Arc<Metrics>,
+) -> impl FnMut(&watcher::Event<AuthProbe>) + use<> {
+    let mut listed: HashSet<String> = HashSet::new();
+    move |event| {
+        let gone = match event {
+            watcher::Event::Delete(p) => states.forget(&p.uid().unwrap_or_default()).into_iter().collect(),
+            watcher::Event::Init => {
+                listed.clear();
+                vec![]
+            }
+            watcher::Event::InitApply(p) => {
+                listed.insert(p.uid().unwrap_or_default());
+                vec![]
+            }
+            watcher::Event::InitDone => states.retain(&listed),
+            watcher::Event::Apply(_) => vec![],
+        };
+        for name in gone {
+            tracing::debug!(probe = %name, "probe deleted: its state and series are gone");
+            metrics.forget_probe(&name);
+        }
+    }
+}
+
 /// Per-object exponential backoff on errors (1 s doubling to 5 min, with jitter), reset on success.
 fn error_policy(probe: Arc<AuthProbe>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(error.category());
     let name = probe.name_any();
-    let attempt = ctx
-        .failures
-        .lock()
-        .map(|mut f| {
-            let n = f.entry(name.clone()).or_default();
-            *n = n.saturating_add(1);
-            *n
-        })
-        .unwrap_or(1);
+    let attempt = ctx.states.failed(&probe);
     let delay = Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300));
     let delay = delay.mul_f64(1.0 + rand::random::<f64>() * 0.2);
     tracing::warn!(probe = %name, category = error.category(), %error, attempt, retry_in = ?delay, "reconcile failed");
@@ -234,17 +186,17 @@ fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     ResetTimerBackoff::new(ExponentialBackoff::from(builder), Duration::from_secs(60))
 }
 
-/// Reports each watch item to `health` and logs errors (the watch itself retries them).
+/// Reports each watch item to `progress` and logs errors (the watch itself retries them).
 fn observe<T, E: std::fmt::Display>(
-    health: &Arc<Health>,
+    progress: &Arc<Progress>,
     watch: &'static str,
 ) -> impl FnMut(&Result<T, E>) + use<T, E> {
-    let health = health.clone();
+    let progress = progress.clone();
     move |item| match item {
-        Ok(_) => health.watch_ok(watch),
+        Ok(_) => progress.watch_ok(watch),
         Err(error) => {
             tracing::warn!(watch, %error, "watch failed; retrying");
-            health.watch_failed(watch);
+            progress.watch_failed(watch);
         }
     }
 }
@@ -261,15 +213,15 @@ pub async fn run(
     client: Client,
     google: Arc<Google>,
     metrics: Arc<Metrics>,
-    config: Config,
-    health: Arc<Health>,
+    tuning: Tuning,
+    progress: Arc<Progress>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let watch_config = watcher::Config::default().page_size(config.page_size);
+    let watch_config = watcher::Config::default().page_size(tuning.page_size);
     let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let ns_events = watcher(Api::<NamespaceMeta>::all(client.clone()), watch_config.clone())
         .backoff(watch_backoff())
-        .inspect(observe(&health, "Namespace"))
+        .inspect(observe(&progress, "Namespace"))
         .modify(inventory::prune_namespace)
         .reflect(ns_writer)
         .touched_objects()
@@ -280,7 +232,7 @@ pub async fn run(
     let changes = annotation_changes.clone();
     let sa_events = watcher(Api::<ServiceAccountMeta>::all(client.clone()), watch_config.clone())
         .backoff(watch_backoff())
-        .inspect(observe(&health, "ServiceAccount"))
+        .inspect(observe(&progress, "ServiceAccount"))
         .modify(inventory::prune_service_account)
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
@@ -292,10 +244,12 @@ pub async fn run(
         .filter(objects_only);
 
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
+    let states = Arc::new(States::default());
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
     let probe_events = watcher(Api::<AuthProbe>::all(client.clone()), watcher::Config::default())
         .backoff(watch_backoff())
-        .inspect(observe(&health, "AuthProbe"))
+        .inspect(observe(&progress, "AuthProbe"))
+        .inspect_ok(forget_deleted(states.clone(), metrics.clone()))
         .reflect(probe_writer)
         .applied_objects()
         .predicate_filter(
@@ -312,15 +266,13 @@ pub async fn run(
         metrics,
         recorder: Recorder::new(
             client.clone(),
-            Reporter { controller: "authprobe".into(), instance: config.instance.clone() },
+            Reporter { controller: "authprobe".into(), instance: tuning.instance.clone() },
         ),
         probes: probes.clone(),
         namespaces: namespaces.clone(),
         service_accounts: service_accounts.clone(),
         annotation_changes,
-        states: Mutex::new(HashMap::new()),
-        plans: Mutex::new(HashMap::new()),
-        failures: Mutex::new(HashMap::new()),
+        states,
     });
 
     let stores_ready = {
@@ -329,18 +281,18 @@ pub async fn run(
             let synced = futures::try_join!(p.wait_until_ready(), n.wait_until_ready(), s.wait_until_ready());
             if synced.is_ok() {
                 tracing::info!("watches synced");
-                health.synced();
+                progress.synced();
             }
         }
     };
     let ns_ctx = ctx.clone();
     let sa_ctx = ctx.clone();
     let controller = Controller::for_stream(probe_events, probes)
-        .with_config(controller::Config::default().concurrency(config.concurrency).debounce(config.debounce))
+        .with_config(controller::Config::default().concurrency(tuning.concurrency).debounce(tuning.debounce))
         .watches_stream(ns_events, move |ns: NamespaceMeta| {
             ns_ctx.probes_for_namespace(
                 ns.metadata.name.as_deref().unwrap_or_default(),
-                ns.metadata.labels.as_ref(),
+                ns.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
             )
         })
         .watches_stream(sa_events, move |sa: ServiceAccountMeta| sa_ctx.probes_for_service_account(&sa))

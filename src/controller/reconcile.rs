@@ -1,8 +1,8 @@
-//! One reconcile: select, probe, report. Status is written by server-side apply at most once per
-//! pass, only when the verdict changed or the periodic pass is due; events fire on transitions.
+//! One reconcile, an IO shell around the engine: select from the caches, probe, let
+//! [`decide`] say what to write, announce and when to look again, do it, and keep the memory.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,87 +14,77 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType},
+        reflector::ObjectRef,
     },
 };
 
 use super::{
-    Context, Error, FIELD_MANAGER, ProbeState,
-    history::{History, Transition},
+    Context, Error, FIELD_MANAGER,
+    inventory::{self, MetaView},
 };
 use crate::{
-    api::{AuthProbe, AuthProbeStatus, PROBE_NOW_ANNOTATION, Reason, condition},
+    api::{AuthProbe, AuthProbeStatus, PROBE_NOW_ANNOTATION, condition},
     engine::{
-        Candidate, Ksa, Plan,
-        report::{Report, Status, same_verdict, to_status},
+        Candidate, Plan, Selection,
+        decide::{Announcement, INVALID_SPEC_INTERVAL, PassResult, Regarding, Severity, decide},
+        report::Report,
     },
-    inventory,
     probe::{self, Pass, Services},
     redact,
 };
 
-/// Periodic passes come `interval` plus up to this fraction later, so probes created together
-/// spread out, and never earlier, so every pass finds the last pass's Google reads expired.
-const JITTER: f64 = 0.1;
-
 pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.wait_for_caches().await?;
-    ctx.forget_deleted();
     let name = probe.name_any();
     let now = Timestamp::now();
-    let written = with_state(&ctx, &name, |s| s.written.clone());
-    let previous = newest(probe.status.as_ref(), written.as_ref());
-    let plan = ctx.plan(&probe);
+    let plan = ctx.states.plan(&probe);
+    let memory = ctx.states.take_memory(&probe);
+    let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).map(String::as_str);
 
-    let (report, outcomes_for_history, interval, forced, recheck_at) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], Duration::from_secs(600), false, None),
+    let (report, outcomes, interval, probe_now, recheck_at) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
         Ok(plan) => {
-            let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).cloned();
-            let forced = probe_now.is_some() && with_state(&ctx, &name, |s| s.probe_now != probe_now);
-            let candidates = select(&ctx, &name, plan, now);
+            let forced = memory.forced_by(probe_now);
+            let Selection { namespaces, candidates } = select(&ctx, &probe, plan, now);
             let pass =
                 Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
-            let probe::Evaluated { outcomes, recheck_at } =
-                probe::evaluate(services, pass, |c| changed_at(&ctx, &name, c)).await;
-            if forced {
-                with_state(&ctx, &name, |s| s.probe_now = probe_now.clone());
-            }
-            let namespaces = with_state(&ctx, &name, |s| s.scope.as_ref().map_or(0, HashSet::len));
-            let report =
-                Report::build(&outcomes, u32::try_from(namespaces).unwrap_or(u32::MAX), plan.token_exchange);
-            (report, outcomes, plan.interval, forced, recheck_at)
+            let evaluated = probe::evaluate(services, pass, |c| changed_at(&ctx, &probe, c)).await;
+            let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
+            let report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
+            (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at)
         }
     };
 
-    if !with_state(&ctx, &name, |s| s.history.is_seeded()) {
-        with_state(&ctx, &name, |s| s.history.seed(previous));
-    }
-    let (since, transitions, mut next_history) =
-        with_state(&ctx, &name, |s| s.history.update(&outcomes_for_history, now));
-    let status = to_status(&report, previous, probe.metadata.generation, now, &since);
-
-    let last_probe = previous.and_then(|p| p.last_probe_time.as_ref()).map(|t| t.0);
-    let due = last_probe.is_none_or(|t| t.checked_add(interval).is_ok_and(|d| d <= now));
-    let changed = previous.is_none_or(|p| !same_verdict(p, &status));
-    // A forced pass (probe-now) writes too, so its lastProbeTime shows the re-check happened.
-    let wrote = changed || due || forced;
-    if wrote {
-        write_status(&ctx, &name, &status).await?;
-        with_state(&ctx, &name, |s| s.written = Some(status.clone()));
-    }
-    let unpublished = publish(&ctx, &probe, &report, &transitions, &mut next_history).await;
-    with_state(&ctx, &name, |s| {
-        next_history.unpublished(&s.history, &unpublished);
-        s.history = next_history;
-    });
-    ctx.metrics.probe_report(
-        &name,
-        &report,
-        status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0),
+    let decision = decide(
+        memory,
+        PassResult {
+            probe: &name,
+            report: &report,
+            outcomes: &outcomes,
+            cached: probe.status.as_ref(),
+            generation: probe.metadata.generation,
+            probe_now,
+            interval,
+            recheck_at,
+            now,
+            jitter: rand::random::<f64>(),
+        },
     );
-    if let Ok(mut f) = ctx.failures.lock() {
-        f.remove(&name);
+    if decision.write
+        && let Err(e) = write_status(&ctx, &name, &decision.status).await
+    {
+        ctx.states.put_memory(&probe, decision.abandon());
+        return Err(e);
+    }
+    let failed = publish(&ctx, &probe, &decision.announcements).await;
+    let (wrote, requeue_after) = (decision.write, decision.requeue_after);
+    let finished =
+        decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
+    if ctx.states.put_memory(&probe, decision.settle(&failed)) {
+        ctx.metrics.probe_report(&name, &report, finished);
+        ctx.states.succeeded(&probe);
     }
     ctx.metrics.reconciled(started.elapsed());
     tracing::info!(
@@ -104,83 +94,23 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
         wrote, elapsed_ms = started.elapsed().as_millis(),
         "probe pass"
     );
-    let last = if wrote { now } else { last_probe.unwrap_or(now) };
-    let periodic = last.checked_add(interval.mul_f64(1.0 + rand::random::<f64>() * JITTER)).unwrap_or(now);
-    // A failure waiting out its propagation grace is judged again as soon as the grace ends.
-    let next_due = recheck_at.map_or(periodic, |r| r.min(periodic));
-    Ok(Action::requeue(
-        Duration::try_from(next_due.duration_since(now))
-            .unwrap_or(Duration::ZERO)
-            .max(Duration::from_secs(1)),
-    ))
+    Ok(Action::requeue(requeue_after))
 }
 
-/// The more recent of the cached status and the one this replica last wrote.
-fn newest<'a>(
-    cached: Option<&'a AuthProbeStatus>,
-    written: Option<&'a AuthProbeStatus>,
-) -> Option<&'a AuthProbeStatus> {
-    let time = |s: &AuthProbeStatus| s.last_probe_time.as_ref().map(|t| t.0);
-    match (cached, written) {
-        (Some(c), Some(w)) if time(w) > time(c) => Some(w),
-        (None, w) => w,
-        (c, _) => c,
-    }
-}
-
-fn with_state<T>(ctx: &Context, probe: &str, f: impl FnOnce(&mut ProbeState) -> T) -> T {
-    let mut states = match ctx.states.lock() {
-        Ok(s) => s,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    f(states.entry(probe.to_string()).or_default())
-}
-
-/// The KSAs to check, from the caches; records the namespaces in scope and when each entered it.
-fn select(ctx: &Context, probe: &str, plan: &Plan, now: Timestamp) -> Vec<Candidate> {
-    let namespaces: Vec<String> = ctx
-        .namespaces
-        .state()
-        .iter()
-        .filter(|ns| plan.selects_namespace(ns.metadata.labels.as_ref()))
-        .filter_map(|ns| ns.metadata.name.clone())
-        .collect();
-    let selected: HashSet<&str> = namespaces.iter().map(String::as_str).collect();
-    let mut by_namespace: BTreeMap<&str, Vec<Ksa>> =
-        namespaces.iter().map(|n| (n.as_str(), vec![])).collect();
-    let service_accounts = ctx.service_accounts.state();
-    for sa in &service_accounts {
-        if let Some(ns) = sa.metadata.namespace.as_deref()
-            && selected.contains(ns)
-        {
-            let ksa = inventory::ksa(sa);
-            if plan.selects_ksa(&ksa)
-                && let Some(list) = by_namespace.get_mut(ns)
-            {
-                list.push(ksa);
-            }
-        }
-    }
-    let keys: HashSet<u64> = namespaces.iter().map(|n| inventory::key(&[n])).collect();
-    with_state(ctx, probe, |s| {
-        if let Some(previous) = &s.scope {
-            for k in keys.iter().filter(|k| !previous.contains(*k)) {
-                s.entered.insert(*k, now);
-            }
-        }
-        s.entered.retain(|k, at| {
-            keys.contains(k) && at.checked_add(Duration::from_secs(3600)).is_ok_and(|end| end > now)
-        });
-        s.scope = Some(keys);
-    });
-    by_namespace.iter().flat_map(|(ns, ksas)| plan.candidates(ns, ksas)).collect()
+/// The engine's one selection over the caches; records the namespaces in scope and when each
+/// entered it.
+fn select(ctx: &Context, probe: &AuthProbe, plan: &Plan, now: Timestamp) -> Selection {
+    let selection = plan.select(&MetaView::new(ctx.namespaces.state(), ctx.service_accounts.state()));
+    let keys: HashSet<u64> = selection.namespaces.iter().map(|n| inventory::key(&[n])).collect();
+    ctx.states.record_scope(probe, keys, now);
+    selection
 }
 
 /// The latest change that opens the propagation grace: creation, annotation, entering scope.
-fn changed_at(ctx: &Context, probe: &str, c: &Candidate) -> Option<Timestamp> {
+fn changed_at(ctx: &Context, probe: &AuthProbe, c: &Candidate) -> Option<Timestamp> {
     let created = c.ksa.as_ref().and_then(|k| k.created);
     let annotated = ctx.annotation_changes.changed_at(&c.namespace, &c.name);
-    let entered = with_state(ctx, probe, |s| s.entered.get(&inventory::key(&[&c.namespace])).copied());
+    let entered = ctx.states.entered(probe, inventory::key(&[&c.namespace]));
     [created, annotated, entered].into_iter().flatten().max()
 }
 
@@ -197,103 +127,49 @@ async fn write_status(ctx: &Context, probe: &str, status: &AuthProbeStatus) -> R
         .map_err(|source| Error::StatusWrite { probe: probe.to_string(), source })
 }
 
-/// Events: one per KSA transition on the ServiceAccount, one per Ready transition and one when
-/// CheckerHealthy turns False on the AuthProbe. An event the API server refuses is not marked as
-/// announced, so the next pass publishes it again; returns the KSA transitions that were lost.
-async fn publish(
-    ctx: &Context,
-    probe: &AuthProbe,
-    report: &Report,
-    transitions: &[Transition],
-    history: &mut History,
-) -> Vec<Transition> {
-    let mut unpublished = vec![];
-    let uids: BTreeMap<(String, String), String> = transitions
-        .iter()
-        .filter_map(|t| {
-            let (ns, name) = match t {
-                Transition::Failing { namespace, name, .. } | Transition::Recovered { namespace, name } => {
-                    (namespace, name)
-                }
-            };
-            let sa = ctx.service_accounts.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))?;
-            Some(((ns.clone(), name.clone()), sa.metadata.uid.clone()?))
-        })
-        .collect();
-    for t in transitions {
-        let (ns, name, event) = match t {
-            Transition::Failing { namespace, name, reason, message } => {
-                (namespace, name, event(EventType::Warning, *reason, message))
-            }
-            Transition::Recovered { namespace, name } => (
-                namespace,
-                name,
-                event(
-                    EventType::Normal,
-                    Reason::Verified,
-                    &format!(
-                        "ServiceAccount {namespace}/{name} maps to its Google identity again (AuthProbe {})",
-                        probe.name_any()
-                    ),
-                ),
-            ),
-        };
-        // A missing ServiceAccount has nothing to attach an event to; the AuthProbe's event covers it.
-        let Some(uid) = uids.get(&(ns.clone(), name.clone())) else {
-            continue;
-        };
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("ServiceAccount".into()),
-            name: Some(name.clone()),
-            namespace: Some(ns.clone()),
-            uid: Some(uid.clone()),
-            ..Default::default()
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(namespace = %ns, serviceaccount = %name, error = %e, "cannot publish an event; retrying next pass");
-            unpublished.push(t.clone());
-        }
-    }
-
-    let probe_ref = probe.object_ref(&());
-    if let Some(ready) = report.condition(condition::READY) {
-        let verdict = (ready.status.as_str().to_string(), ready.reason.as_str().to_string());
-        if history.ready_announced.as_ref() != Some(&verdict) {
-            let e = match ready.status {
-                Status::True => event(EventType::Normal, Reason::Verified, &ready.message),
-                _ => event(EventType::Warning, ready.reason, &ready.message),
-            };
-            match ctx.recorder.publish(&e, &probe_ref).await {
-                Ok(()) => history.ready_announced = Some(verdict),
-                Err(err) => {
-                    tracing::warn!(probe = %probe.name_any(), error = %err, "cannot publish an event; retrying next pass");
+/// Publishes the announcements; returns the indexes of those the API server refused, which the
+/// next pass announces again. A ServiceAccount that no longer exists has nothing to attach an
+/// Event to (the AuthProbe's own Event covers it).
+async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement]) -> Vec<usize> {
+    let mut failed = vec![];
+    for (i, a) in announcements.iter().enumerate() {
+        let reference = match &a.regarding {
+            Regarding::Probe => probe.object_ref(&()),
+            Regarding::ServiceAccount { namespace, name } => {
+                let Some(uid) = ctx
+                    .service_accounts
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .and_then(|sa| sa.metadata.uid.clone())
+                else {
+                    continue;
+                };
+                ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("ServiceAccount".into()),
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.clone()),
+                    uid: Some(uid),
+                    ..Default::default()
                 }
             }
+        };
+        if let Err(e) = ctx.recorder.publish(&event(a), &reference).await {
+            tracing::warn!(probe = %probe.name_any(), regarding = ?a.regarding, error = %e, "cannot publish an event; retrying next pass");
+            failed.push(i);
         }
     }
-    if let Some(checker) = report.condition(condition::CHECKER_HEALTHY) {
-        if checker.status != Status::False {
-            history.checker_failure_announced = false;
-        } else if !history.checker_failure_announced {
-            let e = event(EventType::Warning, checker.reason, &checker.message);
-            match ctx.recorder.publish(&e, &probe_ref).await {
-                Ok(()) => history.checker_failure_announced = true,
-                Err(err) => {
-                    tracing::warn!(probe = %probe.name_any(), error = %err, "cannot publish an event; retrying next pass");
-                }
-            }
-        }
-    }
-    unpublished
+    failed
 }
 
-fn event(type_: EventType, reason: Reason, note: &str) -> Event {
+fn event(a: &Announcement) -> Event {
     Event {
-        type_,
-        reason: reason.as_str().to_string(),
+        type_: match a.severity {
+            Severity::Normal => EventType::Normal,
+            Severity::Warning => EventType::Warning,
+        },
+        reason: a.reason.as_str().to_string(),
         // Event notes are limited to 1 KiB.
-        note: Some(redact::cut(note, 1024)),
+        note: Some(redact::cut(&a.note, 1024)),
         action: "Probe".into(),
         secondary: None,
     }

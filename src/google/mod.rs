@@ -88,7 +88,7 @@ impl Google {
                 self.read(Api::GetPool, &pool_path),
                 self.read(Api::GetProvider, &provider_path)
             );
-            Arc::new(ProviderFacts { pool, provider })
+            Arc::new(ProviderFacts::new(pool, provider))
         };
         self.providers.get(&federation.provider, max_age, fetch).await.0
     }

@@ -1,6 +1,5 @@
-//! What `/readyz` answers: ready once every watch has synced, not ready while one keeps failing
-//! (a silent operator reporting "ok" is worse than a restart), and ready as a standby replica that
-//! waits for the lease.
+//! How far the controller has come: whether every watch has synced and whether one keeps failing
+//! (a silent operator reporting "ok" is worse than a restart). `/readyz` answers from it.
 
 use std::{
     collections::BTreeMap,
@@ -14,46 +13,26 @@ pub const STALL_AFTER: Duration = Duration::from_secs(60);
 /// whose last error is older than this (three times the longest retry wait) counts as recovered.
 const RECOVERED_AFTER: Duration = Duration::from_secs(15);
 
-/// The replica's role.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Waiting for the lease: healthy, not reconciling.
-    Standby,
-    /// Reconciling; ready once the watches synced.
-    Active,
-}
-
-#[derive(Debug)]
-struct State {
-    role: Role,
+#[derive(Debug, Default)]
+struct WatchState {
     synced: bool,
     /// Per watch: since when it has been failing without a success in between, and the last failure.
     failing_since: BTreeMap<&'static str, (Instant, Instant)>,
 }
 
 /// Shared between the watches and the HTTP server.
-#[derive(Debug)]
-pub struct Health {
-    state: Mutex<State>,
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: Mutex<WatchState>,
 }
 
-impl Health {
-    /// A replica in `role`, not yet synced.
-    pub fn new(role: Role) -> Self {
-        Self { state: Mutex::new(State { role, synced: false, failing_since: BTreeMap::new() }) }
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+impl Progress {
+    fn with<T>(&self, f: impl FnOnce(&mut WatchState) -> T) -> T {
         let mut state = match self.state.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
         f(&mut state)
-    }
-
-    /// This replica now reconciles.
-    pub fn activate(&self) {
-        self.with(|s| s.role = Role::Active);
     }
 
     /// Every watch has listed its objects.
@@ -77,9 +56,6 @@ impl Health {
     /// `Ok(description)` when ready, `Err(why not)` otherwise.
     pub fn readiness(&self) -> Result<&'static str, String> {
         self.with(|s| {
-            if s.role == Role::Standby {
-                return Ok("standby: waiting for the lease");
-            }
             if !s.synced {
                 return Err("watches not synced yet".into());
             }
@@ -102,9 +78,7 @@ mod tests {
 
     #[test]
     fn ready_after_sync_and_unready_while_a_watch_stalls() {
-        let h = Health::new(Role::Standby);
-        assert_eq!(h.readiness(), Ok("standby: waiting for the lease"));
-        h.activate();
+        let h = Progress::default();
         assert!(h.readiness().is_err());
         h.synced();
         assert_eq!(h.readiness(), Ok("ok"));

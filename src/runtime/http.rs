@@ -4,7 +4,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
-use crate::{health::Health, metrics::Metrics};
+use super::health::Health;
+use crate::metrics::Metrics;
 
 #[derive(Clone)]
 struct Shared {

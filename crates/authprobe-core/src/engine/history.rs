@@ -31,7 +31,7 @@ pub enum Transition {
 }
 
 /// A probe's memory of its non-passing KSAs.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct History {
     ksas: HashMap<(String, String), Entry>,
     /// After a restart, status lists at most 20 failures: KSAs failing beyond those are taken as

@@ -1,8 +1,8 @@
 //! Classifying the live chain's answers (STS or securetoken, IAM Credentials, testIamPermissions)
 //! into the design's reasons, each message carrying the upstream text (redacted, ≤ 1 KiB) and the fix.
 
-use super::Finding;
 use crate::api::{Reason, Stage};
+use crate::engine::Finding;
 
 /// Relative clock difference between Google and the cluster beyond which tokens are refused.
 pub const CLOCK_SKEW_LIMIT_SECONDS: i64 = 60;
@@ -238,14 +238,14 @@ mod tests {
         ];
         for (u, reason) in cases {
             let f = exchange(&u, "ServiceAccount a/b", "provider p", Some(3));
-            assert_eq!((f.reason, f.verdict), (reason, super::super::Verdict::Fail), "{}", u.description);
+            assert_eq!((f.reason, f.verdict), (reason, crate::engine::Verdict::Fail), "{}", u.description);
             assert!(f.message.contains("Fix:") && f.message.contains(u.description), "{}", f.message);
         }
         assert_eq!(
             exchange(&up(429, "quota_exceeded", "throttled"), "w", "t", None).reason,
             Reason::GoogleThrottled
         );
-        assert_eq!(exchange(&up(503, "", "x"), "w", "t", None).verdict, super::super::Verdict::Unknown);
+        assert_eq!(exchange(&up(503, "", "x"), "w", "t", None).verdict, crate::engine::Verdict::Unknown);
         assert!(
             exchange(
                 &up(400, "invalid_grant", "ID Token issued at 1 is stale to sign-in."),
@@ -277,7 +277,7 @@ mod tests {
         );
         assert_eq!(
             impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict,
-            super::super::Verdict::Unknown
+            crate::engine::Verdict::Unknown
         );
 
         let ok = up(200, "", "");
@@ -293,7 +293,7 @@ mod tests {
         );
         assert_eq!(
             target(&refused, "w", "i", "//r", &[], false).unwrap().verdict,
-            super::super::Verdict::Unknown
+            crate::engine::Verdict::Unknown
         );
         assert_eq!(
             target(&up(403, "PERMISSION_DENIED", "x"), "w", "i", "//r", &[], false).unwrap().reason,

@@ -8,7 +8,9 @@ use serde_json::json;
 
 use super::{
     facts::{Binding, Expr, FailureKind},
+    principal::KsaIdentity,
     report::{KsaOutcome, Report, Status, to_status},
+    selector::Labels,
     *,
 };
 use crate::api::{AuthProbeSpec, condition};
@@ -76,8 +78,12 @@ fn policy(members: &[&str]) -> GsaFacts {
     }
 }
 
+fn static_stage(plan: &Plan, c: Candidate) -> Result<Prepared, Finding> {
+    plan.static_stage(vec![c]).pop().expect("one candidate").1
+}
+
 fn check(plan: &Plan, k: Ksa, gsas: &BTreeMap<GsaEmail, Arc<GsaFacts>>) -> Result<KsaIdentity, Finding> {
-    let prepared = plan.static_check(&candidate(k), None)?;
+    let prepared = static_stage(plan, candidate(k))?;
     plan.check_mapping(&prepared, &Facts { gsas, provider: None, cluster: None, now: 0 }, None)
 }
 
@@ -122,7 +128,9 @@ fn static_reasons() {
     let p = plan();
     let none = BTreeMap::new();
     let missing = Candidate { namespace: "checkout".into(), name: "app".into(), ksa: None };
-    let f = p.static_check(&missing, Some(&gsa(GSA))).unwrap_err();
+    let mut passed = p.static_stage(vec![missing, candidate(ksa("ledger", "app", Some(GSA)))]).into_iter();
+    let f = passed.next().unwrap().1.unwrap_err();
+    assert!(passed.next().unwrap().1.is_ok());
     assert_eq!(f.reason, Reason::ServiceAccountMissing);
     assert!(f.message.contains("kubectl create serviceaccount app -n checkout"), "{}", f.message);
     assert!(f.message.contains(GSA), "suggests the GSA the other KSAs use: {}", f.message);
@@ -324,24 +332,64 @@ fn new_user_mistakes_are_told_apart() {
     );
 }
 
+/// A cluster for the selection tests: namespaces `a`, `b`, `c` of team payments, `x` of another.
+struct Cluster(Vec<Ksa>);
+
+impl ClusterView for Cluster {
+    fn each_namespace(&self, f: &mut dyn FnMut(&str, &Labels)) {
+        let team = |t: &str| BTreeMap::from([("team".to_string(), t.to_string())]);
+        for (ns, t) in [("a", "payments"), ("b", "payments"), ("c", "payments"), ("x", "search")] {
+            f(ns, &team(t));
+        }
+    }
+
+    fn each_service_account(&self, _: &std::collections::BTreeSet<String>, f: &mut dyn FnMut(KsaRef<'_>)) {
+        for k in &self.0 {
+            f(KsaRef {
+                namespace: &k.namespace,
+                name: &k.name,
+                uid: &k.uid,
+                labels: &k.labels,
+                gsa_annotation: k.gsa_annotation.as_deref(),
+                created: k.created,
+            });
+        }
+    }
+}
+
+fn selected(plan: &Plan, ksas: Vec<Ksa>) -> Vec<(String, String, bool)> {
+    plan.select(&Cluster(ksas))
+        .candidates
+        .into_iter()
+        .map(|c| (c.namespace, c.name, c.ksa.is_some()))
+        .collect()
+}
+
+fn named(pairs: &[(&str, &str, bool)]) -> Vec<(String, String, bool)> {
+    pairs.iter().map(|(ns, n, e)| ((*ns).into(), (*n).into(), *e)).collect()
+}
+
 #[test]
 fn selection_by_names_selector_and_annotation() {
     let by_names = plan();
-    let ksas = vec![ksa("a", "app", Some(GSA)), ksa("a", "other", Some(GSA)), ksa("b", "app", None)];
-    let picked: Vec<(String, bool)> =
-        by_names.candidates("a", &ksas).into_iter().map(|c| (c.name, c.ksa.is_some())).collect();
-    assert_eq!(picked, vec![("app".into(), true)]);
-    // A required name that does not exist is still checked.
-    let picked: Vec<(String, bool)> =
-        by_names.candidates("c", &ksas).into_iter().map(|c| (c.name, c.ksa.is_some())).collect();
-    assert_eq!(picked, vec![("app".into(), false)]);
+    let ksas = vec![
+        ksa("a", "app", Some(GSA)),
+        ksa("a", "other", Some(GSA)),
+        ksa("b", "app", None),
+        ksa("x", "app", Some(GSA)),
+    ];
+    let selection = by_names.select(&Cluster(ksas.clone()));
+    assert_eq!(selection.namespaces, vec!["a", "b", "c"]);
+    // Required names everywhere in scope, a missing one included; namespace x is out of scope.
+    assert_eq!(
+        selected(&by_names, ksas.clone()),
+        named(&[("a", "app", true), ("b", "app", true), ("c", "app", false)])
+    );
 
     let mut annotated_only = spec(json!({}));
     annotated_only.service_accounts = None;
     let p = Plan::parse(&annotated_only).unwrap();
-    let names: Vec<String> = p.candidates("a", &ksas).into_iter().map(|c| c.name).collect();
-    assert_eq!(names, vec!["app".to_string(), "other".to_string()]);
-    assert!(p.candidates("b", &ksas).is_empty());
+    assert_eq!(selected(&p, ksas), named(&[("a", "app", true), ("a", "other", true)]));
 
     let by_selector = Plan::parse(&spec(
         json!({"serviceAccounts": {"names": [], "selector": {"matchLabels": {"wif": "yes"}}}}),
@@ -349,15 +397,13 @@ fn selection_by_names_selector_and_annotation() {
     .unwrap();
     let mut labelled = ksa("a", "labelled", None);
     labelled.labels.insert("wif".into(), "yes".into());
-    let names: Vec<String> = by_selector
-        .candidates("a", &[labelled, ksa("a", "plain", Some(GSA))])
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
-    assert_eq!(names, vec!["labelled".to_string()]);
+    assert_eq!(
+        selected(&by_selector, vec![labelled, ksa("a", "plain", Some(GSA))]),
+        named(&[("a", "labelled", true)])
+    );
 
-    assert!(by_names.selects_namespace(Some(&BTreeMap::from([("team".into(), "payments".into())]))));
-    assert!(!by_names.selects_namespace(Some(&BTreeMap::from([("team".into(), "search".into())]))));
+    assert!(by_names.selects_namespace(&BTreeMap::from([("team".into(), "payments".into())])));
+    assert!(!by_names.selects_namespace(&BTreeMap::from([("team".into(), "search".into())])));
 }
 
 #[test]

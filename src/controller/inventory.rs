@@ -3,7 +3,8 @@
 //! change times that open the propagation grace.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet, HashMap},
     hash::{Hash, Hasher},
     sync::Mutex,
 };
@@ -14,7 +15,13 @@ use k8s_openapi::{
 };
 use kube::core::PartialObjectMeta;
 
-use crate::{api::GSA_ANNOTATION, engine::Ksa};
+use crate::{
+    api::GSA_ANNOTATION,
+    engine::{
+        ClusterView, KsaRef,
+        selector::{Labels, NO_LABELS},
+    },
+};
 
 /// A cached Namespace.
 pub type NamespaceMeta = PartialObjectMeta<Namespace>;
@@ -50,16 +57,48 @@ pub fn prune_service_account(sa: &mut ServiceAccountMeta) {
     };
 }
 
-/// The engine's view of a cached ServiceAccount.
-pub fn ksa(sa: &ServiceAccountMeta) -> Ksa {
+/// The engine's view of a cached or listed ServiceAccount.
+pub fn ksa_ref(sa: &ServiceAccountMeta) -> KsaRef<'_> {
     let m = &sa.metadata;
-    Ksa {
-        namespace: m.namespace.clone().unwrap_or_default(),
-        name: m.name.clone().unwrap_or_default(),
-        uid: m.uid.clone().unwrap_or_default(),
-        labels: m.labels.clone().unwrap_or_default(),
-        gsa_annotation: m.annotations.as_ref().and_then(|a| a.get(GSA_ANNOTATION)).cloned(),
+    KsaRef {
+        namespace: m.namespace.as_deref().unwrap_or_default(),
+        name: m.name.as_deref().unwrap_or_default(),
+        uid: m.uid.as_deref().unwrap_or_default(),
+        labels: m.labels.as_ref().unwrap_or(&NO_LABELS),
+        gsa_annotation: m.annotations.as_ref().and_then(|a| a.get(GSA_ANNOTATION)).map(String::as_str),
         created: m.creation_timestamp.as_ref().map(|t| t.0),
+    }
+}
+
+/// Namespaces and ServiceAccounts, cached (the operator's stores) or listed (`authprobe check`),
+/// lent to the engine's one selection.
+#[derive(Debug)]
+pub struct MetaView<N, S> {
+    namespaces: Vec<N>,
+    service_accounts: Vec<S>,
+}
+
+impl<N: Borrow<NamespaceMeta>, S: Borrow<ServiceAccountMeta>> MetaView<N, S> {
+    /// A view over these objects.
+    pub fn new(namespaces: Vec<N>, service_accounts: Vec<S>) -> Self {
+        Self { namespaces, service_accounts }
+    }
+}
+
+impl<N: Borrow<NamespaceMeta>, S: Borrow<ServiceAccountMeta>> ClusterView for MetaView<N, S> {
+    fn each_namespace(&self, f: &mut dyn FnMut(&str, &Labels)) {
+        for ns in &self.namespaces {
+            let m = &ns.borrow().metadata;
+            if let Some(name) = &m.name {
+                f(name, m.labels.as_ref().unwrap_or(&NO_LABELS));
+            }
+        }
+    }
+
+    fn each_service_account(&self, _namespaces: &BTreeSet<String>, f: &mut dyn FnMut(KsaRef<'_>)) {
+        for sa in &self.service_accounts {
+            f(ksa_ref(sa.borrow()));
+        }
     }
 }
 
@@ -147,9 +186,9 @@ mod tests {
         prune_service_account(&mut s);
         assert!(s.metadata.managed_fields.is_none() && s.metadata.generation.is_none());
         assert_eq!(s.metadata.annotations.as_ref().map(BTreeMap::len), Some(1));
-        let k = ksa(&s);
-        assert_eq!((k.namespace.as_str(), k.name.as_str(), k.uid.as_str()), ("checkout", "app", "u1"));
-        assert_eq!(k.gsa_annotation.as_deref(), Some("payments@acme-prod.iam.gserviceaccount.com"));
+        let k = ksa_ref(&s);
+        assert_eq!((k.namespace, k.name, k.uid), ("checkout", "app", "u1"));
+        assert_eq!(k.gsa_annotation, Some("payments@acme-prod.iam.gserviceaccount.com"));
         let mut bare = sa(None);
         prune_service_account(&mut bare);
         assert!(bare.metadata.annotations.is_none());

@@ -8,24 +8,35 @@ use k8s_openapi::{api::core::v1::ServiceAccount, jiff::Timestamp};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, ObjectList},
-    core::PartialObjectMeta,
 };
 use serde::Serialize;
 
+use super::GoogleArgs;
 use crate::{
     api::{AuthProbe, condition},
-    chain::Chain,
-    cli::CheckArgs,
-    cluster::ClusterIssuers,
+    controller::inventory::{MetaView, NamespaceMeta, ServiceAccountMeta},
     engine::{
-        Plan, Verdict,
+        Plan, Selection, Verdict,
         report::{KsaOutcome, Report, Status},
     },
     google::Google,
-    inventory::{self, NamespaceMeta, ServiceAccountMeta},
     metrics::Metrics,
-    probe::{self, Pass, Services},
+    probe::{self, Pass, Services, exchange::Chain, issuer::ClusterIssuers},
 };
+
+/// `authprobe check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// A file of one or more AuthProbe documents ("-" for standard input).
+    #[arg(short = 'f', long = "filename")]
+    pub file: std::path::PathBuf,
+    /// How to print the results.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Google access.
+    #[command(flatten)]
+    pub google: GoogleArgs,
+}
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -113,21 +124,10 @@ pub async fn check(
     };
     let namespaces: ObjectList<NamespaceMeta> =
         Api::all(client.clone()).list_metadata(&ListParams::default()).await?;
-    let selected: Vec<String> = namespaces
-        .items
-        .iter()
-        .filter(|ns| plan.selects_namespace(ns.metadata.labels.as_ref()))
-        .filter_map(|ns| ns.metadata.name.clone())
-        .collect();
-    let service_accounts: ObjectList<PartialObjectMeta<ServiceAccount>> =
+    let service_accounts: ObjectList<ServiceAccountMeta> =
         Api::<ServiceAccount>::all(client.clone()).list_metadata(&ListParams::default()).await?;
-    let ksas: Vec<_> = service_accounts
-        .items
-        .iter()
-        .map(|sa: &ServiceAccountMeta| inventory::ksa(sa))
-        .filter(|k| selected.contains(&k.namespace) && plan.selects_ksa(k))
-        .collect();
-    let candidates = selected.iter().flat_map(|ns| plan.candidates(ns, &ksas)).collect();
+    let Selection { namespaces, candidates } =
+        plan.select(&MetaView::new(namespaces.items, service_accounts.items));
     let issuers = ClusterIssuers::new(client.clone());
     let chain = Chain::new(client.clone(), google.clone(), metrics);
     let services = Services { google: &google, issuers: &issuers, chain: Some(&chain) };
@@ -136,7 +136,7 @@ pub async fn check(
     let evaluated = probe::evaluate(services, pass, |c| c.ksa.as_ref().and_then(|k| k.created)).await;
     let report = Report::build(
         &evaluated.outcomes,
-        u32::try_from(selected.len()).unwrap_or(u32::MAX),
+        u32::try_from(namespaces.len()).unwrap_or(u32::MAX),
         plan.token_exchange,
     );
     let code = exit_code(&report);

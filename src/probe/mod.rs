@@ -10,13 +10,17 @@ use std::{
 use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 
+pub mod exchange;
+pub mod issuer;
+
+use self::{
+    exchange::{Chain, Exchange},
+    issuer::ClusterIssuers,
+};
 use crate::{
-    api::Reason,
-    chain::{Chain, Exchange},
-    cluster::ClusterIssuers,
     engine::{
-        Candidate, Facts, Finding, Ksa, Plan, Prepared, annotation::GsaEmail, principal::KsaIdentity,
-        report::KsaOutcome, within_grace,
+        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, annotation::GsaEmail, grace::Grace,
+        principal::KsaIdentity, report::KsaOutcome,
     },
     google::Google,
 };
@@ -68,21 +72,14 @@ pub async fn evaluate(
     changed_at: impl Fn(&Candidate) -> Option<Timestamp>,
 ) -> Evaluated {
     let Pass { plan, candidates, max_age, now } = pass;
-    let suggestion = most_common_gsa(plan, &candidates);
-    let prepared: Vec<(Candidate, Result<Prepared, Finding>)> = candidates
-        .into_iter()
-        .map(|c| {
-            let p = plan.static_check(&c, suggestion.as_ref());
-            (c, p)
-        })
-        .collect();
+    let prepared = plan.static_stage(candidates);
 
     let mut wanted: Vec<GsaEmail> =
         prepared.iter().filter_map(|(_, p)| p.as_ref().ok()?.gsa.clone()).collect();
     wanted.sort();
     wanted.dedup();
     let google = services.google;
-    let gsas: BTreeMap<GsaEmail, Arc<crate::engine::GsaFacts>> = stream::iter(wanted)
+    let gsas: BTreeMap<GsaEmail, Arc<GsaFacts>> = stream::iter(wanted)
         .map(|gsa: GsaEmail| async move {
             let facts = google.gsa(&gsa, max_age).await;
             (gsa, facts)
@@ -153,9 +150,9 @@ pub async fn evaluate(
         None => HashMap::new(),
     };
 
-    let policy_changes: HashMap<&GsaEmail, Timestamp> =
-        gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g, t))).collect();
-    let recheck_at = std::cell::Cell::new(None::<Timestamp>);
+    let policy_changes: HashMap<&str, Timestamp> =
+        gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g.as_str(), t))).collect();
+    let mut grace = Grace::new(plan.grace, now);
     let outcomes = mapped
         .into_iter()
         .map(|(candidate, mapped)| {
@@ -163,41 +160,15 @@ pub async fn evaluate(
                 .ksa
                 .as_ref()
                 .and_then(|k| k.gsa_annotation.as_deref())
-                .and_then(|a| policy_changes.iter().find(|(g, _)| g.as_str() == a).map(|(_, t)| *t));
+                .and_then(|a| policy_changes.get(a).copied());
             let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
-            let grace = |f: Finding| {
-                let was = f.reason;
-                let judged = within_grace(f, changed, now, plan.grace);
-                if judged.reason == Reason::PropagationPending && was != Reason::PropagationPending {
-                    let ends = changed.and_then(|c| c.checked_add(plan.grace).ok());
-                    recheck_at.set([recheck_at.get(), ends].into_iter().flatten().min());
-                }
-                judged
-            };
             let chain = verified
                 .get(&(candidate.namespace.clone(), candidate.name.clone()))
                 .cloned()
-                .map(|r| r.map_err(grace));
-            KsaOutcome {
-                namespace: candidate.namespace,
-                name: candidate.name,
-                mapping: mapped.err().map(grace),
-                chain,
-            }
+                .map(|r| r.map_err(|f| grace.judge(f, changed)));
+            let mapping = mapped.err().map(|f| grace.judge(f, changed));
+            KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain }
         })
         .collect();
-    Evaluated { outcomes, recheck_at: recheck_at.get() }
-}
-
-/// The allowed GSA most KSAs of this pass are annotated with: the likely value for a KSA that lacks one.
-fn most_common_gsa(plan: &Plan, candidates: &[Candidate]) -> Option<GsaEmail> {
-    let mut counts: BTreeMap<GsaEmail, usize> = BTreeMap::new();
-    for gsa in candidates.iter().filter_map(|c| c.ksa.as_ref()?.gsa_annotation.as_deref()) {
-        if let Ok(parsed) = crate::engine::annotation::parse_gsa(gsa)
-            && plan.allows(&parsed)
-        {
-            *counts.entry(parsed).or_default() += 1;
-        }
-    }
-    counts.into_iter().max_by_key(|(_, n)| *n).map(|(g, _)| g)
+    Evaluated { outcomes, recheck_at: grace.recheck_at() }
 }

@@ -4,61 +4,48 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-/// A selector that was checked once and can be matched many times.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Selector {
-    requirements: Vec<Requirement>,
-}
+/// Labels as Kubernetes objects carry them.
+pub type Labels = BTreeMap<String, String>;
 
+/// No labels at all, for objects that carry none.
+pub static NO_LABELS: Labels = BTreeMap::new();
+
+/// A selector that was checked once and can be matched many times. Matching is kube's; what is
+/// authprobe's own is the validation of keys, values and operators that admission cannot do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Requirement {
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    DoesNotExist(String),
-}
+pub struct Selector(kube::core::Selector);
 
 impl Selector {
     /// Parses a LabelSelector; `{}` selects everything.
     pub fn parse(selector: &LabelSelector) -> Result<Self, String> {
-        let mut requirements = Vec::new();
         for (key, value) in selector.match_labels.iter().flatten() {
             check_key(key)?;
             check_value(value)?;
-            requirements.push(Requirement::In(key.clone(), vec![value.clone()]));
         }
         for expr in selector.match_expressions.iter().flatten() {
             check_key(&expr.key)?;
-            let values = expr.values.clone().unwrap_or_default();
-            for value in &values {
+            let values = expr.values.as_deref().unwrap_or_default();
+            for value in values {
                 check_value(value)?;
             }
-            let requirement = match (expr.operator.as_str(), values.is_empty()) {
-                ("In", false) => Requirement::In(expr.key.clone(), values),
-                ("NotIn", false) => Requirement::NotIn(expr.key.clone(), values),
-                ("Exists", true) => Requirement::Exists(expr.key.clone()),
-                ("DoesNotExist", true) => Requirement::DoesNotExist(expr.key.clone()),
-                (op, _) => {
-                    return Err(format!(
-                        "selector expression on {:?} with operator {op:?} is malformed",
-                        expr.key
-                    ));
-                }
+            let well_formed = match expr.operator.as_str() {
+                "In" | "NotIn" => !values.is_empty(),
+                "Exists" | "DoesNotExist" => values.is_empty(),
+                _ => false,
             };
-            requirements.push(requirement);
+            if !well_formed {
+                return Err(format!(
+                    "selector expression on {:?} with operator {:?} is malformed",
+                    expr.key, expr.operator
+                ));
+            }
         }
-        Ok(Self { requirements })
+        kube::core::Selector::try_from(selector.clone()).map(Self).map_err(|e| format!("selector: {e}"))
     }
 
     /// Whether an object with these labels is selected.
-    pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
-        let get = |k: &str| labels.and_then(|l| l.get(k));
-        self.requirements.iter().all(|r| match r {
-            Requirement::In(k, vs) => get(k).is_some_and(|v| vs.contains(v)),
-            Requirement::NotIn(k, vs) => get(k).is_none_or(|v| !vs.contains(v)),
-            Requirement::Exists(k) => get(k).is_some(),
-            Requirement::DoesNotExist(k) => get(k).is_none(),
-        })
+    pub fn matches(&self, labels: &Labels) -> bool {
+        kube::core::SelectorExt::matches(&self.0, labels)
     }
 }
 
@@ -118,8 +105,8 @@ mod tests {
     #[test]
     fn empty_selects_everything() {
         let s = Selector::parse(&LabelSelector::default()).unwrap();
-        assert!(s.matches(None));
-        assert!(s.matches(Some(&labels(&[("a", "b")]))));
+        assert!(s.matches(&NO_LABELS));
+        assert!(s.matches(&labels(&[("a", "b")])));
     }
 
     #[test]
@@ -134,22 +121,22 @@ mod tests {
             ]),
         })
         .unwrap();
-        assert!(s.matches(Some(&labels(&[("team", "payments"), ("env", "prod"), ("owner", "x")]))));
-        assert!(!s.matches(Some(&labels(&[("team", "payments"), ("env", "dev"), ("owner", "x")]))));
-        assert!(!s.matches(Some(&labels(&[("team", "payments"), ("env", "prod")]))));
-        assert!(!s.matches(Some(&labels(&[
+        assert!(s.matches(&labels(&[("team", "payments"), ("env", "prod"), ("owner", "x")])));
+        assert!(!s.matches(&labels(&[("team", "payments"), ("env", "dev"), ("owner", "x")])));
+        assert!(!s.matches(&labels(&[("team", "payments"), ("env", "prod")])));
+        assert!(!s.matches(&labels(&[
             ("team", "payments"),
             ("env", "prod"),
             ("owner", "x"),
             ("legacy", "")
-        ]))));
-        assert!(!s.matches(Some(&labels(&[
+        ])));
+        assert!(!s.matches(&labels(&[
             ("team", "payments"),
             ("env", "prod"),
             ("owner", "x"),
             ("tier", "batch")
-        ]))));
-        assert!(!s.matches(None));
+        ])));
+        assert!(!s.matches(&NO_LABELS));
     }
 
     #[test]

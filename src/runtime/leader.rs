@@ -16,8 +16,17 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// The Lease's name.
-pub const LEASE_NAME: &str = "authprobe-leader";
+/// The Lease's name unless `--lease-name` says otherwise (the chart derives it from the release).
+pub const DEFAULT_LEASE_NAME: &str = "authprobe-leader";
+
+/// Where the election's Lease lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRef {
+    /// Its namespace (the operator's own).
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
 /// A lock not renewed for this long may be taken over (a crashed leader's worst case).
 pub const LEASE_SECONDS: u64 = 15;
 /// The holder renews this long before the lock would expire.
@@ -41,14 +50,15 @@ pub struct Leadership {
     task: JoinHandle<Result<(), LeaseError>>,
 }
 
-/// Joins the election for the Lease in `namespace` as `identity`; resolves once this replica
-/// leads, or with `None` if `stop` resolves first.
+/// Joins the election for `lease` as `identity`; resolves once this replica leads, or with `None`
+/// if `stop` resolves first.
 pub async fn acquire(
     client: Client,
-    namespace: &str,
+    lease: &LeaseRef,
     identity: &str,
     stop: impl Future<Output = ()>,
 ) -> Result<Option<Leadership>, LeaseError> {
+    let LeaseRef { namespace, name } = lease;
     let leases = Api::<Lease>::namespaced(client.clone(), namespace);
     let (held_tx, mut held) = watch::channel(false);
     let campaign = async {
@@ -57,7 +67,7 @@ pub async fn acquire(
             // it reads the Lease or before the standby's watch has first listed it.
             held.borrow_and_update();
             // A new manager reads the Lease afresh; one that has seen it held waits for its expiry.
-            let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+            let manager = LeaseManagerBuilder::new(client.clone(), name)
                 .with_namespace(namespace)
                 .with_identity(identity)
                 .with_duration(LEASE_SECONDS)
@@ -73,18 +83,18 @@ pub async fn acquire(
     };
     let manager = tokio::select! {
         won = campaign => won?,
-        never = follow_held(&leases, held_tx) => match never {},
+        never = follow_held(&leases, name, held_tx) => match never {},
         () = stop => return Ok(None),
     };
-    tracing::info!(identity, namespace, lease = LEASE_NAME, "acquired the lease: reconciling");
+    tracing::info!(identity, namespace, lease = name, "acquired the lease: reconciling");
     let (release, released_rx) = oneshot::channel();
-    let task = tokio::spawn(hold(manager, released_rx));
+    let task = tokio::spawn(hold(manager, name.clone(), released_rx));
     Ok(Some(Leadership { release: Some(release), task }))
 }
 
 /// Publishes whether the Lease is held, on every report of its watch.
-async fn follow_held(leases: &Api<Lease>, held: watch::Sender<bool>) -> Infallible {
-    let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
+async fn follow_held(leases: &Api<Lease>, name: &str, held: watch::Sender<bool>) -> Infallible {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher(leases.clone(), config).default_backoff().applied_objects().boxed();
     while let Some(event) = events.next().await {
         if let Ok(lease) = event {
@@ -107,7 +117,11 @@ async fn next_release(held: &mut watch::Receiver<bool>) {
 }
 
 /// Renews the lock until asked to release it.
-async fn hold(manager: LeaseManager, mut release: oneshot::Receiver<()>) -> Result<(), LeaseError> {
+async fn hold(
+    manager: LeaseManager,
+    name: String,
+    mut release: oneshot::Receiver<()>,
+) -> Result<(), LeaseError> {
     loop {
         tokio::select! {
             changed = manager.changed() => match changed {
@@ -117,7 +131,7 @@ async fn hold(manager: LeaseManager, mut release: oneshot::Receiver<()>) -> Resu
             },
             _ = &mut release => {
                 manager.release().await?;
-                tracing::info!(lease = LEASE_NAME, "released the lease");
+                tracing::info!(lease = %name, "released the lease");
                 return Ok(());
             }
         }

@@ -23,8 +23,8 @@ use crate::{
     engine::{
         Finding, Ksa, Plan, TokenClaims,
         annotation::GsaEmail,
-        chain::{self as classify, Upstream},
         principal::KsaIdentity,
+        stage::chain::{self as classify, Upstream},
         target::TargetKind,
     },
     google::{

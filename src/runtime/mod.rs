@@ -1,18 +1,35 @@
-//! `authprobe run`: the operator's lifecycle around the controller: the health and metrics
-//! server, signals, leader election, and a shutdown that lets in-flight probes finish, bounded.
+//! The operator's run lifecycle around the controller: the health and metrics server, signals,
+//! leader election, and a shutdown that lets in-flight probes finish, bounded.
 
-use std::sync::Arc;
+pub mod health;
+pub mod http;
+pub mod leader;
+pub mod telemetry;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 
+use self::health::Health;
 use crate::{
-    cli::RunArgs,
-    controller,
-    health::{Health, Role},
-    http, leader,
+    controller::{self, progress::Progress},
+    google::Google,
     metrics::Metrics,
 };
+
+/// How the operator runs.
+#[derive(Debug)]
+pub struct Settings {
+    /// Where /healthz, /readyz and /metrics are served.
+    pub http_addr: SocketAddr,
+    /// The controller's tuning.
+    pub controller: controller::Tuning,
+    /// Elect one active replica through this Lease; `None`: always active.
+    pub lease: Option<leader::LeaseRef>,
+    /// On SIGTERM, in-flight probes get this long to finish before the lease is released.
+    pub shutdown_timeout: Duration,
+}
 
 /// Resolves once `stop` turns true.
 async fn stopped(mut stop: watch::Receiver<bool>) {
@@ -20,35 +37,31 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 /// Runs the operator until SIGTERM or Ctrl-C, or until it loses leadership (an error).
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, google: Arc<Google>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let Settings { http_addr, controller: tuning, lease, shutdown_timeout } = settings;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         commit = option_env!("AUTHPROBE_GIT_COMMIT").unwrap_or("unknown"),
         target = std::env::consts::ARCH,
-        leader_elect = args.leader_elect,
+        leader_elect = lease.is_some(),
         "authprobe starting"
     );
     let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
-    let metrics = Arc::new(Metrics::new());
-    let google = Arc::new(args.google.connect(metrics.clone())?);
-    let health = Arc::new(Health::new(if args.leader_elect { Role::Standby } else { Role::Active }));
+    let progress = Arc::new(Progress::default());
+    let health = Arc::new(Health::new(lease.is_none(), progress.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let server =
-        tokio::spawn(http::serve(args.http_addr, metrics.clone(), health.clone(), stopped(stop_rx.clone())));
+        tokio::spawn(http::serve(http_addr, metrics.clone(), health.clone(), stopped(stop_rx.clone())));
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight probes");
         let _ = stop_tx.send(true);
     });
 
-    let mut leadership = if args.leader_elect {
-        let namespace = args
-            .lease_namespace
-            .as_deref()
-            .context("--leader-elect needs --lease-namespace (or POD_NAMESPACE)")?;
+    let mut leadership = if let Some(lease) = &lease {
         let identity =
             std::env::var("POD_NAME").unwrap_or_else(|_| format!("authprobe-{}", std::process::id()));
-        match leader::acquire(client.clone(), namespace, &identity, stopped(stop_rx.clone())).await? {
+        match leader::acquire(client.clone(), lease, &identity, stopped(stop_rx.clone())).await? {
             Some(l) => Some(l),
             None => {
                 server.await??;
@@ -60,19 +73,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     health.activate();
 
-    let config = controller::Config {
-        concurrency: args.concurrency,
-        debounce: args.debounce,
-        instance: std::env::var("POD_NAME").ok(),
-        ..Default::default()
-    };
-    let controller = controller::run(client, google, metrics, config, health, stopped(stop_rx.clone()));
+    let controller = controller::run(client, google, metrics, tuning, progress, stopped(stop_rx.clone()));
     // In-flight probes finish after SIGTERM, but not for longer than the shutdown timeout.
     let bounded = async {
         tokio::select! {
             () = controller => {}
-            () = async { stopped(stop_rx.clone()).await; tokio::time::sleep(args.shutdown_timeout).await } => {
-                tracing::warn!(timeout = ?args.shutdown_timeout, "in-flight probes did not finish in time");
+            () = async { stopped(stop_rx.clone()).await; tokio::time::sleep(shutdown_timeout).await } => {
+                tracing::warn!(timeout = ?shutdown_timeout, "in-flight probes did not finish in time");
             }
         }
     };
@@ -86,7 +93,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => bounded.await,
     }
     if let Some(l) = leadership {
-        l.release(std::time::Duration::from_secs(5)).await;
+        l.release(Duration::from_secs(5)).await;
     }
     server.await??;
     tracing::info!("authprobe stopped");

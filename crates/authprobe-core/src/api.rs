@@ -327,12 +327,28 @@ pub struct Failure {
 }
 
 /// The steps of the chain, in the order a workload goes through them.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+)]
 pub enum Stage {
     /// The KSA, its annotation and the spec.
     Static,
     /// The GSA's allow policy and the GSA itself.
     #[serde(rename = "IAMPolicy")]
+    #[strum(serialize = "IAMPolicy")]
     IamPolicy,
     /// The workload identity pool and provider (Federation).
     Provider,
@@ -347,36 +363,26 @@ pub enum Stage {
 impl Stage {
     /// The stage as written in status, events and metrics.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Static => "Static",
-            Stage::IamPolicy => "IAMPolicy",
-            Stage::Provider => "Provider",
-            Stage::TokenExchange => "TokenExchange",
-            Stage::Impersonation => "Impersonation",
-            Stage::Target => "Target",
-        }
+        self.into()
     }
 }
 
-macro_rules! reasons {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// Stable reasons: alerts and dashboards match on them.
-        #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum Reason { $($(#[$doc])* $name),* }
-
-        impl Reason {
-            /// Every reason, in declaration order.
-            pub const ALL: &'static [Reason] = &[$(Reason::$name),*];
-
-            /// The reason as written in status, events and metrics.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Reason::$name => stringify!($name)),* }
-            }
-        }
-    };
-}
-
-reasons! {
+/// Stable reasons: alerts and dashboards match on them.
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+)]
+pub enum Reason {
     /// A KSA named in `serviceAccounts.names` does not exist.
     ServiceAccountMissing,
     /// The KSA has no `iam.gke.io/gcp-service-account` annotation.
@@ -443,15 +449,10 @@ reasons! {
     Disabled,
 }
 
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+impl Reason {
+    /// The reason as written in status, events and metrics.
+    pub fn as_str(self) -> &'static str {
+        self.into()
     }
 }
 
@@ -482,7 +483,7 @@ mod tests {
     /// The committed CRD is what the Rust types generate; regenerate with `make crd`.
     #[test]
     fn committed_crd_matches_the_rust_types() {
-        let committed = include_str!("../crds/authprobe.yaml");
+        let committed = include_str!("../../../crds/authprobe.yaml");
         let generated = crd_yaml().expect("the CRD renders");
         assert!(
             committed == generated,
@@ -505,7 +506,7 @@ mod tests {
 
     #[test]
     fn reasons_and_stages_serialize_as_the_design_spells_them() {
-        for reason in Reason::ALL {
+        for reason in <Reason as strum::VariantArray>::VARIANTS {
             assert_eq!(serde_json::to_value(reason).expect("serializes"), reason.as_str());
         }
         assert_eq!(serde_json::to_value(Stage::IamPolicy).expect("serializes"), "IAMPolicy");

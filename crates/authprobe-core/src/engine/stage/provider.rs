@@ -7,9 +7,13 @@ use std::{collections::BTreeMap, sync::Arc};
 use cel::{Context, Env, Program, Value};
 use serde_json::json;
 
-use super::{
-    annotation::truncate,
-    facts::{ClusterIssuer, FetchFailure, Fetched, JwkSet, Pool, Provider, State},
+use crate::{
+    api::{Reason, Stage},
+    engine::{
+        Facts, FederationPlan, Finding, Ksa, Plan, TokenClaims,
+        annotation::{quote, truncate},
+        facts::{ClusterIssuer, FailureKind, FetchFailure, Fetched, JwkSet, Pool, Provider, State},
+    },
 };
 
 /// Google's limit on the mapped `google.subject`, in bytes.
@@ -78,18 +82,38 @@ pub fn default_audiences(provider_name: &str) -> [String; 2] {
     [format!("//iam.googleapis.com/{provider_name}"), format!("https://iam.googleapis.com/{provider_name}")]
 }
 
+/// What was read for a Federation provider, with its rules compiled once.
+#[derive(Debug)]
+pub struct ProviderFacts {
+    /// The pool.
+    pub pool: Fetched<Pool>,
+    /// The provider.
+    pub provider: Fetched<Provider>,
+    rules: Option<Rules>,
+}
+
+impl ProviderFacts {
+    /// The facts, compiling the provider's mapping and condition when it was read.
+    pub fn new(pool: Fetched<Pool>, provider: Fetched<Provider>) -> Self {
+        let rules = match &provider {
+            Ok(Some(p)) => Some(Rules::compile(&p.attribute_mapping, &p.attribute_condition)),
+            _ => None,
+        };
+        Self { pool, provider, rules }
+    }
+}
+
 /// Runs the provider stage. `signing_kid`, when known from a minted token, narrows the key check
 /// to the key that actually signs.
 pub fn check(
-    pool: &Fetched<Pool>,
-    provider: &Fetched<Provider>,
+    facts: &ProviderFacts,
     cluster: &Result<ClusterIssuer, FetchFailure>,
     audience: &str,
     claims: &serde_json::Value,
     signing_kid: Option<&str>,
 ) -> Result<Mapped, ProviderProblem> {
-    let pool = pool.as_ref().map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
-    let provider = provider.as_ref().map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
+    let pool = facts.pool.as_ref().map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
+    let provider = facts.provider.as_ref().map_err(|f| ProviderProblem::Unreadable(f.clone()))?;
     match pool {
         None => return Err(ProviderProblem::NotFound { what: "pool" }),
         Some(p) if p.state == State::Deleted => return Err(ProviderProblem::NotFound { what: "pool" }),
@@ -120,11 +144,14 @@ pub fn check(
     if !allowed.iter().any(|a| a == audience) {
         return Err(ProviderProblem::AudienceNotAllowed { audience: audience.into(), allowed });
     }
-    let mapped = map_attributes(&provider.attribute_mapping, claims)?;
+    let Some(rules) = &facts.rules else {
+        return Err(ProviderProblem::NotFound { what: "provider" });
+    };
+    let mapped = rules.map(claims)?;
     if mapped.subject.len() > MAX_SUBJECT_BYTES {
         return Err(ProviderProblem::SubjectTooLong { subject: mapped.subject });
     }
-    check_condition(&provider.attribute_condition, claims, &mapped)?;
+    rules.condition(claims, &mapped)?;
     Ok(mapped)
 }
 
@@ -166,16 +193,160 @@ fn check_keys(
     })
 }
 
-fn env() -> Arc<Env> {
+/// A provider's attribute mapping and condition, compiled once per provider read and shared by
+/// every KSA the provider is checked for.
+pub struct Rules {
+    env: Result<Arc<Env>, String>,
+    /// `google.subject`, `attribute.*` and `google.groups`, in mapping order.
+    mapping: Vec<(String, Compiled)>,
+    /// The condition's top-level `&&` clauses, each compiled on its own so a rejection names one.
+    clauses: Vec<(String, Compiled)>,
+}
+
+type Compiled = Result<Program, String>;
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = |v: &[(String, Compiled)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        f.debug_struct("Rules")
+            .field("mapping", &keys(&self.mapping))
+            .field("clauses", &keys(&self.clauses))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rules {
+    /// Compiles `mapping` and the clauses of `condition` (empty: every credential is accepted).
+    pub fn compile(mapping: &BTreeMap<String, String>, condition: &str) -> Self {
+        let env = env();
+        let compile = |source: &str| match &env {
+            Ok(env) => env
+                .compile(source)
+                .map_err(|e| format!("does not compile: {}", truncate(&e.to_string(), 300))),
+            Err(e) => Err(e.clone()),
+        };
+        let mut mapping: Vec<(String, Compiled)> = mapping
+            .iter()
+            .filter(|(k, _)| *k == "google.subject" || *k == "google.groups" || k.starts_with("attribute."))
+            .map(|(k, expression)| (k.clone(), compile(expression)))
+            .collect();
+        // The subject first: without it nothing else matters.
+        mapping.sort_by_key(|(k, _)| k != "google.subject");
+        let clauses = top_level_clauses(condition)
+            .into_iter()
+            .map(|clause| (clause.to_string(), compile(clause)))
+            .collect();
+        Self { env, mapping, clauses }
+    }
+
+    fn run(&self, program: &Compiled, variables: &[(&str, &serde_json::Value)]) -> Result<Value, String> {
+        let (env, program) = match (&self.env, program) {
+            (Ok(env), Ok(program)) => (env, program),
+            (Err(e), _) | (_, Err(e)) => return Err(e.clone()),
+        };
+        let mut context = Context::with_env(env.clone());
+        for (name, value) in variables {
+            let value = cel::to_value(value).map_err(|e| format!("cannot bind {name}: {e}"))?;
+            context.add_variable_from_value(*name, value);
+        }
+        program.execute(&context).map_err(|e| truncate(&e.to_string(), 300))
+    }
+
+    /// Evaluates the attribute mapping over `claims`.
+    pub fn map(&self, claims: &serde_json::Value) -> Result<Mapped, ProviderProblem> {
+        let assertion = [("assertion", claims)];
+        let invalid = |attribute: &str, detail: String| ProviderProblem::MappingInvalid {
+            attribute: attribute.into(),
+            detail,
+        };
+        if !self.mapping.iter().any(|(k, _)| k == "google.subject") {
+            return Err(invalid(
+                "google.subject",
+                "is not mapped; OIDC providers must map it (e.g. assertion.sub)".into(),
+            ));
+        }
+        let mut mapped = Mapped::default();
+        for (key, program) in &self.mapping {
+            let value = self.run(program, &assertion).map_err(|e| invalid(key, e))?;
+            match (key.as_str(), value) {
+                ("google.subject", Value::String(s)) => mapped.subject = s.to_string(),
+                ("google.groups", Value::List(items)) => {
+                    for item in items.iter() {
+                        match item {
+                            Value::String(s) => mapped.groups.push(s.to_string()),
+                            other => {
+                                return Err(invalid(key, format!("holds {}, not strings", type_name(other))));
+                            }
+                        }
+                    }
+                }
+                ("google.groups", other) => {
+                    return Err(invalid(key, format!("evaluates to {}, not a list", type_name(&other))));
+                }
+                (_, Value::String(s)) => {
+                    let name = key.strip_prefix("attribute.").unwrap_or(key);
+                    mapped.attributes.insert(name.to_string(), s.to_string());
+                }
+                (_, other) => {
+                    return Err(invalid(key, format!("evaluates to {}, not a string", type_name(&other))));
+                }
+            }
+        }
+        Ok(mapped)
+    }
+
+    /// Evaluates the attribute condition; on failure names the first top-level `&&` clause that is false.
+    pub fn condition(&self, claims: &serde_json::Value, mapped: &Mapped) -> Result<(), ProviderProblem> {
+        if self.clauses.is_empty() {
+            return Ok(());
+        }
+        let google = json!({"subject": mapped.subject, "groups": mapped.groups});
+        let attribute = serde_json::to_value(&mapped.attributes).unwrap_or_default();
+        let vars = [("assertion", claims), ("google", &google), ("attribute", &attribute)];
+        for (clause, program) in &self.clauses {
+            let rejected =
+                |detail: String| ProviderProblem::ConditionRejected { clause: truncate(clause, 300), detail };
+            match self.run(program, &vars) {
+                Ok(Value::Bool(true)) => {}
+                Ok(Value::Bool(false)) => {
+                    return Err(rejected("is false for this ServiceAccount's claims".into()));
+                }
+                Ok(other) => {
+                    return Err(rejected(format!("evaluates to {}, not a bool", type_name(&other))));
+                }
+                Err(e) => return Err(rejected(format!("fails: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Evaluates an attribute mapping over `claims` (compiling it first).
+pub fn map_attributes(
+    mapping: &BTreeMap<String, String>,
+    claims: &serde_json::Value,
+) -> Result<Mapped, ProviderProblem> {
+    Rules::compile(mapping, "").map(claims)
+}
+
+/// Evaluates an attribute condition (compiling it first).
+pub fn check_condition(
+    condition: &str,
+    claims: &serde_json::Value,
+    mapped: &Mapped,
+) -> Result<(), ProviderProblem> {
+    Rules::compile(&BTreeMap::new(), condition).condition(claims, mapped)
+}
+
+fn env() -> Result<Arc<Env>, String> {
     let mut env = Env::stdlib();
     // Google's attribute expressions use the string helpers (split, join, lowerAscii, ...) and `extract`.
-    let added = env.add_extension(cel::extensions::strings).and_then(|()| {
-        cel::add_member_overload!(env, fn extract: (cel::common::types::CelString, cel::common::types::CelString) -> cel::common::types::CelString)
-    });
-    if let Err(e) = added {
-        tracing::error!(error = %e, "CEL string helpers unavailable");
-    }
-    Arc::new(env)
+    env.add_extension(cel::extensions::strings)
+        .and_then(|()| {
+            cel::add_member_overload!(env, fn extract: (cel::common::types::CelString, cel::common::types::CelString) -> cel::common::types::CelString)
+        })
+        .map_err(|e| format!("cannot be evaluated: the CEL string helpers are unavailable ({e})"))?;
+    Ok(Arc::new(env))
 }
 
 /// Google's `extract`: the part of the string matched by `{name}` in a template such as
@@ -194,108 +365,6 @@ fn extract(
         Some(tail[..end].to_string())
     })();
     found.unwrap_or_default().into()
-}
-
-fn evaluate(
-    env: &Arc<Env>,
-    expression: &str,
-    variables: &[(&str, &serde_json::Value)],
-) -> Result<Value, String> {
-    let program: Program = env
-        .compile(expression)
-        .map_err(|e| format!("does not compile: {}", truncate(&e.to_string(), 300)))?;
-    let mut context = Context::with_env(env.clone());
-    for (name, value) in variables {
-        let value = cel::to_value(value).map_err(|e| format!("cannot bind {name}: {e}"))?;
-        context.add_variable_from_value(*name, value);
-    }
-    program.execute(&context).map_err(|e| truncate(&e.to_string(), 300))
-}
-
-/// Evaluates the provider's attribute mapping over `claims`.
-pub fn map_attributes(
-    mapping: &BTreeMap<String, String>,
-    claims: &serde_json::Value,
-) -> Result<Mapped, ProviderProblem> {
-    let env = env();
-    let assertion = [("assertion", claims)];
-    let invalid = |attribute: &str, detail: String| ProviderProblem::MappingInvalid {
-        attribute: attribute.into(),
-        detail,
-    };
-    let mut mapped = Mapped::default();
-    let subject_expr = mapping.get("google.subject").ok_or_else(|| {
-        invalid("google.subject", "is not mapped; OIDC providers must map it (e.g. assertion.sub)".into())
-    })?;
-    mapped.subject =
-        match evaluate(&env, subject_expr, &assertion).map_err(|e| invalid("google.subject", e))? {
-            Value::String(s) => s.to_string(),
-            other => {
-                return Err(invalid(
-                    "google.subject",
-                    format!("evaluates to {}, not a string", type_name(&other)),
-                ));
-            }
-        };
-    for (key, expression) in mapping {
-        if let Some(name) = key.strip_prefix("attribute.") {
-            match evaluate(&env, expression, &assertion).map_err(|e| invalid(key, e))? {
-                Value::String(s) => {
-                    mapped.attributes.insert(name.to_string(), s.to_string());
-                }
-                other => {
-                    return Err(invalid(key, format!("evaluates to {}, not a string", type_name(&other))));
-                }
-            }
-        } else if key == "google.groups" {
-            match evaluate(&env, expression, &assertion).map_err(|e| invalid(key, e))? {
-                Value::List(items) => {
-                    for item in items.iter() {
-                        match item {
-                            Value::String(s) => mapped.groups.push(s.to_string()),
-                            other => {
-                                return Err(invalid(key, format!("holds {}, not strings", type_name(other))));
-                            }
-                        }
-                    }
-                }
-                other => {
-                    return Err(invalid(key, format!("evaluates to {}, not a list", type_name(&other))));
-                }
-            }
-        }
-    }
-    Ok(mapped)
-}
-
-/// Evaluates the attribute condition; on failure names the first top-level `&&` clause that is false.
-pub fn check_condition(
-    condition: &str,
-    claims: &serde_json::Value,
-    mapped: &Mapped,
-) -> Result<(), ProviderProblem> {
-    if condition.trim().is_empty() {
-        return Ok(());
-    }
-    let env = env();
-    let google = json!({"subject": mapped.subject, "groups": mapped.groups});
-    let attribute = serde_json::to_value(&mapped.attributes).unwrap_or_default();
-    let vars = [("assertion", claims), ("google", &google), ("attribute", &attribute)];
-    for clause in top_level_clauses(condition) {
-        let rejected =
-            |detail: String| ProviderProblem::ConditionRejected { clause: truncate(clause, 300), detail };
-        match evaluate(&env, clause, &vars) {
-            Ok(Value::Bool(true)) => {}
-            Ok(Value::Bool(false)) => {
-                return Err(rejected("is false for this ServiceAccount's claims".into()));
-            }
-            Ok(other) => {
-                return Err(rejected(format!("evaluates to {}, not a bool", type_name(&other))));
-            }
-            Err(e) => return Err(rejected(format!("fails: {e}"))),
-        }
-    }
-    Ok(())
 }
 
 /// Splits `a && (b || c) && d` into `a`, `(b || c)`, `d`, respecting parentheses, brackets and quotes.
@@ -340,9 +409,92 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
+impl Plan {
+    pub(super) fn provider_stage(
+        &self,
+        ksa: &Ksa,
+        federation: &FederationPlan,
+        facts: &Facts<'_>,
+        token: Option<TokenClaims<'_>>,
+    ) -> Result<Mapped, Finding> {
+        let p = &federation.provider;
+        let not_fetched = Err(FetchFailure::new(FailureKind::Unavailable, "not fetched"));
+        let Some(provider_facts) = facts.provider else {
+            return Err(Finding::from_fetch(
+                Stage::Provider,
+                &FetchFailure::new(FailureKind::Unavailable, "not fetched"),
+                &format!("workload identity provider {p}"),
+            ));
+        };
+        let cluster = facts.cluster.unwrap_or(&not_fetched);
+        let issuer = cluster.as_ref().map(|c| c.issuer.as_str()).unwrap_or_default();
+        let built;
+        let (claims, kid) = match token {
+            Some(t) => (t.claims, t.kid),
+            None => {
+                built =
+                    claims_for(issuer, &federation.audience, &ksa.namespace, &ksa.name, &ksa.uid, facts.now);
+                (&built, None)
+            }
+        };
+        let who = format!("ServiceAccount {}/{}", ksa.namespace, ksa.name);
+        let pool_name = &federation.pool;
+        check(provider_facts, cluster, &federation.audience, claims, kid).map_err(|problem| match problem {
+            ProviderProblem::Unreadable(f) => Finding::from_fetch(Stage::Provider, &f, &format!("workload identity provider {p}")),
+            ProviderProblem::ClusterUnreadable(f) => {
+                Finding::from_fetch(Stage::Provider, &f, "the cluster's issuer and signing keys")
+            }
+            ProviderProblem::NotFound { what: "pool" } => Finding::fail(Stage::Provider, Reason::ProviderNotFound, format!(
+                "{who}: workload identity pool {pool_name} does not exist or is deleted, so every exchange is refused (invalid_target). Fix: gcloud iam workload-identity-pools undelete {} --location=global --project={}, or point identity.federation.provider at a live pool",
+                federation.pool_id, federation.project_number
+            )),
+            ProviderProblem::NotFound { .. } => Finding::fail(Stage::Provider, Reason::ProviderNotFound, format!(
+                "{who}: provider {p} does not exist or is deleted, so every exchange is refused (invalid_target). Fix: create or undelete it (gcloud iam workload-identity-pools providers undelete ...), or correct identity.federation.provider"
+            )),
+            ProviderProblem::ProviderDisabled => Finding::fail(Stage::Provider, Reason::ProviderDisabled, format!(
+                "{who}: provider {p} is disabled, so new exchanges are refused (invalid_target). Fix: gcloud iam workload-identity-pools providers update-oidc {} --workload-identity-pool={} --location=global --project={} --no-disabled",
+                p.rsplit('/').next().unwrap_or_default(), federation.pool_id, federation.project_number
+            )),
+            ProviderProblem::PoolDisabled => Finding::fail(Stage::Provider, Reason::PoolDisabled, format!(
+                "{who}: pool {pool_name} is disabled, so exchanges are refused and issued tokens stop working. Fix: gcloud iam workload-identity-pools update {} --location=global --project={} --no-disabled",
+                federation.pool_id, federation.project_number
+            )),
+            ProviderProblem::NotOidc => Finding::fail(Stage::Provider, Reason::IssuerMismatch, format!(
+                "{who}: provider {p} is not an OIDC provider, so it cannot trust Kubernetes tokens. Fix: create an OIDC provider with --issuer-uri={issuer}"
+            )),
+            ProviderProblem::IssuerMismatch { provider, cluster } => Finding::fail(Stage::Provider, Reason::IssuerMismatch, format!(
+                "{who}: provider {p} trusts issuer {} but the cluster's tokens carry iss {}, so Google answers \"The issuer in ID Token {cluster} does not match the expected one in config: {provider}\". Fix: gcloud iam workload-identity-pools providers update-oidc ... --issuer-uri={cluster}",
+                quote(&provider), quote(&cluster)
+            )),
+            ProviderProblem::KeyNotTrusted { detail } => Finding::fail(Stage::Provider, Reason::SigningKeyNotTrusted, format!(
+                "{who}: {detail}; tokens signed after a key rotation are refused (\"Error connecting to the given credential's issuer\"). Fix: kubectl get --raw /openid/v1/jwks > jwks.json && gcloud iam workload-identity-pools providers update-oidc ... --jwk-json-path=jwks.json"
+            )),
+            ProviderProblem::AudienceNotAllowed { audience, allowed } => Finding::fail(Stage::Provider, Reason::AudienceNotAllowed, format!(
+                "{who}: its tokens carry audience {} but provider {p} accepts only {allowed:?}. Fix: set identity.federation.audience and the pods' token audience to one of them, or gcloud iam workload-identity-pools providers update-oidc ... --allowed-audiences={audience}",
+                quote(&audience)
+            )),
+            ProviderProblem::MappingInvalid { attribute, detail } => Finding::fail(Stage::Provider, Reason::AttributeMappingInvalid, format!(
+                "{who}: provider {p}'s attribute mapping for {attribute} {detail} for this ServiceAccount's token claims. Fix: correct --attribute-mapping on the provider (e.g. google.subject=assertion.sub)"
+            )),
+            ProviderProblem::SubjectTooLong { subject } => Finding::fail(Stage::Static, Reason::SubjectTooLong, format!(
+                "{who}: the mapped google.subject {} is {} bytes, over Google's 127-byte limit, so every exchange is refused. Fix: shorten the namespace or ServiceAccount name, or map google.subject to something shorter (e.g. assertion['kubernetes.io']['serviceaccount']['uid'])",
+                quote(&subject), subject.len()
+            )),
+            ProviderProblem::ConditionRejected { clause, detail } => Finding::fail(Stage::Provider, Reason::AttributeConditionRejected, format!(
+                "{who}: provider {p}'s attribute condition clause {} {detail}, so Google answers \"The given credential is rejected by the attribute condition.\" Fix: widen the condition (gcloud iam workload-identity-pools providers update-oidc ... --attribute-condition=...) or move the workload to an admitted namespace",
+                quote(&clause)
+            )),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(pool: &Fetched<Pool>, provider: &Fetched<Provider>) -> ProviderFacts {
+        ProviderFacts::new(pool.clone(), provider.clone())
+    }
     use crate::engine::facts::{Jwk, Oidc};
 
     const PROVIDER: &str =
@@ -388,8 +540,7 @@ mod tests {
 
     fn run(provider: Provider, claims: &serde_json::Value) -> Result<Mapped, ProviderProblem> {
         check(
-            &pool(),
-            &Ok(Some(provider)),
+            &facts(&pool(), &Ok(Some(provider))),
             &cluster(),
             &format!("//iam.googleapis.com/{PROVIDER}"),
             claims,
@@ -410,20 +561,20 @@ mod tests {
         let aud = format!("//iam.googleapis.com/{PROVIDER}");
         let disabled_pool = Ok(Some(Pool { disabled: true, ..pool().unwrap().unwrap() }));
         assert_eq!(
-            check(&disabled_pool, &Ok(Some(provider())), &cluster(), &aud, &c, None),
+            check(&facts(&disabled_pool, &Ok(Some(provider()))), &cluster(), &aud, &c, None),
             Err(ProviderProblem::PoolDisabled)
         );
         let deleted_pool = Ok(Some(Pool { state: State::Deleted, ..pool().unwrap().unwrap() }));
         assert_eq!(
-            check(&deleted_pool, &Ok(Some(provider())), &cluster(), &aud, &c, None),
+            check(&facts(&deleted_pool, &Ok(Some(provider()))), &cluster(), &aud, &c, None),
             Err(ProviderProblem::NotFound { what: "pool" })
         );
         assert_eq!(
-            check(&Ok(None), &Ok(Some(provider())), &cluster(), &aud, &c, None),
+            check(&facts(&Ok(None), &Ok(Some(provider()))), &cluster(), &aud, &c, None),
             Err(ProviderProblem::NotFound { what: "pool" })
         );
         assert_eq!(
-            check(&pool(), &Ok(None), &cluster(), &aud, &c, None),
+            check(&facts(&pool(), &Ok(None)), &cluster(), &aud, &c, None),
             Err(ProviderProblem::NotFound { what: "provider" })
         );
         let deleted = Provider { state: State::Deleted, ..provider() };
@@ -433,9 +584,9 @@ mod tests {
             Err(ProviderProblem::ProviderDisabled)
         );
         assert_eq!(run(Provider { oidc: None, ..provider() }, &c), Err(ProviderProblem::NotOidc));
-        let unreadable = Err(FetchFailure::new(super::super::facts::FailureKind::Unavailable, "503"));
+        let unreadable = Err(FetchFailure::new(crate::engine::facts::FailureKind::Unavailable, "503"));
         assert!(matches!(
-            check(&unreadable, &Ok(Some(provider())), &cluster(), &aud, &c, None),
+            check(&facts(&unreadable, &Ok(Some(provider()))), &cluster(), &aud, &c, None),
             Err(ProviderProblem::Unreadable(_))
         ));
     }
@@ -478,24 +629,25 @@ mod tests {
             Ok(ClusterIssuer { issuer: ISSUER.into(), keys: vec![key("k0", "n0"), key("k1", "n1")] });
         let aud = format!("//iam.googleapis.com/{PROVIDER}");
         let only_new = Ok(Some(with_keys(vec![key("k1", "n1")])));
-        assert!(check(&pool(), &only_new, &rotating, &aud, &c, Some("k1")).is_ok());
-        assert!(check(&pool(), &only_new, &rotating, &aud, &c, None).is_err());
+        assert!(check(&facts(&pool(), &only_new), &rotating, &aud, &c, Some("k1")).is_ok());
+        assert!(check(&facts(&pool(), &only_new), &rotating, &aud, &c, None).is_err());
     }
 
     #[test]
     fn audiences_follow_the_default_rule_and_the_allow_list() {
         let c = claims("a", "b");
         let https = format!("https://iam.googleapis.com/{PROVIDER}");
-        assert!(check(&pool(), &Ok(Some(provider())), &cluster(), &https, &c, None).is_ok());
-        let other = check(&pool(), &Ok(Some(provider())), &cluster(), "sts.googleapis.com", &c, None);
+        assert!(check(&facts(&pool(), &Ok(Some(provider()))), &cluster(), &https, &c, None).is_ok());
+        let other = check(&facts(&pool(), &Ok(Some(provider()))), &cluster(), "sts.googleapis.com", &c, None);
         assert!(matches!(other, Err(ProviderProblem::AudienceNotAllowed { .. })));
         let mut listed = provider();
         if let Some(o) = listed.oidc.as_mut() {
             o.allowed_audiences = vec!["my-cluster".into()];
         }
-        let default_now_refused = check(&pool(), &Ok(Some(listed.clone())), &cluster(), &https, &c, None);
+        let default_now_refused =
+            check(&facts(&pool(), &Ok(Some(listed.clone()))), &cluster(), &https, &c, None);
         assert!(matches!(default_now_refused, Err(ProviderProblem::AudienceNotAllowed { .. })));
-        assert!(check(&pool(), &Ok(Some(listed)), &cluster(), "my-cluster", &c, None).is_ok());
+        assert!(check(&facts(&pool(), &Ok(Some(listed))), &cluster(), "my-cluster", &c, None).is_ok());
     }
 
     #[test]

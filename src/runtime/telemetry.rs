@@ -4,7 +4,17 @@ use std::io::IsTerminal as _;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::cli::LogFormat;
+/// Log formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// json inside a cluster or when stderr is not a terminal, compact otherwise.
+    #[default]
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Compact,
+}
 
 /// Installs the global subscriber. Client request tracing stays off below `debug` for kube, and
 /// never logs headers, so tokens cannot leak through it.

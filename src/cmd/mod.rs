@@ -1,10 +1,15 @@
-//! The command line: one engine, several modes.
+//! The command line, the only room that may import every other: `run` (the operator, also the
+//! default), `check` (one pass for CI) and `crd`.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+pub mod check;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    controller,
     google::{
         Google,
         client::{Api, GoogleClient, RetryPolicy},
@@ -12,15 +17,23 @@ use crate::{
         endpoints::{Endpoints, Override},
     },
     metrics::Metrics,
+    runtime::{
+        self,
+        leader::{DEFAULT_LEASE_NAME, LeaseRef},
+        telemetry::{self, LogFormat},
+    },
 };
 
 /// Proves, per namespace, that Kubernetes ServiceAccounts can still become their Google identities.
 #[derive(Debug, Parser)]
-#[command(name = "authprobe", version, about)]
+#[command(name = "authprobe", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// What to do (default: run).
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// `run`'s flags, for a bare `authprobe`: it behaves exactly like `authprobe run`.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// The modes.
@@ -30,7 +43,7 @@ pub enum Command {
     Run(RunArgs),
     /// Check AuthProbes once against the current kubeconfig. Exit 0: all passing; 1: something
     /// failing; 2: cannot tell (or the spec is invalid).
-    Check(CheckArgs),
+    Check(check::CheckArgs),
     /// Print the AuthProbe CRD as YAML (what crds/authprobe.yaml holds).
     Crd,
 }
@@ -53,6 +66,9 @@ pub struct RunArgs {
     /// Where the Lease lives (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
+    /// The Lease's name (the chart derives it from the release name).
+    #[arg(long, env = "AUTHPROBE_LEASE_NAME", default_value = DEFAULT_LEASE_NAME)]
+    pub lease_name: String,
     /// On SIGTERM, in-flight probes get this long to finish before the lease is released.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -62,35 +78,6 @@ pub struct RunArgs {
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
-}
-
-impl Default for RunArgs {
-    fn default() -> Self {
-        Self {
-            http_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            concurrency: 4,
-            debounce: Duration::from_millis(500),
-            leader_elect: false,
-            lease_namespace: std::env::var("POD_NAMESPACE").ok(),
-            shutdown_timeout: Duration::from_secs(20),
-            google: GoogleArgs::default(),
-            log: LogArgs::default(),
-        }
-    }
-}
-
-/// `authprobe check`.
-#[derive(Debug, Args)]
-pub struct CheckArgs {
-    /// A file of one or more AuthProbe documents ("-" for standard input).
-    #[arg(short = 'f', long = "filename")]
-    pub file: PathBuf,
-    /// How to print the results.
-    #[arg(short, long, value_enum, default_value_t = crate::check::Output::Table)]
-    pub output: crate::check::Output,
-    /// Google access.
-    #[command(flatten)]
-    pub google: GoogleArgs,
 }
 
 /// How authprobe reaches Google; the same for `run` and `check`.
@@ -105,12 +92,6 @@ pub struct GoogleArgs {
     /// Give up retrying a Google request (429, 5xx, broken connections) after this long, e.g. 60s.
     #[arg(long = "google-retry-deadline", default_value = "60s", value_parser = parse_duration)]
     pub retry_deadline: Duration,
-}
-
-impl Default for GoogleArgs {
-    fn default() -> Self {
-        Self { endpoints: vec![], access_token_file: None, retry_deadline: RetryPolicy::default().deadline }
-    }
 }
 
 impl GoogleArgs {
@@ -140,23 +121,11 @@ impl GoogleArgs {
 }
 
 /// Log output.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 pub struct LogArgs {
     /// json, compact, or auto (json inside a cluster or when stderr is not a terminal).
     #[arg(long = "log-format", env = "AUTHPROBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub format: LogFormat,
-}
-
-/// Log formats.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// json inside a cluster or when stderr is not a terminal, compact otherwise.
-    #[default]
-    Auto,
-    /// One JSON object per line.
-    Json,
-    /// Human-readable.
-    Compact,
 }
 
 /// Go/Kubernetes-style durations (`500ms`, `90s`, `1h30m`).
@@ -166,4 +135,81 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is negative"));
     }
     Ok(d.into())
+}
+
+impl RunArgs {
+    /// The runtime's settings; the Lease needs a namespace when electing a leader.
+    fn settings(&self) -> anyhow::Result<runtime::Settings> {
+        let lease = if self.leader_elect {
+            let namespace = self
+                .lease_namespace
+                .clone()
+                .context("--leader-elect needs --lease-namespace (or POD_NAMESPACE)")?;
+            Some(LeaseRef { namespace, name: self.lease_name.clone() })
+        } else {
+            None
+        };
+        Ok(runtime::Settings {
+            http_addr: self.http_addr,
+            controller: controller::Tuning {
+                concurrency: self.concurrency,
+                debounce: self.debounce,
+                instance: std::env::var("POD_NAME").ok(),
+                ..Default::default()
+            },
+            lease,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+/// Parses the command line and runs what it asks for.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => match crate::api::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("authprobe: cannot render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Check(args)) => {
+            telemetry::init(LogFormat::Compact);
+            match tokio_runtime().and_then(|rt| rt.block_on(check::run(args))) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("authprobe check: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Some(Command::Run(args)) => run(&args),
+        None => run(&cli.run),
+    }
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    telemetry::init(args.log.format);
+    let started = args.settings().and_then(|settings| {
+        tokio_runtime()?.block_on(async {
+            let metrics = Arc::new(Metrics::new());
+            let google = Arc::new(args.google.connect(metrics.clone())?);
+            runtime::run(settings, google, metrics).await
+        })
+    });
+    match started {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "authprobe stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
