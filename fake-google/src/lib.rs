@@ -13,6 +13,7 @@ mod access;
 mod errors;
 mod google_keys;
 mod iam;
+pub mod origin;
 mod run;
 pub mod scenario;
 mod sts;

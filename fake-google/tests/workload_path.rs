@@ -1,5 +1,5 @@
-//! The workload's path at the fake: Cloud Run, generateIdToken and Google's keys. Every test
-//! starts its own fake on loopback.
+//! The workload's path at the fake: Cloud Run, generateIdToken and Google's keys, and the origin
+//! server. Every test starts its own servers on loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use fake_google::{
     Caller, Signer,
+    origin::{self, OriginConfig, Redirect},
     scenario::{Binding, CloudRunService, Grant, Operator, Pool, Provider, Scenario, ServiceAccount},
     verify_id_token,
 };
@@ -395,5 +396,119 @@ async fn generate_id_token_is_authorized_like_generate_access_token() -> Result<
     let (status, body) = json_of(response).await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(body["error"]["details"][0]["metadata"]["permission"], "iam.serviceAccounts.getAccessToken");
+    Ok(())
+}
+
+fn www_authenticate(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn origin_takes_id_tokens_for_its_audience_and_records_the_header() -> Result<()> {
+    let issuer = Signer::generate()?;
+    let google = fake(&issuer).await?;
+    let site = origin::start(loopback(), OriginConfig::id_token(google.fake.clone(), "")).await?;
+    let http = Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build()?;
+    let url = format!("{}/hello", site.url());
+
+    let response = http.get(&url).send().await?;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(www_authenticate(&response), "Bearer realm=\"origin\"");
+
+    let elsewhere = google.fake.mint_id_token(GSA, "https://elsewhere.example", true)?;
+    let response = http.get(&url).bearer_auth(&elsewhere).send().await?;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let challenge = www_authenticate(&response);
+    assert!(challenge.starts_with("Bearer realm=\"origin\", error=\"invalid_token\""), "{challenge}");
+    assert!(challenge.contains("audience"), "{challenge}");
+
+    let access = google.fake.mint_access_token(GSA, Duration::from_secs(600));
+    let response = http.get(&url).bearer_auth(&access).send().await?;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "an access token is not an ID token");
+
+    // The audience defaults to the origin's own URL, as authprobe's endpoint audience does.
+    let good = google.fake.mint_id_token(GSA, &site.url(), true)?;
+    let (status, body) = json_of(http.get(&url).bearer_auth(&good).send().await?).await?;
+    assert_eq!((status, body), (StatusCode::OK, json!({"principal": GSA, "tokenType": "IdToken"})));
+    let response = http.get(&url).basic_auth("user", Some("pass")).send().await?;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    site.update(|c| c.allowed = Some(vec![OTHER.into()]));
+    let response = http.get(&url).bearer_auth(&good).send().await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(response.text().await?, "RBAC: access denied");
+
+    site.update(|c| {
+        c.redirects.push(Redirect {
+            path: "/moved".into(),
+            status: 307,
+            location: "http://other-host.test:8080/moved".into(),
+        })
+    });
+    let response = http.get(format!("{}/moved", site.url())).bearer_auth(&good).send().await?;
+    assert_eq!(response.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(
+        response.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()),
+        Some("http://other-host.test:8080/moved")
+    );
+
+    let requests = site.requests();
+    let seen: Vec<(bool, u16, &str)> =
+        requests.iter().map(|s| (s.authorization, s.status, s.path.as_str())).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (false, 401, "/hello"),
+            (true, 401, "/hello"),
+            (true, 401, "/hello"),
+            (true, 200, "/hello"),
+            (true, 401, "/hello"),
+            (true, 403, "/hello"),
+            (true, 307, "/moved"),
+        ]
+    );
+    assert!(requests.iter().all(|s| s.method == "GET"));
+    assert_eq!(site.count(), 7);
+    Ok(())
+}
+
+#[tokio::test]
+async fn origin_takes_access_tokens_the_fake_issued_and_still_honours() -> Result<()> {
+    let issuer = Signer::generate()?;
+    let google = fake(&issuer).await?;
+    let site = origin::start(loopback(), OriginConfig::access_token(google.fake.clone())).await?;
+    let http = client();
+    let call = |token: String| http.get(site.url()).bearer_auth(token).send();
+
+    let gsa = google.fake.mint_access_token(GSA, Duration::from_secs(600));
+    let (status, body) = json_of(call(gsa).await?).await?;
+    assert_eq!((status, body), (StatusCode::OK, json!({"principal": GSA, "tokenType": "AccessToken"})));
+
+    let federated = federated_token(&google, &issuer, "direct").await?;
+    let (status, body) = json_of(call(federated.clone()).await?).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["principal"], member("direct"));
+
+    for refused in [
+        google.fake.mint_id_token(GSA, &site.url(), true)?,
+        "ya29.not-one-google-issued".to_string(),
+        google.fake.mint_access_token(GSA, Duration::ZERO),
+    ] {
+        let response = call(refused).await?;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(www_authenticate(&response).contains("error=\"invalid_token\""));
+    }
+
+    // Disabling the pool revokes its federated tokens (google-wif.md §1.6).
+    google.fake.update(|s| s.pools.iter_mut().for_each(|p| p.disabled = true));
+    assert_eq!(call(federated.clone()).await?.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(google.fake.access_token_caller(&federated), None);
+    assert!(site.requests().iter().all(|s| s.authorization));
+    assert_eq!(site.count(), 6);
     Ok(())
 }
