@@ -13,6 +13,7 @@ mod access;
 mod errors;
 mod google_keys;
 mod iam;
+pub mod metadata;
 pub mod origin;
 mod run;
 pub mod scenario;
@@ -179,8 +180,9 @@ impl Fake {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    /// Every KSA token presented to STS or securetoken and every access and ID token issued,
-    /// most recent 4096: what must never appear in logs, Events, status, metrics or files.
+    /// Every KSA token presented to STS or securetoken and every access and ID token issued
+    /// (also those handed out by a [`metadata`] server on this fake), most recent 4096: what must
+    /// never appear in logs, Events, status, metrics or files.
     pub fn credentials_seen(&self) -> Vec<String> {
         self.tokens.witnessed()
     }

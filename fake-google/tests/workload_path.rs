@@ -1,13 +1,19 @@
-//! The workload's path at the fake: Cloud Run, generateIdToken and Google's keys, and the origin
-//! server. Every test starts its own servers on loopback.
+//! The workload's path at the fake: Cloud Run, generateIdToken and Google's keys, the origin
+//! server, and the GKE metadata server. Every test starts its own servers on loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, ensure};
 use fake_google::{
-    Caller, Signer,
+    Caller, Fake, Signer,
+    metadata::{self, Identity, MetadataConfig, Outage, OutageMode},
     origin::{self, OriginConfig, Redirect},
     scenario::{Binding, CloudRunService, Grant, Operator, Pool, Provider, Scenario, ServiceAccount},
     verify_id_token,
@@ -32,6 +38,11 @@ fn loopback() -> SocketAddr {
 
 fn client() -> Client {
     Client::builder().no_proxy().build().expect("client")
+}
+
+/// A client whose connections come from `ip` (any 127/8 address is loopback on Linux).
+fn client_from(ip: [u8; 4]) -> Client {
+    Client::builder().no_proxy().local_address(IpAddr::from(ip)).build().expect("client")
 }
 
 fn member(ksa: &str) -> String {
@@ -510,5 +521,218 @@ async fn origin_takes_access_tokens_the_fake_issued_and_still_honours() -> Resul
     assert_eq!(google.fake.access_token_caller(&federated), None);
     assert!(site.requests().iter().all(|s| s.authorization));
     assert_eq!(site.count(), 6);
+    Ok(())
+}
+
+async fn metadata_get(http: &Client, url: String) -> reqwest::Result<reqwest::Response> {
+    http.get(url).header("Metadata-Flavor", "Google").send().await
+}
+
+#[tokio::test]
+async fn metadata_server_demands_its_flavor_and_hands_out_the_pods_identity() -> Result<()> {
+    let issuer = Signer::generate()?;
+    let google = fake(&issuer).await?;
+    let pod_b = IpAddr::from([127, 0, 0, 2]);
+    let config = MetadataConfig {
+        numeric_project_id: "123456789012".into(),
+        clients: BTreeMap::from([(
+            pod_b,
+            Identity::Federated { namespace: "ns".into(), name: "plain".into() },
+        )]),
+        ..MetadataConfig::new(google.fake.clone(), "acme-prod", Identity::ServiceAccount(GSA.into()))
+    };
+    let md = metadata::start(loopback(), config).await?;
+    let http = client();
+    let v1 = format!("{}/computeMetadata/v1", md.url());
+    let sa = format!("{v1}/instance/service-accounts/default");
+
+    let response = http.get(format!("{}/", md.url())).send().await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(response.headers().get("metadata-flavor").is_none());
+    assert_eq!(response.text().await?, "Missing required header \"Metadata-Flavor\": \"Google\"\n");
+    let response = http.get(format!("{sa}/token")).header("Metadata-Flavor", "google-ish").send().await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    let response = metadata_get(&http, format!("{}/", md.url())).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers().get("metadata-flavor").and_then(|v| v.to_str().ok()), Some("Google"));
+    assert_eq!(response.text().await?, "computeMetadata/\n");
+    assert_eq!(metadata_get(&http, format!("{v1}/")).await?.status(), StatusCode::OK);
+    assert_eq!(metadata_get(&http, format!("{v1}/project/project-id")).await?.text().await?, "acme-prod");
+    assert_eq!(
+        metadata_get(&http, format!("{v1}/project/numeric-project-id")).await?.text().await?,
+        "123456789012"
+    );
+    assert_eq!(metadata_get(&http, format!("{sa}/email")).await?.text().await?, GSA);
+    let (_, info) = json_of(metadata_get(&http, format!("{sa}/?recursive=true")).await?).await?;
+    assert_eq!(info["email"], GSA);
+
+    let (status, token) = json_of(metadata_get(&http, format!("{sa}/token")).await?).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(token["token_type"], "Bearer");
+    assert!(token["expires_in"].as_u64().is_some_and(|e| (3000..3600).contains(&e)), "{token}");
+    let access = token["access_token"].as_str().context("access_token")?.to_string();
+    assert_eq!(google.fake.access_token_caller(&access), Some(Caller::ServiceAccount { email: GSA.into() }));
+    // Valid at the fake's APIs as the GSA.
+    let response = http
+        .post(format!("{}/v2/{SERVICE}:testIamPermissions", google.endpoint("run")))
+        .bearer_auth(&access)
+        .json(&json!({"permissions": ["run.routes.invoke"]}))
+        .send()
+        .await?;
+    assert_eq!(json_of(response).await?, (StatusCode::OK, json!({"permissions": ["run.routes.invoke"]})));
+    let (_, again) = json_of(metadata_get(&http, format!("{sa}/token")).await?).await?;
+    assert_eq!(again["access_token"], access.as_str(), "a live token is handed out again");
+
+    let response = metadata_get(&http, format!("{sa}/identity?audience={AUDIENCE}&format=full")).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let id = response.text().await?;
+    let claims = verify_id_token(&google.fake, &id, AUDIENCE).map_err(anyhow::Error::msg)?;
+    assert_eq!(claims.email.as_deref(), Some(GSA));
+    assert!(google.fake.credentials_seen().contains(&id));
+    let response = metadata_get(&http, format!("{sa}/identity")).await?;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.text().await?, "non-empty audience parameter required\n");
+    assert_eq!(
+        metadata_get(&http, format!("{v1}/instance/service-accounts/{OTHER}/email")).await?.status(),
+        StatusCode::NOT_FOUND
+    );
+    let local = IpAddr::from([127, 0, 0, 1]);
+    assert_eq!(md.requests_from(local), 13);
+
+    // Another pod, whose KSA has no annotation: a federated token and no ID token.
+    let pod = client_from([127, 0, 0, 2]);
+    assert_eq!(metadata_get(&pod, format!("{sa}/email")).await?.text().await?, "acme-prod.svc.id.goog");
+    let response = metadata_get(&pod, format!("{sa}/identity?audience={AUDIENCE}")).await?;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert!(response.text().await?.contains("(ns/plain) is not annotated"));
+    let (_, token) = json_of(metadata_get(&pod, format!("{sa}/token")).await?).await?;
+    let federated = token["access_token"].as_str().context("access_token")?;
+    match google.fake.access_token_caller(federated) {
+        Some(Caller::Federated { members }) => {
+            assert!(
+                members.contains(&"serviceAccount:acme-prod.svc.id.goog[ns/plain]".to_string()),
+                "{members:?}"
+            )
+        }
+        other => panic!("a federated token, not {other:?}"),
+    }
+    assert_eq!(md.requests_by_client(), BTreeMap::from([(local, 13), (pod_b, 3)]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn metadata_server_holds_each_new_pod_through_its_cold_start() -> Result<()> {
+    let google = fake(&Signer::generate()?).await?;
+    let delay = Duration::from_millis(1500);
+    let config = MetadataConfig {
+        cold_start: delay,
+        ..MetadataConfig::new(google.fake.clone(), "acme-prod", Identity::ServiceAccount(GSA.into()))
+    };
+    let md = metadata::start(loopback(), config).await?;
+    let email = format!("{}/computeMetadata/v1/instance/service-accounts/default/email", md.url());
+    let timed = |http: Client| {
+        let email = email.clone();
+        async move {
+            let started = Instant::now();
+            let response = metadata_get(&http, email).await?;
+            anyhow::Ok((response.status(), started.elapsed()))
+        }
+    };
+
+    // Two new pods at once: each waits out its own cold start; then each is fast.
+    let (a, b) = (client_from([127, 0, 0, 2]), client_from([127, 0, 0, 3]));
+    let (first_a, first_b) = tokio::join!(timed(a.clone()), timed(b.clone()));
+    for (status, elapsed) in [first_a?, first_b?] {
+        assert_eq!(status, StatusCode::OK);
+        assert!(elapsed >= delay, "a new client waited only {elapsed:?}");
+    }
+    let (status, elapsed) = timed(a).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(elapsed < Duration::from_secs(1), "the second request took {elapsed:?}");
+
+    // A client that gives up first (google-auth's detection timeout) sees no answer.
+    let impatient = Client::builder()
+        .no_proxy()
+        .local_address(IpAddr::from([127, 0, 0, 4]))
+        .timeout(Duration::from_millis(300))
+        .build()?;
+    let error = metadata_get(&impatient, email.clone()).await.expect_err("held past the client's timeout");
+    assert!(error.is_timeout(), "{error:?}");
+    assert_eq!(md.requests_from(IpAddr::from([127, 0, 0, 4])), 1);
+
+    // A held request is let through as soon as the cold start is shortened.
+    md.update(|c| c.cold_start = Duration::from_secs(120));
+    let held = tokio::spawn(timed(client_from([127, 0, 0, 5])));
+    let pod = IpAddr::from([127, 0, 0, 5]);
+    for _ in 0..1000 {
+        if md.requests_from(pod) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(md.requests_from(pod), 1, "the request arrived");
+    md.update(|c| c.cold_start = Duration::ZERO);
+    let (status, elapsed) = tokio::time::timeout(Duration::from_secs(30), held).await???;
+    assert_eq!(status, StatusCode::OK);
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn metadata_server_outages_hang_reset_or_refuse() -> Result<()> {
+    let google = fake(&Signer::generate()?).await?;
+    let config = MetadataConfig::new(google.fake.clone(), "acme-prod", Identity::ServiceAccount(GSA.into()));
+    let md = metadata::start(loopback(), config).await?;
+    let http = client();
+    let token = format!("{}/computeMetadata/v1/instance/service-accounts/default/token", md.url());
+    assert_eq!(metadata_get(&http, token.clone()).await?.status(), StatusCode::OK);
+
+    md.update(|c| c.outages = vec![Outage::now_for(Duration::from_secs(600), OutageMode::Unavailable)]);
+    let started = Instant::now();
+    assert_eq!(metadata_get(&http, token.clone()).await?.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The kept-alive connection and new ones alike are reset.
+    md.update(|c| c.outages = vec![Outage::now_for(Duration::from_secs(600), OutageMode::Reset)]);
+    let error = metadata_get(&http, token.clone()).await.expect_err("reset");
+    assert!(!error.is_timeout(), "{error:?}");
+    assert!(metadata_get(&client(), token.clone()).await.is_err());
+
+    md.update(|c| c.outages.clear());
+    assert_eq!(metadata_get(&http, token.clone()).await?.status(), StatusCode::OK);
+
+    let outage = Outage::now_for(Duration::from_millis(800), OutageMode::Hang);
+    md.update(|c| c.outages = vec![outage]);
+    let response = metadata_get(&http, token.clone()).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(Instant::now() >= outage.end, "answered before the outage ended");
+    // Reset connections never deliver a request, so only four were counted.
+    assert_eq!(md.requests_from(IpAddr::from([127, 0, 0, 1])), 4);
+    Ok(())
+}
+
+/// The public pieces compose: a GSA token from the metadata server reaches an access-token
+/// origin, and its ID token an ID-token origin.
+#[tokio::test]
+async fn a_pod_reaches_origins_with_metadata_server_tokens() -> Result<()> {
+    let google = fake(&Signer::generate()?).await?;
+    let fake: Arc<Fake> = google.fake.clone();
+    let md = metadata::start(
+        loopback(),
+        MetadataConfig::new(fake.clone(), "acme-prod", Identity::ServiceAccount(GSA.into())),
+    )
+    .await?;
+    let by_id = origin::start(loopback(), OriginConfig::id_token(fake.clone(), AUDIENCE)).await?;
+    let by_access = origin::start(loopback(), OriginConfig::access_token(fake)).await?;
+    let http = client();
+    let sa = format!("{}/computeMetadata/v1/instance/service-accounts/default", md.url());
+    let id = metadata_get(&http, format!("{sa}/identity?audience={AUDIENCE}")).await?.text().await?;
+    let (_, token) = json_of(metadata_get(&http, format!("{sa}/token")).await?).await?;
+    let access = token["access_token"].as_str().context("access_token")?;
+    assert_eq!(http.get(by_id.url()).bearer_auth(&id).send().await?.status(), StatusCode::OK);
+    assert_eq!(http.get(by_access.url()).bearer_auth(access).send().await?.status(), StatusCode::OK);
+    assert_eq!(http.get(by_id.url()).bearer_auth(access).send().await?.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(http.get(by_access.url()).bearer_auth(&id).send().await?.status(), StatusCode::UNAUTHORIZED);
     Ok(())
 }
