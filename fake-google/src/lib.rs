@@ -1,10 +1,57 @@
 //! A loopback stand-in for the Google endpoints authprobe talks to. It is a real HTTP server that
 //! answers with the exact bodies and status codes of google-wif.md, keeps its state in a
 //! [`Scenario`] that can be replaced while it runs (`/admin`), injects latency, 5xx and 429 at given
-//! rates, and counts requests per API.
+//! rates, and counts requests per API (`SERVICE.method`, e.g. `run.services.get`).
 //!
-//! Every service lives under its own path prefix (`/iam`, `/sts`, ...), so authprobe reaches it with
-//! `--google-endpoint iam=http://ADDR/iam` and so on ([`Running::endpoints`]).
+//! Every service lives under its own path prefix (`/iam`, `/sts`, ...; all in [`SERVICES`]), so
+//! authprobe reaches it with `--google-endpoint iam=http://ADDR/iam` and so on
+//! ([`Running::endpoints`], [`Running::endpoints_with`]).
+//!
+//! What it serves:
+//! - IAM v1: service accounts, their policies, pools and providers (the operator's reads);
+//! - STS `v1/token` and securetoken `v1/identitybindingtoken`, verifying real KSA token
+//!   signatures against the provider's uploaded JWKS or the cluster issuer's;
+//! - IAM Credentials `generateAccessToken` and `generateIdToken` (a federated or service account
+//!   bearer needs an unconditional binding on the target: `roles/iam.workloadIdentityUser` or
+//!   `roles/iam.serviceAccountTokenCreator`, and for ID tokens also
+//!   `roles/iam.serviceAccountOpenIdTokenCreator`);
+//! - `testIamPermissions` on projects, buckets, secrets, topics, subscriptions and Cloud Run
+//!   services, answering the held subset from the scenario's grants;
+//! - Cloud Run v2 `services.get` (`/run/v2/projects/P/locations/L/services/S`, the operator's read);
+//! - Google's ID-token keys at `/www/oauth2/v3/certs` (`https://www.googleapis.com/oauth2/v3/certs`).
+//!
+//! ID tokens are RS256 JWTs signed with the fake's own Google key (made on first use, one stable
+//! `kid` per [`Fake`]): `iss` `https://accounts.google.com`, `aud`, `azp` and `sub` (the service
+//! account's unique ID), `email` and `email_verified` (with `includeEmail`), `iat`, `exp` = `iat` +
+//! 3600. [`verify_id_token`] checks one as a relying party would. Every token the fake mints
+//! (access, federated, ID) is recorded in [`Fake::credentials_seen`]; [`Fake::mint_id_token`] and
+//! [`Fake::mint_access_token`] hand tests tokens the fake honours, and
+//! [`Fake::access_token_caller`] says whose an access token is.
+//!
+//! Two more servers model the workload's own path (google-wif.md §10–§12), each on its own
+//! address and sharing the [`Fake`]'s tokens and keys:
+//! - [`origin`]: the service a workload calls with its token (ID token for an audience, or access
+//!   token), with 401/403 answers, redirects, and a record of whether `Authorization` arrived;
+//! - [`metadata`]: a GKE metadata server with per-pod identities, cold start per client IP and
+//!   outage windows.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use fake_google::{metadata, origin, scenario::Scenario};
+//! let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+//! let google = fake_google::start(loopback, Scenario::default()).await?;
+//! let site = origin::start(loopback, origin::OriginConfig::id_token(google.fake.clone(), "")).await?;
+//! let gsa = "app@acme-prod.iam.gserviceaccount.com";
+//! let md = metadata::start(
+//!     loopback,
+//!     metadata::MetadataConfig::new(google.fake.clone(), "acme-prod", metadata::Identity::ServiceAccount(gsa.into())),
+//! )
+//! .await?;
+//! let token = google.fake.mint_id_token(gsa, &site.url(), true)?;
+//! # let _ = (md, token);
+//! # Ok(())
+//! # }
+//! ```
 
 // Handlers answer `Result<_, Response>`, axum's idiom; a boxed error would only add noise.
 #![allow(clippy::result_large_err)]
