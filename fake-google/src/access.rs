@@ -1,5 +1,6 @@
-//! What a federated token can do: IAM Credentials `generateAccessToken`, and `testIamPermissions`
-//! on targets (projects, service accounts, buckets, secrets, topics, subscriptions).
+//! What a federated token can do: IAM Credentials `generateAccessToken` and `generateIdToken`, and
+//! `testIamPermissions` on targets (projects, service accounts, buckets, secrets, topics,
+//! subscriptions, Cloud Run services).
 
 use std::time::Duration;
 
@@ -17,11 +18,18 @@ use crate::{
     tokens::{Issued, pool_allows},
 };
 
-const IMPERSONATION_ROLES: [&str; 2] =
+/// Roles holding `iam.serviceAccounts.getAccessToken`.
+const ACCESS_TOKEN_ROLES: [&str; 2] =
     ["roles/iam.workloadIdentityUser", "roles/iam.serviceAccountTokenCreator"];
+/// Roles holding `iam.serviceAccounts.getOpenIdToken`.
+const ID_TOKEN_ROLES: [&str; 3] = [
+    "roles/iam.workloadIdentityUser",
+    "roles/iam.serviceAccountTokenCreator",
+    "roles/iam.serviceAccountOpenIdTokenCreator",
+];
 
 /// The caller behind a bearer token, or the 401 Google would give.
-fn caller(fake: &Fake, headers: &HeaderMap, service: &str) -> Result<Issued, Response> {
+pub(crate) fn caller(fake: &Fake, headers: &HeaderMap, service: &str) -> Result<Issued, Response> {
     let Some(token) = bearer(headers) else {
         return Err(errors::unauthenticated("CREDENTIALS_MISSING", service));
     };
@@ -34,25 +42,86 @@ fn caller(fake: &Fake, headers: &HeaderMap, service: &str) -> Result<Issued, Res
     }
 }
 
-/// `POST /iamcredentials/v1/projects/-/serviceAccounts/EMAIL:generateAccessToken`.
-pub(crate) async fn generate_access_token(
+/// `POST /iamcredentials/v1/projects/-/serviceAccounts/EMAIL:METHOD`.
+pub(crate) async fn service_account_credentials(
     State(fake): State<Shared>,
     Path((project, account)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(email) = account.strip_suffix(":generateAccessToken") else {
-        return errors::not_found();
+    match account.rsplit_once(':') {
+        Some((email, "generateAccessToken")) => {
+            generate_access_token(&fake, &project, email, &headers, &body).await
+        }
+        Some((email, "generateIdToken")) => generate_id_token(&fake, &project, email, &headers, &body).await,
+        _ => errors::not_found(),
+    }
+}
+
+/// May the bearer of `headers` act as `email` with `permission` (held by `roles`)? A federated
+/// principal or a service account needs an unconditional binding of one of `roles` on `email`
+/// (a service account as `serviceAccount:CALLER`), and no deny policy.
+fn impersonate(
+    fake: &Fake,
+    headers: &HeaderMap,
+    email: &str,
+    permission: &str,
+    roles: &[&str],
+) -> Result<(), Response> {
+    let members = match caller(fake, headers, "iamcredentials")? {
+        Issued::Federated { principal, .. } => principal.members(),
+        Issued::ServiceAccount { email } => vec![format!("serviceAccount:{email}")],
     };
+    let scenario = fake.scenario();
+    // With `-` for the project a missing account reads as a permission problem (google-wif.md §4.3).
+    let Some(sa) = scenario.service_account(email) else {
+        return Err(errors::permission_denied(permission));
+    };
+    if sa.disabled {
+        return Err(errors::envelope(
+            StatusCode::BAD_REQUEST,
+            "FAILED_PRECONDITION",
+            &format!("Service account {email} is disabled."),
+            None,
+        ));
+    }
+    let denied = members.iter().any(|m| sa.denied_principals.contains(m));
+    let bound = sa
+        .bindings
+        .iter()
+        .filter(|b| roles.contains(&b.role.as_str()) && b.condition.is_none())
+        .any(|b| b.members.iter().any(|m| members.contains(m)));
+    if denied || !bound {
+        return Err(errors::permission_denied(permission));
+    }
+    Ok(())
+}
+
+fn project_is_wildcard(project: &str) -> Result<(), Response> {
+    if project == "-" {
+        Ok(())
+    } else {
+        Err(errors::invalid_argument(
+            "The project must be \"-\": projects/-/serviceAccounts/{ACCOUNT_EMAIL_OR_UNIQUEID}.",
+        ))
+    }
+}
+
+/// `generateAccessToken`.
+async fn generate_access_token(
+    fake: &Fake,
+    project: &str,
+    email: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     if let Err(r) = fake.begin("iamcredentials.generateAccessToken").await {
         return r;
     }
-    if project != "-" {
-        return errors::invalid_argument(
-            "The project must be \"-\": projects/-/serviceAccounts/{ACCOUNT_EMAIL_OR_UNIQUEID}.",
-        );
+    if let Err(r) = project_is_wildcard(project) {
+        return r;
     }
-    let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let request: Value = serde_json::from_slice(body).unwrap_or_default();
     if request["scope"].as_array().is_none_or(Vec::is_empty) {
         return errors::invalid_argument("At least one scope must be specified.");
     }
@@ -67,39 +136,57 @@ pub(crate) async fn generate_access_token(
         Some(Ok(l)) => l,
         Some(Err(_)) => return errors::invalid_argument("Invalid value at 'lifetime'."),
     };
-    let principal = match caller(&fake, &headers, "iamcredentials") {
-        Ok(Issued::Federated { principal, .. }) => principal,
-        Ok(Issued::ServiceAccount { .. }) => {
-            return errors::permission_denied("iam.serviceAccounts.getAccessToken");
-        }
-        Err(r) => return r,
-    };
-    let scenario = fake.scenario();
-    let Some(sa) = scenario.service_account(email) else {
-        return errors::permission_denied("iam.serviceAccounts.getAccessToken");
-    };
-    if sa.disabled {
-        return errors::envelope(
-            StatusCode::BAD_REQUEST,
-            "FAILED_PRECONDITION",
-            &format!("Service account {email} is disabled."),
-            None,
-        );
+    if let Err(r) =
+        impersonate(fake, headers, email, "iam.serviceAccounts.getAccessToken", &ACCESS_TOKEN_ROLES)
+    {
+        return r;
     }
-    let denied = principal.members().iter().any(|m| sa.denied_principals.contains(m));
-    if denied || !principal.bound(&sa.bindings, &IMPERSONATION_ROLES) {
-        return errors::permission_denied("iam.serviceAccounts.getAccessToken");
-    }
-    let token =
-        fake.tokens.issue(Issued::ServiceAccount { email: email.to_string() }, Duration::from_secs(lifetime));
+    let token = fake.mint_access_token(email, Duration::from_secs(lifetime));
     // Whole seconds: google-auth-python parses "%Y-%m-%dT%H:%M:%SZ".
     let expires = jiff::Timestamp::now().as_second() + i64::try_from(lifetime).unwrap_or(3600);
     let expire_time = jiff::Timestamp::from_second(expires).map(|t| t.to_string()).unwrap_or_default();
     Json(json!({"accessToken": token, "expireTime": expire_time})).into_response()
 }
 
+/// `generateIdToken` `{"audience": A, "includeEmail": bool}` → `{"token": JWT}`.
+async fn generate_id_token(
+    fake: &Fake,
+    project: &str,
+    email: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    if let Err(r) = fake.begin("iamcredentials.generateIdToken").await {
+        return r;
+    }
+    if let Err(r) = project_is_wildcard(project) {
+        return r;
+    }
+    let request: Value = serde_json::from_slice(body).unwrap_or_default();
+    let audience = request["audience"].as_str().unwrap_or_default().trim();
+    if audience.is_empty() {
+        return errors::invalid_argument("Request contains an invalid argument.");
+    }
+    let include_email = request["includeEmail"].as_bool().unwrap_or(false);
+    if let Err(r) = impersonate(fake, headers, email, "iam.serviceAccounts.getOpenIdToken", &ID_TOKEN_ROLES) {
+        return r;
+    }
+    match fake.mint_id_token(email, audience, include_email) {
+        Ok(token) => Json(json!({"token": token})).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "minting an ID token");
+            errors::envelope(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL",
+                "Internal error encountered.",
+                None,
+            )
+        }
+    }
+}
+
 /// The permissions the caller holds on `resource`, of those `requested`.
-fn test(
+pub(crate) fn test(
     fake: &Fake,
     service: &str,
     resource: &str,
@@ -133,7 +220,7 @@ fn test(
     Ok(requested.into_iter().filter(|p| held.contains(p)).collect())
 }
 
-fn permissions_body(body: &[u8]) -> Vec<String> {
+pub(crate) fn permissions_body(body: &[u8]) -> Vec<String> {
     serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| {
@@ -144,7 +231,7 @@ fn permissions_body(body: &[u8]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn answer(result: Result<Vec<String>, Response>) -> Response {
+pub(crate) fn answer(result: Result<Vec<String>, Response>) -> Response {
     match result {
         Ok(p) if p.is_empty() => Json(json!({})).into_response(),
         Ok(p) => Json(json!({"permissions": p})).into_response(),

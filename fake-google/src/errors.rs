@@ -34,6 +34,35 @@ pub fn permission_denied(permission: &str) -> Response {
     )
 }
 
+/// 403 in Cloud Run's wording, which names the resource:
+/// `Permission 'run.services.get' denied on resource 'projects/P/locations/L/services/S' (or resource may not exist).`
+pub fn permission_denied_on(permission: &str, resource: &str) -> Response {
+    envelope(
+        StatusCode::FORBIDDEN,
+        "PERMISSION_DENIED",
+        &format!("Permission '{permission}' denied on resource '{resource}' (or resource may not exist)."),
+        Some(json!([{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "IAM_PERMISSION_DENIED",
+            "domain": "iam.googleapis.com",
+            "metadata": {"permission": permission}
+        }])),
+    )
+}
+
+/// Cloud Run's 404 for a service that does not exist (gcloud shows it as
+/// `NOT_FOUND: Resource 'S' of kind 'SERVICE' in region 'L' in project 'P' does not exist.`).
+pub fn run_service_not_found(project: &str, region: &str, service: &str) -> Response {
+    envelope(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        &format!(
+            "Resource '{service}' of kind 'SERVICE' in region '{region}' in project '{project}' does not exist."
+        ),
+        None,
+    )
+}
+
 /// 401 with an ErrorInfo reason (`ACCESS_TOKEN_EXPIRED`, `ACCESS_TOKEN_TYPE_UNSUPPORTED`, `CREDENTIALS_MISSING`).
 pub fn unauthenticated(reason: &str, service: &str) -> Response {
     let message = if reason == "CREDENTIALS_MISSING" {

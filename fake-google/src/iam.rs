@@ -17,17 +17,26 @@ use crate::{
 
 /// The operator's own credentials and permissions, as Google would judge them.
 pub(crate) fn operator_may(fake: &Fake, headers: &HeaderMap, permission: &str) -> Result<(), Response> {
-    let Some(token) = bearer(headers) else {
-        return Err(errors::unauthenticated("CREDENTIALS_MISSING", "iam"));
-    };
-    let scenario = fake.scenario();
-    if !scenario.operator.tokens.is_empty() && !scenario.operator.tokens.iter().any(|t| t == token) {
-        return Err(errors::unauthenticated("ACCESS_TOKEN_EXPIRED", "iam"));
-    }
-    if !scenario.operator.permissions.iter().any(|p| p == permission) {
+    if !operator_holds(fake, headers, "iam")?.iter().any(|p| p == permission) {
         return Err(errors::permission_denied(permission));
     }
     Ok(())
+}
+
+/// The permissions of the operator, or the 401 `service` gives a request without its token.
+pub(crate) fn operator_holds(
+    fake: &Fake,
+    headers: &HeaderMap,
+    service: &str,
+) -> Result<Vec<String>, Response> {
+    let Some(token) = bearer(headers) else {
+        return Err(errors::unauthenticated("CREDENTIALS_MISSING", service));
+    };
+    let scenario = fake.scenario();
+    if !scenario.operator.tokens.is_empty() && !scenario.operator.tokens.iter().any(|t| t == token) {
+        return Err(errors::unauthenticated("ACCESS_TOKEN_EXPIRED", service));
+    }
+    Ok(scenario.operator.permissions)
 }
 
 fn account_json(sa: &ServiceAccount) -> Value {

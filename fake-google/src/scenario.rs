@@ -23,6 +23,10 @@ pub struct Scenario {
     pub direct_grants: Vec<Grant>,
     /// Services that refuse federated tokens with 401 (e.g. `storage`).
     pub federated_token_unsupported: Vec<String>,
+    /// Cloud Run (v2) services. Who may invoke one is a grant on its full resource name
+    /// (`//run.googleapis.com/projects/P/locations/L/services/S`, permission `run.routes.invoke`):
+    /// in a service account's `grants`, or in `directGrants` for a federated principal.
+    pub cloud_run_services: Vec<CloudRunService>,
     /// Injected latency, errors and throttling.
     pub faults: Faults,
     /// Seconds added to the `Date` header (simulates a skewed Google clock relative to the cluster).
@@ -40,11 +44,12 @@ pub struct Operator {
 }
 
 /// What a least-privilege operator role holds.
-pub const OPERATOR_PERMISSIONS: [&str; 4] = [
+pub const OPERATOR_PERMISSIONS: [&str; 5] = [
     "iam.serviceAccounts.get",
     "iam.serviceAccounts.getIamPolicy",
     "iam.workloadIdentityPools.get",
     "iam.workloadIdentityPoolProviders.get",
+    "run.services.get",
 ];
 
 impl Default for Operator {
@@ -183,6 +188,56 @@ pub struct Grant {
     pub permissions: Vec<String>,
 }
 
+/// A Cloud Run service, as `GET https://run.googleapis.com/v2/{name}` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct CloudRunService {
+    /// `projects/PROJECT/locations/REGION/services/SERVICE` (the path it is read at).
+    pub name: String,
+    /// The main URL (`https://S-HASH-RC.a.run.app`).
+    pub uri: String,
+    /// Every URL it answers at; an ID token for any of them (or a custom audience) is accepted.
+    pub urls: Vec<String>,
+    /// Extra audiences (`gcloud run services update S --add-custom-audiences=AUD`).
+    pub custom_audiences: Vec<String>,
+    /// Anyone may invoke it, without an IAM check.
+    pub invoker_iam_disabled: bool,
+    /// `INGRESS_TRAFFIC_ALL` (when empty), `INGRESS_TRAFFIC_INTERNAL_ONLY`,
+    /// `INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER` or `INGRESS_TRAFFIC_NONE`.
+    pub ingress: String,
+}
+
+impl CloudRunService {
+    /// A service with Cloud Run's two URL forms, derived deterministically: the project-number
+    /// URL `https://S-NUMBER.REGION.run.app` and the hashed `https://S-HASH-RC.a.run.app`
+    /// (which is also `uri`), where RC abbreviates the region (`us-central1` → `uc`).
+    pub fn new(project: &str, project_number: &str, region: &str, service: &str) -> Self {
+        let hash: String = {
+            let mut h = fnv(format!("{project}/{region}/{service}").as_bytes());
+            (0..10)
+                .map(|_| {
+                    let c = b"abcdefghijklmnopqrstuvwxyz0123456789"[(h % 36) as usize] as char;
+                    h /= 36;
+                    c
+                })
+                .collect()
+        };
+        let code: String = region.split('-').take(2).filter_map(|part| part.chars().next()).collect();
+        let uri = format!("https://{service}-{hash}-{code}.a.run.app");
+        Self {
+            name: format!("projects/{project}/locations/{region}/services/{service}"),
+            urls: vec![format!("https://{service}-{project_number}.{region}.run.app"), uri.clone()],
+            uri,
+            ..Default::default()
+        }
+    }
+
+    /// `//run.googleapis.com/projects/P/locations/L/services/S`: where its grants are kept.
+    pub fn resource(&self) -> String {
+        format!("//run.googleapis.com/{}", self.name)
+    }
+}
+
 /// Injected faults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
@@ -228,6 +283,11 @@ impl Scenario {
     /// The pool with this full name.
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The Cloud Run service with this name (`projects/P/locations/L/services/S`).
+    pub fn cloud_run_service(&self, name: &str) -> Option<&CloudRunService> {
+        self.cloud_run_services.iter().find(|s| s.name == name)
     }
 }
 

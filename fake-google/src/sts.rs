@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::{
     Shared,
     errors::sts_error,
+    google_now,
     scenario::{LifeState, Provider, Scenario},
     tokens::{Issued, Principal},
     verify::{self, Rejection},
@@ -63,15 +64,6 @@ fn bad(error: &str, description: &str) -> Response {
 
 fn granted(token: String, lifetime: i64) -> Response {
     Json(json!({"access_token": token, "issued_token_type": ACCESS_TOKEN, "token_type": "Bearer", "expires_in": lifetime})).into_response()
-}
-
-/// Google's clock, moved by the scenario's skew.
-fn google_now(scenario: &Scenario) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    i64::try_from(now).unwrap_or_default() + scenario.clock_skew_seconds
 }
 
 /// Checks the request envelope common to both endpoints.

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::scenario::{Binding, Scenario};
+use crate::scenario::Scenario;
 
 /// Who a federated token stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,15 +60,6 @@ impl Principal {
                 members
             }
         }
-    }
-
-    /// Whether an unconditional binding of `role` in `bindings` names this principal.
-    pub fn bound(&self, bindings: &[Binding], roles: &[&str]) -> bool {
-        let mine = self.members();
-        bindings
-            .iter()
-            .filter(|b| roles.contains(&b.role.as_str()) && b.condition.is_none())
-            .any(|b| b.members.iter().any(|m| mine.contains(m)))
     }
 }
 
