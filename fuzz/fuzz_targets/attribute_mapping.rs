@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use authprobe::engine::provider::{check_condition, claims_for, map_attributes};
+use authprobe::engine::stage::provider::{check_condition, claims_for, map_attributes};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (&str, &str)| {
