@@ -12,8 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http_body_util::BodyExt as _;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{
+    api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    },
+    jiff::Timestamp,
+};
+use kube::api::PostParams;
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -24,7 +30,7 @@ use crate::{
         Finding, Ksa, Plan, TokenClaims,
         annotation::GsaEmail,
         principal::KsaIdentity,
-        stage::chain::{self as classify, Upstream},
+        stage::chain::{self as classify, TokenRequestFailure, Upstream},
         target::TargetKind,
     },
     google::{
@@ -39,6 +45,8 @@ use crate::{
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// TokenRequest's minimum, and all a probe needs.
 const KSA_TOKEN_SECONDS: i64 = 600;
+/// No Kubernetes call of the chain waits longer for its answer.
+pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// A cached token is not used within this long of its expiry.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// Cached tokens never outlive Google's longest access-token lifetime.
@@ -132,11 +140,13 @@ impl Chain {
     }
 
     async fn mint_and_exchange(&self, plan: &Plan, ksa: &Ksa, audience: &str) -> Exchange {
-        let (token, cluster_date) = match self.mint(ksa, audience).await {
-            Ok(minted) => minted,
+        let token = match self.mint(ksa, audience).await {
+            Ok(token) => token,
             Err(f) => return Exchange { minted: Err(f), federated: None, skew: None },
         };
         let claims = decode_claims(&token);
+        // The token's iat is the API server's clock when it minted it.
+        let cluster_time = claims.as_ref().ok().and_then(|(c, _)| c["iat"].as_i64());
         let (answer, url_target) = match &plan.federation {
             Some(f) => {
                 let body = Body::Form(vec![
@@ -178,8 +188,8 @@ impl Chain {
             }
         };
         drop(token);
-        let skew = match (&answer, cluster_date) {
-            (Ok(a), Some(cluster)) => a.date.map(|google| google.as_second() - cluster.as_second()),
+        let skew = match (&answer, cluster_time) {
+            (Ok(a), Some(cluster)) => a.date.map(|google| google.as_second() - cluster),
             _ => None,
         };
         let federated = Some(match answer {
@@ -196,54 +206,37 @@ impl Chain {
         }
     }
 
-    /// TokenRequest for one audience and 600 s; returns the token and the API server's `Date`.
-    async fn mint(&self, ksa: &Ksa, audience: &str) -> Result<(SecretString, Option<Timestamp>), Finding> {
-        let denied = |detail: String| {
-            Finding::unknown(
-                Stage::TokenExchange,
-                Reason::TokenRequestDenied,
-                format!(
-                    "authprobe could not mint a token for {} ({detail}); its own RBAC needs create on serviceaccounts/token there (chart value tokenExchange)",
-                    who(ksa)
-                ),
-            )
+    /// TokenRequest for one audience and 600 s.
+    async fn mint(&self, ksa: &Ksa, audience: &str) -> Result<SecretString, Finding> {
+        let api = kube::Api::<ServiceAccount>::namespaced(self.kube.clone(), &ksa.namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.to_string()]),
+                expiration_seconds: Some(KSA_TOKEN_SECONDS),
+                ..Default::default()
+            }),
+            ..Default::default()
         };
-        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": [audience], "expirationSeconds": KSA_TOKEN_SECONDS}});
-        let request = http::Request::post(format!(
-            "/api/v1/namespaces/{}/serviceaccounts/{}/token",
-            ksa.namespace, ksa.name
-        ))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(&body).unwrap_or_default())
-        .map_err(|e| denied(e.to_string()))?;
-        let response = self
-            .kube
-            .send(request.map(kube::client::Body::from))
-            .await
-            .map_err(|e| denied(redact::upstream(&e.to_string())))?;
-        let status = response.status();
-        let date = response
-            .headers()
-            .get(http::header::DATE)
-            .and_then(|d| d.to_str().ok())
-            .and_then(|d| k8s_openapi::jiff::fmt::rfc2822::parse(d).ok())
-            .map(|z| z.timestamp());
-        let bytes = response.into_body().collect().await.map_err(|e| denied(e.to_string()))?.to_bytes();
-        if !status.is_success() {
-            let message: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            return Err(denied(format!(
-                "{} {}",
-                status.as_u16(),
-                redact::upstream(message["message"].as_str().unwrap_or_default())
-            )));
-        }
-        let parsed: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| denied(format!("malformed TokenRequest answer: {e}")))?;
-        let token = parsed["status"]["token"]
-            .as_str()
-            .ok_or_else(|| denied("the TokenRequest answer holds no token".into()))?;
-        self.metrics.token_minted();
-        Ok((SecretString::from(token.to_string()), date))
+        let answer = tokio::time::timeout(
+            KUBE_CALL_TIMEOUT,
+            api.create_token_request(&ksa.name, &PostParams::default(), &request),
+        )
+        .await;
+        let failure = match answer {
+            Ok(Ok(minted)) => match minted.status.and_then(|s| s.token).filter(|t| !t.is_empty()) {
+                Some(token) => {
+                    self.metrics.token_minted();
+                    return Ok(SecretString::from(token));
+                }
+                None => TokenRequestFailure::Empty,
+            },
+            Ok(Err(kube::Error::Api(status))) => {
+                TokenRequestFailure::Status { code: status.code, message: redact::upstream(&status.message) }
+            }
+            Ok(Err(other)) => TokenRequestFailure::Unreachable(redact::upstream(&other.to_string())),
+            Err(_) => TokenRequestFailure::Unreachable(format!("no answer within {KUBE_CALL_TIMEOUT:?}")),
+        };
+        Err(classify::token_request(&failure, &who(ksa)))
     }
 
     async fn post(
@@ -444,15 +437,7 @@ fn unreachable(stage: Stage, e: &SendError) -> Finding {
 
 /// The unverified payload and `kid` of a JWT (the token is the API server's own, just minted).
 fn decode_claims(token: &SecretString) -> Result<(Value, Option<String>), String> {
-    use base64::Engine as _;
-    let kid = jsonwebtoken::decode_header(token.expose_secret())
-        .map_err(|e| format!("the minted token's header does not parse: {e}"))?
-        .kid;
-    let payload = token.expose_secret().split('.').nth(1).ok_or("the minted token is not a JWT")?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|e| format!("the minted token's payload is not base64url: {e}"))?;
-    let claims =
-        serde_json::from_slice(&bytes).map_err(|e| format!("the minted token's payload is not JSON: {e}"))?;
-    Ok((claims, kid))
+    jsonwebtoken::dangerous::insecure_decode::<Value>(token.expose_secret())
+        .map(|data| (data.claims, data.header.kid))
+        .map_err(|e| format!("the minted token does not decode: {e}"))
 }

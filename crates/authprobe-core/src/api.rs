@@ -443,6 +443,8 @@ pub enum Reason {
     CheckerForbidden,
     /// The operator may not mint the KSA's token.
     TokenRequestDenied,
+    /// The Kubernetes API failed, throttled or timed out a call authprobe needed.
+    KubernetesUnavailable,
     /// Everything passed.
     Verified,
     /// The live chain is off.
@@ -453,6 +455,25 @@ impl Reason {
     /// The reason as written in status, events and metrics.
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+
+    /// Whether this reason means "authprobe cannot tell" (Unknown, never False).
+    pub fn is_undecided(self) -> bool {
+        matches!(
+            self,
+            Reason::PropagationPending
+                | Reason::GoogleUnavailable
+                | Reason::GoogleThrottled
+                | Reason::CheckerUnauthenticated
+                | Reason::CheckerForbidden
+                | Reason::TokenRequestDenied
+                | Reason::KubernetesUnavailable
+        )
+    }
+
+    /// Whether this reason says the operator's own access is at fault (CheckerHealthy False).
+    pub fn blames_the_checker(self) -> bool {
+        matches!(self, Reason::CheckerUnauthenticated | Reason::CheckerForbidden | Reason::TokenRequestDenied)
     }
 }
 

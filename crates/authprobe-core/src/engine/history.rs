@@ -60,7 +60,7 @@ impl History {
             condition_of(condition::CHECKER_HEALTHY).is_some_and(|c| c.status == "False");
         let mut listed_failing = 0u32;
         for f in &status.failures {
-            let failing = !is_undecided(f.reason);
+            let failing = !f.reason.is_undecided();
             listed_failing += u32::from(failing);
             self.ksas.insert(
                 (f.namespace.clone(), f.service_account.clone()),
@@ -135,19 +135,6 @@ impl History {
             }
         }
     }
-}
-
-/// Reasons that mean "authprobe cannot tell".
-pub fn is_undecided(reason: Reason) -> bool {
-    matches!(
-        reason,
-        Reason::PropagationPending
-            | Reason::GoogleUnavailable
-            | Reason::GoogleThrottled
-            | Reason::CheckerUnauthenticated
-            | Reason::CheckerForbidden
-            | Reason::TokenRequestDenied
-    )
 }
 
 #[cfg(test)]

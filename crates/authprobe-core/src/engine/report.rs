@@ -88,9 +88,6 @@ pub struct Report {
     pub entries: Vec<Entry>,
 }
 
-const CHECKER_REASONS: [Reason; 3] =
-    [Reason::CheckerUnauthenticated, Reason::CheckerForbidden, Reason::TokenRequestDenied];
-
 impl Report {
     /// Builds the report of a pass that checked `namespaces` namespaces.
     pub fn build(outcomes: &[KsaOutcome], namespaces: u32, token_exchange: bool) -> Self {
@@ -156,7 +153,7 @@ impl Report {
             "mappings",
         );
         let exchange = exchange_condition(outcomes, token_exchange);
-        let checker = match entries.iter().find(|e| CHECKER_REASONS.contains(&e.finding.reason)) {
+        let checker = match entries.iter().find(|e| e.finding.reason.blames_the_checker()) {
             Some(e) => ConditionValue {
                 type_: condition::CHECKER_HEALTHY,
                 status: Status::False,

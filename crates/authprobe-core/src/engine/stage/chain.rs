@@ -36,6 +36,63 @@ fn undecided(stage: Stage, upstream: &Upstream<'_>, what: &str) -> Option<Findin
     }
 }
 
+/// How a TokenRequest for a KSA went wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenRequestFailure {
+    /// The API server answered with this status and (redacted) message.
+    Status {
+        /// HTTP status.
+        code: u16,
+        /// The Status message, redacted.
+        message: String,
+    },
+    /// No answer: a broken connection or the call's timeout.
+    Unreachable(String),
+    /// An answer without a token.
+    Empty,
+}
+
+/// A TokenRequest that did not give a token. Only the operator's own credentials (401) and RBAC
+/// (403) turn CheckerHealthy False; a KSA deleted since the cache last saw it (404) is checked
+/// again when its Delete event arrives; throttling, 5xx and timeouts blame nobody.
+pub fn token_request(failure: &TokenRequestFailure, who: &str) -> Finding {
+    let stage = Stage::TokenExchange;
+    match failure {
+        TokenRequestFailure::Status { code: 401, message } => Finding::unknown(
+            stage,
+            Reason::CheckerUnauthenticated,
+            format!("the API server rejected authprobe's own credentials minting a token for {who} (401 {message})"),
+        ),
+        TokenRequestFailure::Status { code: 403, message } => Finding::unknown(
+            stage,
+            Reason::TokenRequestDenied,
+            format!(
+                "authprobe could not mint a token for {who} (403 {message}); its own RBAC needs create on serviceaccounts/token there (chart value tokenExchange)"
+            ),
+        ),
+        TokenRequestFailure::Status { code: 404, .. } => Finding::unknown(
+            stage,
+            Reason::KubernetesUnavailable,
+            format!("{who} was deleted while authprobe checked it; it is checked again as the deletion arrives"),
+        ),
+        TokenRequestFailure::Status { code, message } => Finding::unknown(
+            stage,
+            Reason::KubernetesUnavailable,
+            format!("the API server could not mint a token for {who} ({code} {message}); nothing in the namespace is at fault"),
+        ),
+        TokenRequestFailure::Unreachable(detail) => Finding::unknown(
+            stage,
+            Reason::KubernetesUnavailable,
+            format!("the API server did not answer a TokenRequest for {who} ({detail}); nothing in the namespace is at fault"),
+        ),
+        TokenRequestFailure::Empty => Finding::unknown(
+            stage,
+            Reason::KubernetesUnavailable,
+            format!("the API server's TokenRequest answer for {who} holds no token"),
+        ),
+    }
+}
+
 /// The exchange (STS for Federation, securetoken for GKE) refused a freshly minted KSA token.
 /// `target` names the provider or identity namespace; `skew` is Google's clock minus the cluster's.
 pub fn exchange(upstream: &Upstream<'_>, who: &str, target: &str, skew: Option<i64>) -> Finding {
@@ -173,6 +230,7 @@ pub fn clock_skew(who: &str, skew: i64) -> Option<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Verdict;
 
     fn up<'a>(status: u16, code: &'a str, description: &'a str) -> Upstream<'a> {
         Upstream { status, code, description, shown: description }
@@ -238,14 +296,14 @@ mod tests {
         ];
         for (u, reason) in cases {
             let f = exchange(&u, "ServiceAccount a/b", "provider p", Some(3));
-            assert_eq!((f.reason, f.verdict), (reason, crate::engine::Verdict::Fail), "{}", u.description);
+            assert_eq!((f.reason, f.verdict), (reason, Verdict::Fail), "{}", u.description);
             assert!(f.message.contains("Fix:") && f.message.contains(u.description), "{}", f.message);
         }
         assert_eq!(
             exchange(&up(429, "quota_exceeded", "throttled"), "w", "t", None).reason,
             Reason::GoogleThrottled
         );
-        assert_eq!(exchange(&up(503, "", "x"), "w", "t", None).verdict, crate::engine::Verdict::Unknown);
+        assert_eq!(exchange(&up(503, "", "x"), "w", "t", None).verdict, Verdict::Unknown);
         assert!(
             exchange(
                 &up(400, "invalid_grant", "ID Token issued at 1 is stale to sign-in."),
@@ -277,7 +335,7 @@ mod tests {
         );
         assert_eq!(
             impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict,
-            crate::engine::Verdict::Unknown
+            Verdict::Unknown
         );
 
         let ok = up(200, "", "");
@@ -293,12 +351,36 @@ mod tests {
         );
         assert_eq!(
             target(&refused, "w", "i", "//r", &[], false).unwrap().verdict,
-            crate::engine::Verdict::Unknown
+            Verdict::Unknown
         );
         assert_eq!(
             target(&up(403, "PERMISSION_DENIED", "x"), "w", "i", "//r", &[], false).unwrap().reason,
             Reason::PermissionMissing
         );
+    }
+
+    #[test]
+    fn token_request_failures_blame_only_what_is_at_fault() {
+        let status = |code: u16| TokenRequestFailure::Status { code, message: "x".into() };
+        let cases = [
+            (status(401), Reason::CheckerUnauthenticated),
+            (status(403), Reason::TokenRequestDenied),
+            (status(404), Reason::KubernetesUnavailable),
+            (status(429), Reason::KubernetesUnavailable),
+            (status(503), Reason::KubernetesUnavailable),
+            (TokenRequestFailure::Unreachable("timed out".into()), Reason::KubernetesUnavailable),
+            (TokenRequestFailure::Empty, Reason::KubernetesUnavailable),
+        ];
+        for (failure, reason) in cases {
+            let f = token_request(&failure, "ServiceAccount a/b");
+            assert_eq!((f.reason, f.verdict), (reason, Verdict::Unknown), "{failure:?}");
+            assert_eq!(
+                f.reason.blames_the_checker(),
+                matches!(&failure, TokenRequestFailure::Status { code: 401 | 403, .. }),
+                "only 401 and 403 blame the checker: {failure:?}"
+            );
+            assert!(!f.message.contains("RBAC") || reason == Reason::TokenRequestDenied, "{}", f.message);
+        }
     }
 
     #[test]
