@@ -47,3 +47,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- $total -}}
 {{- end }}
+
+{{- /* The leader-election Lease, one per release: two releases in one namespace never share it. */ -}}
+{{- define "authprobe.leaseName" -}}
+{{- printf "%s-leader" (include "authprobe.fullname" .) }}
+{{- end }}
