@@ -52,3 +52,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "authprobe.leaseName" -}}
 {{- printf "%s-leader" (include "authprobe.fullname" .) }}
 {{- end }}
+
+{{- /* Values the schema cannot judge alone. */ -}}
+{{- define "authprobe.validate" -}}
+{{- if and (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount=%d needs leaderElection.enabled=true: without a Lease every replica would reconcile, write status and mint tokens. Set replicaCount=1 or enable leader election." (int .Values.replicaCount)) }}
+{{- end }}
+{{- end }}
