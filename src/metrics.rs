@@ -101,6 +101,7 @@ pub struct Metrics {
     failing: Family<FailingLabels, Gauge>,
     condition: Family<ConditionLabels, Gauge>,
     last_probe: Family<ProbeLabels, Gauge<f64, AtomicU64>>,
+    interval: Family<ProbeLabels, Gauge<f64, AtomicU64>>,
     google_requests: Family<RequestLabels, Counter>,
     google_duration: Family<ApiLabels, Histogram>,
     tokens_minted: Counter,
@@ -140,6 +141,12 @@ impl Metrics {
             "When the last probe pass finished",
             last_probe.clone(),
         );
+        let interval = Family::default();
+        registry.register(
+            "probe_interval_seconds",
+            "The probe's periodic interval: a pass is stale after a few of them",
+            interval.clone(),
+        );
         let google_requests = Family::default();
         registry.register(
             "google_requests",
@@ -174,6 +181,7 @@ impl Metrics {
             failing,
             condition,
             last_probe,
+            interval,
             google_requests,
             google_duration,
             tokens_minted,
@@ -211,8 +219,8 @@ impl Metrics {
         self.reconcile_errors.get_or_create(&CategoryLabels { category }).inc();
     }
 
-    /// Exports a probe's verdict; failing series of KSAs that recovered disappear.
-    pub fn probe_report(&self, probe: &str, report: &Report, finished_unix: f64) {
+    /// Exports a probe's verdict and interval; failing series of KSAs that recovered disappear.
+    pub fn probe_report(&self, probe: &str, report: &Report, finished_unix: f64, interval: Duration) {
         let probe_label = || probe.to_string();
         for (result, value) in [
             ("passing", report.summary.passing),
@@ -231,6 +239,7 @@ impl Metrics {
             }
         }
         self.last_probe.get_or_create(&ProbeLabels { probe: probe_label() }).set(finished_unix);
+        self.interval.get_or_create(&ProbeLabels { probe: probe_label() }).set(interval.as_secs_f64());
         let now: BTreeSet<FailingLabels> = report
             .entries
             .iter()
@@ -270,6 +279,7 @@ impl Metrics {
             }
         }
         self.last_probe.remove(&ProbeLabels { probe: probe.to_string() });
+        self.interval.remove(&ProbeLabels { probe: probe.to_string() });
         if let Ok(mut exported) = self.exported.lock() {
             for labels in exported.remove(probe).into_iter().flatten() {
                 self.failing.remove(&labels);
@@ -304,7 +314,7 @@ mod tests {
     #[test]
     fn probe_series_follow_the_report() {
         let m = Metrics::new();
-        m.probe_report("payments", &report(&["checkout"]), 1_700_000_000.0);
+        m.probe_report("payments", &report(&["checkout"]), 1_700_000_000.0, Duration::from_secs(600));
         let text = m.encode().unwrap();
         assert!(text.contains(r#"authprobe_serviceaccounts{probe="payments",result="failing"} 1"#), "{text}");
         assert!(text.contains(r#"authprobe_serviceaccounts{probe="payments",result="passing"} 2"#));
@@ -314,8 +324,9 @@ mod tests {
         assert!(text.contains(r#"authprobe_condition{probe="payments",type="Ready",status="False"} 1"#));
         assert!(text.contains(r#"authprobe_condition{probe="payments",type="Ready",status="True"} 0"#));
         assert!(text.contains(r#"authprobe_last_probe_timestamp_seconds{probe="payments"} 1700000000"#));
+        assert!(text.contains(r#"authprobe_probe_interval_seconds{probe="payments"} 600"#), "{text}");
 
-        m.probe_report("payments", &report(&[]), 1_700_000_600.0);
+        m.probe_report("payments", &report(&[]), 1_700_000_600.0, Duration::from_secs(600));
         let text = m.encode().unwrap();
         assert!(
             !text.contains("authprobe_failing_serviceaccount{"),

@@ -83,7 +83,7 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
     let finished =
         decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
     if ctx.states.put_memory(&probe, decision.settle(&failed)) {
-        ctx.metrics.probe_report(&name, &report, finished);
+        ctx.metrics.probe_report(&name, &report, finished, interval);
         ctx.states.succeeded(&probe);
     }
     ctx.metrics.reconciled(started.elapsed());
