@@ -9,10 +9,14 @@ mod support;
 use std::{
     collections::BTreeMap,
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use authprobe::runtime::leader::{DEFAULT_LEASE_NAME, LEASE_SECONDS, LeaseRef};
+use authprobe::{
+    fence::Fence,
+    runtime::leader::{DEFAULT_LEASE_NAME, LEASE_SECONDS, LeaseRef},
+};
 use authprobe_harness::tools_bin;
 use fake_google::scenario::{Binding, Cluster, GkeCluster, GkeProject, ServiceAccount as GoogleSa};
 use k8s_openapi::api::{
@@ -208,15 +212,21 @@ async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
     let moments = (0..=200).step_by(10).count();
     for release_after_ms in (0..=200).step_by(10) {
         let lease = LeaseRef { namespace: lease_ns.clone(), name: DEFAULT_LEASE_NAME.into() };
-        let leader =
-            authprobe::runtime::leader::acquire(admin.clone(), &lease, "leader", std::future::pending())
-                .await
-                .unwrap()
-                .expect("a free lease is won");
+        let leader = authprobe::runtime::leader::acquire(
+            admin.clone(),
+            &lease,
+            "leader",
+            Arc::new(Fence::standby()),
+            std::future::pending(),
+        )
+        .await
+        .expect("a free lease is won");
         let standby = tokio::spawn({
             let (client, lease) = (admin.clone(), lease.clone());
             async move {
-                authprobe::runtime::leader::acquire(client, &lease, "standby", std::future::pending()).await
+                let fence = Arc::new(Fence::standby());
+                authprobe::runtime::leader::acquire(client, &lease, "standby", fence, std::future::pending())
+                    .await
             }
         });
         tokio::time::sleep(Duration::from_millis(release_after_ms)).await;
@@ -227,7 +237,6 @@ async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
             .unwrap_or_else(|_| {
                 panic!("released {release_after_ms} ms into the standby's start: not taken in 5 s")
             })
-            .unwrap()
             .unwrap()
             .expect("the standby leads");
         let took = released_at.elapsed();

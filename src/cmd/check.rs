@@ -14,11 +14,13 @@ use serde::Serialize;
 use super::GoogleArgs;
 use crate::{
     api::{AuthProbe, condition},
+    controller::Clients,
     controller::inventory::{MetaView, NamespaceMeta, ServiceAccountMeta},
     engine::{
         Plan, Selection, Verdict,
         report::{KsaOutcome, Report, Status},
     },
+    fence::Fence,
     google::Google,
     metrics::Metrics,
     probe::{self, Pass, Services, exchange::Chain, issuer::ClusterIssuers},
@@ -129,7 +131,7 @@ pub async fn check(
     let Selection { namespaces, candidates } =
         plan.select(&MetaView::new(namespaces.items, service_accounts.items));
     let issuers = ClusterIssuers::new(client.clone());
-    let chain = Chain::new(client.clone(), google.clone(), metrics);
+    let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()));
     let services = Services { google: &google, issuers: &issuers, chain: Some(&chain) };
     let pass = Pass { plan: &plan, candidates, max_age: std::time::Duration::ZERO, now: Timestamp::now() };
     // No history here: only a KSA's creation opens the propagation grace.
@@ -337,7 +339,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
         std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
     };
     let probes = parse_probes(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
+    let client = Clients::connect().await?.call;
     let metrics = Arc::new(Metrics::new());
     let google = Arc::new(args.google.connect(metrics.clone())?);
     let mut results = Vec::new();

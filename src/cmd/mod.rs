@@ -69,6 +69,12 @@ pub struct RunArgs {
     /// The Lease's name (the chart derives it from the release name).
     #[arg(long, env = "AUTHPROBE_LEASE_NAME", default_value = DEFAULT_LEASE_NAME)]
     pub lease_name: String,
+    /// A probe pass is abandoned (and retried with backoff) after this long.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub pass_deadline: Duration,
+    /// /healthz fails when probe passes are attempted this long without one completing.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub stuck_after: Duration,
     /// On SIGTERM, in-flight probes get this long to finish before the lease is released.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -155,6 +161,8 @@ impl RunArgs {
                 concurrency: self.concurrency,
                 debounce: self.debounce,
                 instance: std::env::var("POD_NAME").ok(),
+                pass_deadline: self.pass_deadline,
+                stuck_after: self.stuck_after,
                 ..Default::default()
             },
             lease,

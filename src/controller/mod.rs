@@ -10,6 +10,8 @@ mod state;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
+
 use futures::{StreamExt, TryStreamExt};
 use kube::{
     Api, Client, ResourceExt,
@@ -32,6 +34,7 @@ use self::{
 use crate::{
     api::AuthProbe,
     engine::selector::{Labels, NO_LABELS},
+    fence::Fence,
     google::Google,
     metrics::Metrics,
     probe::{exchange::Chain, issuer::ClusterIssuers},
@@ -51,11 +54,50 @@ pub struct Tuning {
     pub page_size: u32,
     /// This replica's name in Events (`POD_NAME`).
     pub instance: Option<String>,
+    /// A probe pass is abandoned after this long (it is retried with backoff).
+    pub pass_deadline: Duration,
+    /// `/healthz` fails when passes are attempted this long without one completing.
+    pub stuck_after: Duration,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        Self { concurrency: 4, debounce: Duration::from_millis(500), page_size: 500, instance: None }
+        Self {
+            concurrency: 4,
+            debounce: Duration::from_millis(500),
+            page_size: 500,
+            instance: None,
+            pass_deadline: Duration::from_secs(600),
+            stuck_after: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// The operator's Kubernetes clients: long-polling watches need a read timeout longer than the
+/// server's watch timeout; every other call (status, Events, TokenRequest, the Lease) gets a
+/// short one, so nothing waits on a hung API server for long.
+#[derive(Clone)]
+pub struct Clients {
+    /// For watches.
+    pub watch: kube::Client,
+    /// For every other call.
+    pub call: kube::Client,
+}
+
+/// The read timeout of calls other than watches.
+pub const CALL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Clients {
+    /// Clients for the current kubeconfig or in-cluster configuration.
+    pub async fn connect() -> anyhow::Result<Self> {
+        let config = kube::Config::infer().await.context("connecting to Kubernetes")?;
+        let watch = kube::Client::try_from(config.clone()).context("connecting to Kubernetes")?;
+        let mut call = config;
+        call.read_timeout = Some(CALL_READ_TIMEOUT);
+        call.write_timeout = Some(CALL_READ_TIMEOUT);
+        call.connect_timeout = Some(Duration::from_secs(5));
+        let call = kube::Client::try_from(call).context("connecting to Kubernetes")?;
+        Ok(Self { watch, call })
     }
 }
 
@@ -74,6 +116,20 @@ pub enum Error {
     /// The caches never filled (their watches ended).
     #[error("the Namespace and ServiceAccount caches are gone")]
     CachesGone,
+    /// The pass did not finish within its deadline.
+    #[error("the pass of {probe} did not finish within {deadline:?}")]
+    PassDeadline {
+        /// The probe.
+        probe: String,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// This replica stopped leading during the pass: it writes nothing more.
+    #[error("stopped leading during the pass of {probe}; nothing more is written")]
+    Fenced {
+        /// The probe.
+        probe: String,
+    },
 }
 
 impl Error {
@@ -82,13 +138,19 @@ impl Error {
         match self {
             Error::StatusWrite { .. } => "StatusWrite",
             Error::CachesGone => "CachesGone",
+            Error::PassDeadline { .. } => "PassDeadline",
+            Error::Fenced { .. } => "Fenced",
         }
     }
 }
 
 /// Everything reconciles share.
 pub struct Context {
+    /// For status writes (watches use their own client).
     client: Client,
+    fence: Arc<Fence>,
+    progress: Arc<Progress>,
+    pass_deadline: Duration,
     google: Arc<Google>,
     issuers: ClusterIssuers,
     chain: Chain,
@@ -208,15 +270,18 @@ fn objects_only<T, E>(item: &Result<T, E>) -> futures::future::Ready<bool> {
     futures::future::ready(item.is_ok())
 }
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. It acts
+/// only while `fence` holds; each new term re-reads every probe and what others wrote.
 pub async fn run(
-    client: Client,
+    clients: Clients,
     google: Arc<Google>,
     metrics: Arc<Metrics>,
     tuning: Tuning,
     progress: Arc<Progress>,
+    fence: Arc<Fence>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let Clients { watch: client, call } = clients;
     let watch_config = watcher::Config::default().page_size(tuning.page_size);
     let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let ns_events = watcher(Api::<NamespaceMeta>::all(client.clone()), watch_config.clone())
@@ -259,13 +324,16 @@ pub async fn run(
         .filter(objects_only);
 
     let ctx = Arc::new(Context {
-        client: client.clone(),
-        chain: Chain::new(client.clone(), google.clone(), metrics.clone()),
+        client: call.clone(),
+        fence: fence.clone(),
+        progress: progress.clone(),
+        pass_deadline: tuning.pass_deadline,
+        chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone()),
         google,
-        issuers: ClusterIssuers::new(client.clone()),
+        issuers: ClusterIssuers::new(call.clone()),
         metrics,
         recorder: Recorder::new(
-            client.clone(),
+            call.clone(),
             Reporter { controller: "authprobe".into(), instance: tuning.instance.clone() },
         ),
         probes: probes.clone(),
@@ -285,9 +353,18 @@ pub async fn run(
             }
         }
     };
+    // A new term: forget what this replica remembered of Events and writes (another leader may
+    // have moved on since) and re-check every probe.
+    let new_terms =
+        futures::stream::unfold((fence.terms(), ctx.states.clone()), |(mut terms, states)| async move {
+            terms.changed().await.ok()?;
+            states.reset_memories();
+            Some(((), (terms, states)))
+        });
     let ns_ctx = ctx.clone();
     let sa_ctx = ctx.clone();
     let controller = Controller::for_stream(probe_events, probes)
+        .reconcile_all_on(new_terms)
         .with_config(controller::Config::default().concurrency(tuning.concurrency).debounce(tuning.debounce))
         .watches_stream(ns_events, move |ns: NamespaceMeta| {
             ns_ctx.probes_for_namespace(

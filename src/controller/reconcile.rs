@@ -34,23 +34,39 @@ use crate::{
 };
 
 pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.fence.holds() {
+        // A standby: every probe is reconciled again when this replica starts leading.
+        return Ok(Action::await_change());
+    }
+    ctx.progress.pass_started();
+    let name = probe.name_any();
+    let deadline = ctx.pass_deadline;
+    let action = tokio::time::timeout(deadline, pass(&probe, &ctx))
+        .await
+        .unwrap_or(Err(Error::PassDeadline { probe: name, deadline }))?;
+    ctx.progress.pass_completed();
+    Ok(action)
+}
+
+/// One pass over a probe.
+async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.wait_for_caches().await?;
     let name = probe.name_any();
     let now = Timestamp::now();
-    let plan = ctx.states.plan(&probe);
-    let memory = ctx.states.take_memory(&probe);
+    let plan = ctx.states.plan(probe);
+    let memory = ctx.states.take_memory(probe);
     let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).map(String::as_str);
 
     let (report, outcomes, interval, probe_now, recheck_at) = match plan.as_ref() {
         Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
         Ok(plan) => {
             let forced = memory.forced_by(probe_now);
-            let Selection { namespaces, candidates } = select(&ctx, &probe, plan, now);
+            let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
             let pass =
                 Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
-            let evaluated = probe::evaluate(services, pass, |c| changed_at(&ctx, &probe, c)).await;
+            let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
             let report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
             (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at)
@@ -73,18 +89,18 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
         },
     );
     if decision.write
-        && let Err(e) = write_status(&ctx, &name, &decision.status).await
+        && let Err(e) = write_status(ctx, &name, &decision.status).await
     {
-        ctx.states.put_memory(&probe, decision.abandon());
+        ctx.states.put_memory(probe, decision.abandon());
         return Err(e);
     }
-    let failed = publish(&ctx, &probe, &decision.announcements).await;
+    let failed = publish(ctx, probe, &decision.announcements).await;
     let (wrote, requeue_after) = (decision.write, decision.requeue_after);
     let finished =
         decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
-    if ctx.states.put_memory(&probe, decision.settle(&failed)) {
+    if ctx.states.put_memory(probe, decision.settle(&failed)) {
         ctx.metrics.probe_report(&name, &report, finished, interval);
-        ctx.states.succeeded(&probe);
+        ctx.states.succeeded(probe);
     }
     ctx.metrics.reconciled(started.elapsed());
     tracing::info!(
@@ -114,17 +130,26 @@ fn changed_at(ctx: &Context, probe: &AuthProbe, c: &Candidate) -> Option<Timesta
     [created, annotated, entered].into_iter().flatten().max()
 }
 
+/// A write is started only while the fence holds for longer than the write may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn write_status(ctx: &Context, probe: &str, status: &AuthProbeStatus) -> Result<(), Error> {
+    if !ctx.fence.holds_for(WRITE_TIMEOUT) {
+        return Err(Error::Fenced { probe: probe.to_string() });
+    }
     let api = Api::<AuthProbe>::all(ctx.client.clone());
     let patch = serde_json::json!({
         "apiVersion": "authprobe.io/v1alpha1",
         "kind": "AuthProbe",
         "status": status,
     });
-    api.patch_status(probe, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map(|_| ())
-        .map_err(|source| Error::StatusWrite { probe: probe.to_string(), source })
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(&patch);
+    match tokio::time::timeout(WRITE_TIMEOUT, api.patch_status(probe, &params, &patch)).await {
+        Ok(written) => written.map(|_| ()),
+        Err(_) => Err(kube::Error::Service(format!("no answer within {WRITE_TIMEOUT:?}").into())),
+    }
+    .map_err(|source| Error::StatusWrite { probe: probe.to_string(), source })
 }
 
 /// Publishes the announcements; returns the indexes of those the API server refused, which the
@@ -153,7 +178,16 @@ async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement
                 }
             }
         };
-        if let Err(e) = ctx.recorder.publish(&event(a), &reference).await {
+        if !ctx.fence.holds_for(WRITE_TIMEOUT) {
+            failed.push(i);
+            continue;
+        }
+        let published = tokio::time::timeout(WRITE_TIMEOUT, ctx.recorder.publish(&event(a), &reference))
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(format!("no answer within {WRITE_TIMEOUT:?}").into()))
+            });
+        if let Err(e) = published {
             tracing::warn!(probe = %probe.name_any(), regarding = ?a.regarding, error = %e, "cannot publish an event; retrying next pass");
             failed.push(i);
         }

@@ -90,6 +90,14 @@ impl States {
         self.peek(probe, |s| s.memory = Some(memory)).is_some()
     }
 
+    /// Forgets every probe's memory of Events and writes: it is seeded again from status, as after
+    /// a restart (another replica may have led in between).
+    pub fn reset_memories(&self) {
+        for state in self.lock().values_mut() {
+            state.memory = None;
+        }
+    }
+
     /// Records the namespaces a pass selected (compact keys) and when each new one entered.
     pub fn record_scope(&self, probe: &AuthProbe, keys: HashSet<u64>, now: Timestamp) {
         self.with(probe, |s| {

@@ -33,6 +33,7 @@ use crate::{
         stage::chain::{self as classify, TokenRequestFailure, Upstream},
         target::TargetKind,
     },
+    fence::Fence,
     google::{
         Google,
         client::{Answer, Api, Auth, Body, SendError},
@@ -46,7 +47,7 @@ const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// TokenRequest's minimum, and all a probe needs.
 const KSA_TOKEN_SECONDS: i64 = 600;
 /// No Kubernetes call of the chain waits longer for its answer.
-pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A cached token is not used within this long of its expiry.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// Cached tokens never outlive Google's longest access-token lifetime.
@@ -88,6 +89,7 @@ impl Exchange {
 /// The chain's state shared by every probe.
 pub struct Chain {
     kube: kube::Client,
+    fence: Arc<Fence>,
     google: Arc<Google>,
     metrics: Arc<Metrics>,
     exchanges: crate::google::cache::FetchCache<ExchangeKey, Arc<Exchange>>,
@@ -104,9 +106,10 @@ fn usable(credential: &Result<Credential, Finding>) -> bool {
 
 impl Chain {
     /// A chain minting through `kube` and exchanging through `google`.
-    pub fn new(kube: kube::Client, google: Arc<Google>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(kube: kube::Client, google: Arc<Google>, metrics: Arc<Metrics>, fence: Arc<Fence>) -> Self {
         Self {
             kube,
+            fence,
             google,
             metrics,
             exchanges: crate::google::cache::FetchCache::evicting_after(TOKEN_CACHE_EVICTION),
@@ -208,6 +211,9 @@ impl Chain {
 
     /// TokenRequest for one audience and 600 s.
     async fn mint(&self, ksa: &Ksa, audience: &str) -> Result<SecretString, Finding> {
+        if !self.fence.holds_for(KUBE_CALL_TIMEOUT) {
+            return Err(classify::token_request(&TokenRequestFailure::NotLeading, &who(ksa)));
+        }
         let api = kube::Api::<ServiceAccount>::namespaced(self.kube.clone(), &ksa.namespace);
         let request = TokenRequest {
             spec: Some(TokenRequestSpec {

@@ -8,12 +8,12 @@ pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use tokio::sync::watch;
 
 use self::health::Health;
 use crate::{
     controller::{self, progress::Progress},
+    fence::Fence,
     google::Google,
     metrics::Metrics,
 };
@@ -36,7 +36,9 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Runs the operator until SIGTERM or Ctrl-C, or until it loses leadership (an error).
+/// Runs the operator until SIGTERM or Ctrl-C. With leader election the controller runs from the
+/// start (its caches warm) but acts only while this replica leads; a term that ends (lost, or
+/// expired while the API server was away) makes it a standby again, never stops the process.
 pub async fn run(settings: Settings, google: Arc<Google>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let Settings { http_addr, controller: tuning, lease, shutdown_timeout } = settings;
     tracing::info!(
@@ -46,34 +48,27 @@ pub async fn run(settings: Settings, google: Arc<Google>, metrics: Arc<Metrics>)
         leader_elect = lease.is_some(),
         "authprobe starting"
     );
-    let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
-    let progress = Arc::new(Progress::default());
-    let health = Arc::new(Health::new(lease.is_none(), progress.clone()));
+    let clients = controller::Clients::connect().await?;
+    let fence = Arc::new(if lease.is_some() { Fence::standby() } else { Fence::always() });
+    let progress = Arc::new(Progress::new(tuning.stuck_after));
+    let health = Arc::new(Health::new(fence.clone(), progress.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server =
-        tokio::spawn(http::serve(http_addr, metrics.clone(), health.clone(), stopped(stop_rx.clone())));
+    let server = tokio::spawn(http::serve(http_addr, metrics.clone(), health, stopped(stop_rx.clone())));
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight probes");
         let _ = stop_tx.send(true);
     });
 
-    let mut leadership = if let Some(lease) = &lease {
-        let identity =
-            std::env::var("POD_NAME").unwrap_or_else(|_| format!("authprobe-{}", std::process::id()));
-        match leader::acquire(client.clone(), lease, &identity, stopped(stop_rx.clone())).await? {
-            Some(l) => Some(l),
-            None => {
-                server.await??;
-                return Ok(());
-            }
-        }
-    } else {
-        None
-    };
-    health.activate();
-
-    let controller = controller::run(client, google, metrics, tuning, progress, stopped(stop_rx.clone()));
+    let controller = controller::run(
+        clients.clone(),
+        google,
+        metrics,
+        tuning,
+        progress,
+        fence.clone(),
+        stopped(stop_rx.clone()),
+    );
     // In-flight probes finish after SIGTERM, but not for longer than the shutdown timeout.
     let bounded = async {
         tokio::select! {
@@ -83,21 +78,42 @@ pub async fn run(settings: Settings, google: Arc<Google>, metrics: Arc<Metrics>)
             }
         }
     };
-    match &mut leadership {
-        Some(l) => {
-            tokio::select! {
-                () = bounded => {}
-                lost = l.lost() => return Err(lost).context("leadership ended; stopping so only the leader acts"),
+    match &lease {
+        Some(lease) => {
+            let identity =
+                std::env::var("POD_NAME").unwrap_or_else(|_| format!("authprobe-{}", std::process::id()));
+            let elect = elect(clients.call, lease, &identity, fence, stop_rx.clone());
+            // The election ends at shutdown, with the lease held or not; the controller finishes
+            // its in-flight probes first, then the lease is released.
+            let (held, ()) = tokio::join!(elect, bounded);
+            if let Some(leadership) = held {
+                leadership.release(Duration::from_secs(5)).await;
             }
         }
         None => bounded.await,
     }
-    if let Some(l) = leadership {
-        l.release(Duration::from_secs(5)).await;
-    }
     server.await??;
     tracing::info!("authprobe stopped");
     Ok(())
+}
+
+/// Campaigns, leads and campaigns again whenever a term ends, until shutdown; returns the
+/// leadership held then, to be released once in-flight probes finished.
+async fn elect(
+    client: kube::Client,
+    lease: &leader::LeaseRef,
+    identity: &str,
+    fence: Arc<Fence>,
+    stop: watch::Receiver<bool>,
+) -> Option<leader::Leadership> {
+    loop {
+        let mut leadership =
+            leader::acquire(client.clone(), lease, identity, fence.clone(), stopped(stop.clone())).await?;
+        tokio::select! {
+            ended = leadership.ended() => tracing::warn!(reason = %ended, "leadership ended: standing by"),
+            () = stopped(stop.clone()) => return Some(leadership),
+        }
+    }
 }
 
 async fn shutdown_signal() {

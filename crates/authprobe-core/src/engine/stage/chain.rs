@@ -50,6 +50,8 @@ pub enum TokenRequestFailure {
     Unreachable(String),
     /// An answer without a token.
     Empty,
+    /// This replica stopped leading: it mints nothing more.
+    NotLeading,
 }
 
 /// A TokenRequest that did not give a token. Only the operator's own credentials (401) and RBAC
@@ -61,7 +63,9 @@ pub fn token_request(failure: &TokenRequestFailure, who: &str) -> Finding {
         TokenRequestFailure::Status { code: 401, message } => Finding::unknown(
             stage,
             Reason::CheckerUnauthenticated,
-            format!("the API server rejected authprobe's own credentials minting a token for {who} (401 {message})"),
+            format!(
+                "the API server rejected authprobe's own credentials minting a token for {who} (401 {message})"
+            ),
         ),
         TokenRequestFailure::Status { code: 403, message } => Finding::unknown(
             stage,
@@ -73,22 +77,33 @@ pub fn token_request(failure: &TokenRequestFailure, who: &str) -> Finding {
         TokenRequestFailure::Status { code: 404, .. } => Finding::unknown(
             stage,
             Reason::KubernetesUnavailable,
-            format!("{who} was deleted while authprobe checked it; it is checked again as the deletion arrives"),
+            format!(
+                "{who} was deleted while authprobe checked it; it is checked again as the deletion arrives"
+            ),
         ),
         TokenRequestFailure::Status { code, message } => Finding::unknown(
             stage,
             Reason::KubernetesUnavailable,
-            format!("the API server could not mint a token for {who} ({code} {message}); nothing in the namespace is at fault"),
+            format!(
+                "the API server could not mint a token for {who} ({code} {message}); nothing in the namespace is at fault"
+            ),
         ),
         TokenRequestFailure::Unreachable(detail) => Finding::unknown(
             stage,
             Reason::KubernetesUnavailable,
-            format!("the API server did not answer a TokenRequest for {who} ({detail}); nothing in the namespace is at fault"),
+            format!(
+                "the API server did not answer a TokenRequest for {who} ({detail}); nothing in the namespace is at fault"
+            ),
         ),
         TokenRequestFailure::Empty => Finding::unknown(
             stage,
             Reason::KubernetesUnavailable,
             format!("the API server's TokenRequest answer for {who} holds no token"),
+        ),
+        TokenRequestFailure::NotLeading => Finding::unknown(
+            stage,
+            Reason::KubernetesUnavailable,
+            format!("this replica no longer leads, so it mints no token for {who}; the leader checks it"),
         ),
     }
 }
@@ -333,10 +348,7 @@ mod tests {
             impersonation(&up(400, "FAILED_PRECONDITION", "disabled"), "w", "p", gsa).reason,
             Reason::GoogleServiceAccountDisabled
         );
-        assert_eq!(
-            impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict,
-            Verdict::Unknown
-        );
+        assert_eq!(impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict, Verdict::Unknown);
 
         let ok = up(200, "", "");
         assert!(target(&ok, "w", "i", "//r", &[], false).is_none());
@@ -349,10 +361,7 @@ mod tests {
             target(&refused, "w", "i", "//r", &[], true).unwrap().reason,
             Reason::FederatedTokenUnsupported
         );
-        assert_eq!(
-            target(&refused, "w", "i", "//r", &[], false).unwrap().verdict,
-            Verdict::Unknown
-        );
+        assert_eq!(target(&refused, "w", "i", "//r", &[], false).unwrap().verdict, Verdict::Unknown);
         assert_eq!(
             target(&up(403, "PERMISSION_DENIED", "x"), "w", "i", "//r", &[], false).unwrap().reason,
             Reason::PermissionMissing
@@ -370,6 +379,7 @@ mod tests {
             (status(503), Reason::KubernetesUnavailable),
             (TokenRequestFailure::Unreachable("timed out".into()), Reason::KubernetesUnavailable),
             (TokenRequestFailure::Empty, Reason::KubernetesUnavailable),
+            (TokenRequestFailure::NotLeading, Reason::KubernetesUnavailable),
         ];
         for (failure, reason) in cases {
             let f = token_request(&failure, "ServiceAccount a/b");
