@@ -127,10 +127,11 @@ pub fn classify_read<T: DeserializeOwned>(api: Api, answer: Result<Answer, SendE
     })?;
     let kind = match answer.status {
         s if s.is_success() => {
+            // serde quotes the offending value: redacted and bounded like any upstream text.
             return serde_json::from_slice(&answer.body).map(Some).map_err(|e| {
                 FetchFailure::new(
                     FailureKind::Unavailable,
-                    format!("{}: malformed response ({e})", api.as_str()),
+                    crate::redact::upstream(&format!("{}: malformed response ({e})", api.as_str())),
                 )
             });
         }
@@ -222,6 +223,14 @@ mod tests {
             assert_eq!(failure.kind, FailureKind::Unavailable);
             assert!(failure.detail.contains("malformed response"), "{}", failure.detail);
         }
+        let token = format!("ya29.{}", "x".repeat(40));
+        let quoted = format!(r#"{{"bindings": "{token}{}"}}"#, "y".repeat(1 << 20));
+        let failure = classify_read::<Policy>(Api::GetIamPolicy, answer(200, &quoted)).unwrap_err();
+        assert!(
+            failure.detail.len() <= crate::redact::MAX_UPSTREAM_BYTES && !failure.detail.contains("ya29."),
+            "a quoted field is redacted and bounded: {} bytes",
+            failure.detail.len()
+        );
         let too_large: Fetched<Policy> =
             classify_read(Api::GetIamPolicy, Err(SendError::TooLarge { api: "iam.getIamPolicy" }));
         assert_eq!(too_large.unwrap_err().kind, FailureKind::Unavailable);

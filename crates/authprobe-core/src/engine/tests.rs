@@ -562,3 +562,22 @@ fn status_is_bounded_and_keeps_transition_times() {
     let ready = third.conditions.iter().find(|c| c.type_ == condition::READY).unwrap();
     assert_eq!((ready.status.as_str(), ready.last_transition_time.0), ("True", t1));
 }
+
+#[test]
+fn a_status_stays_small_however_large_the_upstream_answers() {
+    let huge = format!("upstream said: {} and a token ya29.{}", "x".repeat(1 << 20), "y".repeat(64));
+    let outcomes: Vec<KsaOutcome> = (0..25)
+        .map(|i| KsaOutcome {
+            namespace: format!("ns-{i:02}"),
+            name: "app".into(),
+            mapping: Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, huge.clone())),
+            chain: None,
+        })
+        .collect();
+    let report = Report::build(&outcomes, 25, false);
+    let status = to_status(&report, None, Some(1), Timestamp::UNIX_EPOCH, &Default::default());
+    let bytes = serde_json::to_vec(&status).unwrap().len();
+    assert_eq!(status.failures.len(), 20);
+    assert!(bytes < 64 * 1024, "status is {bytes} bytes");
+    assert!(!serde_json::to_string(&status).unwrap().contains("ya29."));
+}
