@@ -299,11 +299,7 @@ pub async fn run(
         .backoff(watch_backoff())
         .inspect(observe(&progress, "ServiceAccount"))
         .modify(inventory::prune_service_account)
-        .inspect_ok(move |event| match event {
-            watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
-            watcher::Event::Delete(sa) => changes.forget(sa),
-            watcher::Event::Init | watcher::Event::InitDone => {}
-        })
+        .inspect_ok(move |event| changes.observe(event))
         .reflect(sa_writer)
         .touched_objects()
         .filter(objects_only);

@@ -7,7 +7,6 @@ pub mod credentials;
 pub mod endpoints;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,6 +24,7 @@ use crate::engine::{
     FederationPlan, GsaFacts, ProviderFacts,
     annotation::GsaEmail,
     facts::{FailureKind, FetchFailure, Fetched},
+    grace::Changes,
 };
 
 /// Google as the operator sees it.
@@ -34,7 +34,7 @@ pub struct Google {
     endpoints: Endpoints,
     gsas: FetchCache<GsaEmail, Arc<GsaFacts>>,
     providers: FetchCache<String, Arc<ProviderFacts>>,
-    policy_changes: Mutex<HashMap<GsaEmail, Timestamp>>,
+    policy_changes: Mutex<Changes<GsaEmail>>,
 }
 
 impl Google {
@@ -45,7 +45,7 @@ impl Google {
             endpoints,
             gsas: FetchCache::default(),
             providers: FetchCache::default(),
-            policy_changes: Mutex::new(HashMap::new()),
+            policy_changes: Mutex::new(Changes::default()),
         }
     }
 
@@ -69,14 +69,14 @@ impl Google {
             && before != now
             && let Ok(mut changes) = self.policy_changes.lock()
         {
-            changes.insert(gsa.clone(), Timestamp::now());
+            changes.record(gsa.clone(), Timestamp::now());
         }
         facts
     }
 
     /// When authprobe last saw the GSA's policy etag change (never for the first read).
     pub fn policy_changed_at(&self, gsa: &GsaEmail) -> Option<Timestamp> {
-        self.policy_changes.lock().ok().and_then(|c| c.get(gsa).copied())
+        self.policy_changes.lock().ok().and_then(|c| c.get(gsa, Timestamp::now()))
     }
 
     /// The Federation pool and provider, read at most once per `max_age` for all probes.
