@@ -417,6 +417,27 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
         (json!({"probe": {"interval": "forever"}}), "probe.interval"),
         (json!({"probe": {"interval": "5s"}}), "probe.interval"),
         (json!({"probe": {"tokenExchange": true}}), "identity.gke is required"),
+        // What admission refuses, refused again: `authprobe check -f` bypasses admission.
+        (json!({"identity": {"projectId": "Acme Prod"}}), "identity.projectId"),
+        (json!({"identity": {"projectNumber": "12ab"}}), "identity.projectNumber"),
+        (json!({"identity": {"serviceAccountProjects": ["../x"]}}), "serviceAccountProjects"),
+        (
+            json!({"identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "a/../../b"}}}),
+            "identity.gke",
+        ),
+        (json!({"serviceAccounts": {"names": ["App Name"]}}), "serviceAccounts.names"),
+        (
+            json!({"targets": [{"resource": "//storage.googleapis.com/projects/_/buckets/b", "permissions": ["storage.objects.get?x=1"]}]}),
+            "permission",
+        ),
+        (
+            json!({"identity": {"platform": "Federation", "federation": {"provider": "projects/123456789012/locations/global/workloadIdentityPools/p/providers/k8s/../../../../evil?x=1"}}}),
+            "identity.federation.provider",
+        ),
+        (
+            json!({"identity": {"platform": "Federation", "federation": {"provider": "projects/999/locations/global/workloadIdentityPools/p/providers/k8s"}}}),
+            "must belong to identity.projectNumber",
+        ),
     ] {
         let err = Plan::parse(&spec(extra.clone())).unwrap_err();
         assert!(err.contains(expected), "{extra}: {err}");
