@@ -90,7 +90,11 @@ pub const CALL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 impl Clients {
     /// Clients for the current kubeconfig or in-cluster configuration.
     pub async fn connect() -> anyhow::Result<Self> {
-        let config = kube::Config::infer().await.context("connecting to Kubernetes")?;
+        Self::from_config(kube::Config::infer().await.context("connecting to Kubernetes")?)
+    }
+
+    /// Clients for `config`.
+    pub fn from_config(config: kube::Config) -> anyhow::Result<Self> {
         let watch = kube::Client::try_from(config.clone()).context("connecting to Kubernetes")?;
         let mut call = config;
         call.read_timeout = Some(CALL_READ_TIMEOUT);
