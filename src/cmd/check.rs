@@ -276,9 +276,9 @@ pub fn render(checked: &[Checked], output: Output) -> String {
 /// The exit code of a run over several probes: failing beats undecided beats passing.
 pub fn overall(checked: &[Checked]) -> u8 {
     if checked.iter().any(|c| c.exit_code == exit::FAILING) {
-        1
+        exit::FAILING
     } else {
-        checked.iter().map(|c| c.exit_code).max().unwrap_or(0)
+        checked.iter().map(|c| c.exit_code).max().unwrap_or(exit::PASSING)
     }
 }
 
