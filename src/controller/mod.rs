@@ -93,8 +93,17 @@ impl Clients {
         Self::from_config(kube::Config::infer().await.context("connecting to Kubernetes")?)
     }
 
-    /// Clients for `config`.
-    pub fn from_config(config: kube::Config) -> anyhow::Result<Self> {
+    /// Clients for `config`. Requests carry `authprobe/VERSION (POD_NAME)` as their user agent,
+    /// so the API server's audit log tells the replicas apart.
+    pub fn from_config(mut config: kube::Config) -> anyhow::Result<Self> {
+        let agent = format!(
+            "authprobe/{} ({})",
+            env!("CARGO_PKG_VERSION"),
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid {}", std::process::id()))
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&agent) {
+            config.headers.push((http::header::USER_AGENT, value));
+        }
         let watch = kube::Client::try_from(config.clone()).context("connecting to Kubernetes")?;
         let mut call = config;
         call.read_timeout = Some(CALL_READ_TIMEOUT);
