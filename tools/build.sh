@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the local control-plane tools (kube-apiserver, kubectl, etcd, helm) from the Go module
-# proxy into .tools/bin, each only when it is missing or was built for another version.
-# Usage: tools/build.sh [kube-apiserver|kubectl|etcd|helm]...   (default: all)
+# Builds the local control-plane and node tools from the Go module proxy into .tools/bin, each only
+# when it is missing or was built for another version: etcd, kube-apiserver, kubectl, helm (the
+# control plane), kube-controller-manager, kube-scheduler and kubelet (the node, see
+# tests/harness/src/node.rs).
+# Usage: tools/build.sh [TOOL]...   (default: all of them)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=versions.env
@@ -15,7 +17,7 @@ want() { [ ! -x "$bin/$1" ] || [ "$(cat "$bin/.$1.version" 2>/dev/null)" != "$2"
 stamp() { echo "$2" > "$bin/.$1.version"; }
 timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "tools: built $name in $((SECONDS - t0))s" >&2; }
 
-build_kube() { # kube-apiserver and kubectl, stamped like upstream's hack/lib/version.sh
+build_kube() { # every k8s.io/kubernetes binary, stamped like upstream's hack/lib/version.sh
   local name=$1 minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   local ldflags="-s -w" kv
   for kv in "gitVersion=${K8S_VERSION}" gitMajor=1 "gitMinor=${minor}" gitTreeState=clean \
@@ -30,10 +32,11 @@ build_helm() {
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" helm.sh/helm/v3/cmd/helm)
 }
 
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(etcd kube-apiserver kubectl helm)
+all=(etcd kube-apiserver kubectl helm kube-scheduler kube-controller-manager kubelet)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
   case $t in
-    kube-apiserver|kubectl) v=$K8S_VERSION; fn="build_kube $t" ;;
+    kube-apiserver|kubectl|kube-controller-manager|kube-scheduler|kubelet) v=$K8S_VERSION; fn="build_kube $t" ;;
     etcd) v=$ETCD_VERSION; fn=build_etcd ;;
     helm) v=$HELM_VERSION; fn=build_helm ;;
     *) echo "tools: unknown tool $t" >&2; exit 2 ;;
