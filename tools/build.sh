@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control-plane and node tools from the Go module proxy into .tools/bin, each only
 # when it is missing or was built for another version: etcd, kube-apiserver, kubectl, helm (the
-# control plane), kube-controller-manager, kube-scheduler and kubelet (the node, see
-# tests/harness/src/node.rs).
+# control plane), kube-controller-manager, kube-scheduler, kubelet (the node, see tests/harness/src/node.rs)
+# and promtool (alert and recording rule checks).
 # Usage: tools/build.sh [TOOL]...   (default: all of them)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,14 +31,25 @@ build_helm() {
   (cd "$root/tools/helm" && go build -o "$bin/helm" \
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" helm.sh/helm/v3/cmd/helm)
 }
+build_promtool() { # stamped like Prometheus's .promu.yml; PROMETHEUS_VERSION v0.3MM.P is Prometheus 3.MM.P
+  local v=${PROMETHEUS_VERSION#v0.} ldflags="-s -w" kv
+  v="3.$((10#${v%%.*} - 300)).${v#*.}"
+  for kv in "Version=${v}" "Revision=${PROMETHEUS_VERSION}" Branch=HEAD BuildUser=authprobe \
+            "BuildDate=$(date -u +%Y%m%d-%H:%M:%S)"; do
+    ldflags+=" -X github.com/prometheus/common/version.${kv}"
+  done
+  (cd "$root/tools/prometheus" && go build -tags netgo -ldflags "$ldflags" -o "$bin/promtool" \
+    github.com/prometheus/prometheus/cmd/promtool)
+}
 
-all=(etcd kube-apiserver kubectl helm kube-scheduler kube-controller-manager kubelet)
+all=(etcd kube-apiserver kubectl helm kube-scheduler kube-controller-manager kubelet promtool)
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
   case $t in
     kube-apiserver|kubectl|kube-controller-manager|kube-scheduler|kubelet) v=$K8S_VERSION; fn="build_kube $t" ;;
     etcd) v=$ETCD_VERSION; fn=build_etcd ;;
     helm) v=$HELM_VERSION; fn=build_helm ;;
+    promtool) v=$PROMETHEUS_VERSION; fn=build_promtool ;;
     *) echo "tools: unknown tool $t" >&2; exit 2 ;;
   esac
   if want "$t" "$v"; then
