@@ -2,7 +2,8 @@
 # Builds the local control-plane and node tools from the Go module proxy into .tools/bin, each only
 # when it is missing or was built for another version: etcd, kube-apiserver, kubectl, helm (the
 # control plane), kube-controller-manager, kube-scheduler, kubelet (the node, see tests/harness/src/node.rs)
-# and promtool (alert and recording rule checks).
+# and promtool (alert and recording rule checks); podutil (tools/podutil, the node's pause and probe
+# program) is stamped with its source's hash instead of a version.
 # Usage: tools/build.sh [TOOL]...   (default: all of them)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,8 +42,9 @@ build_promtool() { # stamped like Prometheus's .promu.yml; PROMETHEUS_VERSION v0
   (cd "$root/tools/prometheus" && go build -tags netgo -ldflags "$ldflags" -o "$bin/promtool" \
     github.com/prometheus/prometheus/cmd/promtool)
 }
+build_podutil() { (cd "$root/tools/podutil" && go build -ldflags "-s -w" -o "$bin/podutil" .); }
 
-all=(etcd kube-apiserver kubectl helm kube-scheduler kube-controller-manager kubelet promtool)
+all=(etcd kube-apiserver kubectl helm kube-scheduler kube-controller-manager kubelet promtool podutil)
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
   case $t in
@@ -50,6 +52,7 @@ for t in "${targets[@]}"; do
     etcd) v=$ETCD_VERSION; fn=build_etcd ;;
     helm) v=$HELM_VERSION; fn=build_helm ;;
     promtool) v=$PROMETHEUS_VERSION; fn=build_promtool ;;
+    podutil) v=$(cat "$root/tools/podutil/go.mod" "$root/tools/podutil/main.go" | sha256sum | cut -c1-16); fn=build_podutil ;;
     *) echo "tools: unknown tool $t" >&2; exit 2 ;;
   esac
   if want "$t" "$v"; then
