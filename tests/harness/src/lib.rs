@@ -7,6 +7,7 @@
 //! ([`ControlPlane::namespace`]). Everything is torn down when the value is dropped or, for the
 //! shared instance, when the process exits; children are killed even if the process is.
 
+pub mod image;
 mod pki;
 mod process;
 
