@@ -141,19 +141,40 @@ fn reexec(host_listener: Option<&std::net::TcpListener>) -> Result<i32> {
         dir.display()
     );
     let mut child = process::spawn_command(command).context("starting unshare (util-linux)")?;
-    // Ctrl-C reaches `unshare` too, which dies and takes the run with it (--kill-child); this
-    // process stays to clean up after it.
-    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    // `unshare` ignores SIGINT and SIGTERM while it waits, and so does the run's first process
+    // (PID 1 of its namespace) unless it handles them: on Ctrl-C or SIGTERM this process kills
+    // `unshare`, which takes the run with it (--kill-child), and stays to clean up after it.
+    UNSHARE_PID.store(i32::try_from(child.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: the handler only calls kill(2), which is async-signal-safe.
     #[allow(unsafe_code)]
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, kill_unshare as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, kill_unshare as *const () as libc::sighandler_t);
     }
     let status = child.wait()?;
     // The run's PID namespace is gone with its first process: no process of it is left, and with
     // them went its mounts and network namespace. What is left is on the host's filesystems.
     remove_run(pid, &dir);
     use std::os::unix::process::ExitStatusExt;
+    if let Some(signal) = status.signal() {
+        eprintln!(
+            "harness: the node's run was killed (signal {signal}); its cgroups and directory are removed"
+        );
+    }
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+static UNSHARE_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn kill_unshare(_signal: libc::c_int) {
+    let pid = UNSHARE_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; the pid is our child, not yet reaped.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
 }
 
 /// Sets up the namespaces from inside: loopback up, a fresh tmpfs on `/run`.
