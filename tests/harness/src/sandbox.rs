@@ -1,12 +1,14 @@
 //! The namespaces a node runs in, and the host state it leaves behind.
 //!
 //! [`enter`] re-executes the current program (a test binary, or `local-cluster`) as
-//! `unshare --net --mount --pid --fork --kill-child --mount-proc <program> <same arguments>` and
-//! exits with its status. The re-executed process is PID 1 of a new PID namespace, in a new
-//! network namespace (only loopback, plus the pods' bridge the node adds) and a private mount
-//! namespace with its own `/proc` and a fresh tmpfs on `/run` (containerd's shim sockets and FIFOs,
-//! runc state). So when it ends, however it ends, the kernel kills every process of the run
-//! (containers and shims included) and drops every mount and the network namespace with them.
+//! `unshare --net --mount --pid --fork --kill-child --mount-proc podutil init <program> <same
+//! arguments>` and exits with its status. `podutil init` (tools/podutil) is PID 1 of the new PID
+//! namespace: it brings loopback up in the new network namespace (where the node adds the pods'
+//! bridge), mounts a fresh tmpfs on `/run` in the private mount namespace (containerd's shim
+//! sockets and FIFOs, runc state), runs the program, reaps the orphaned containerd shims and exits
+//! with the program's status. When it ends, however it ends, the kernel kills every process of
+//! the run (containers and shims included) and drops every mount and the network namespace with
+//! them.
 //!
 //! What survives a run in the host's view is only what is not namespaced: the run's directory
 //! (`$TMPDIR/authprobe-node-<pid>`, `<pid>` being the outer process) and its cgroups
@@ -21,7 +23,7 @@ use std::{
     os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Mutex, OnceLock},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -39,9 +41,10 @@ const LISTENER_ENV: &str = "AUTHPROBE_NODE_HOST_LISTENER";
 const PREFIX: &str = "authprobe-node-";
 const CGROUP_FS: &str = "/sys/fs/cgroup";
 
-/// Whether this process is the first process of a node's namespaces (re-executed by [`enter`]).
+/// Whether this process runs inside a node's namespaces (re-executed by [`enter`], or started by
+/// a process that was).
 pub fn inside() -> bool {
-    std::process::id() == 1 && std::env::var_os(RUN_ENV).is_some()
+    std::env::var(RUN_ENV).is_ok_and(|id| id.parse::<u32>().is_ok())
 }
 
 /// The run's name (`authprobe-node-<outer pid>`) and directory, inside the namespaces.
@@ -71,21 +74,16 @@ pub fn host_listener() -> Option<std::net::TcpListener> {
 
 /// Makes sure this process runs inside a node's namespaces.
 ///
-/// Inside (the re-executed process), it sets the namespaces up once: loopback up, a tmpfs on
-/// `/run`, and returns. Outside, it re-executes the current program with the same arguments inside
-/// new namespaces, waits for it, cleans up after it and **exits** with its status: it does not
-/// return. Other threads calling it meanwhile block until the process exits. `host_listener`, a
-/// socket of the host's network namespace, is handed down to the re-executed process (see
-/// `local-cluster --node`).
+/// Inside, it returns at once. Outside, it re-executes the current program with the same
+/// arguments inside new namespaces, waits for it, cleans up after it and **exits** with its
+/// status: it does not return. Other threads calling it meanwhile block until the process exits.
+/// `host_listener`, a socket of the host's network namespace, is handed down to the re-executed
+/// process (see `local-cluster --node`).
 ///
-/// Needs root and util-linux's `unshare`.
+/// Needs root, util-linux's `unshare` and `podutil` (`make tools`).
 pub fn enter(host_listener: Option<&std::net::TcpListener>) -> Result<()> {
     if inside() {
-        static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
-        return SETUP
-            .get_or_init(|| setup_inside().map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(|e| anyhow!(e));
+        return Ok(());
     }
     static REEXEC: Mutex<()> = Mutex::new(());
     let _only_one = REEXEC.lock().map_err(|_| anyhow!("an earlier re-execution panicked"))?;
@@ -99,6 +97,7 @@ fn reexec(host_listener: Option<&std::net::TcpListener>) -> Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("a node needs root (network, mount and PID namespaces, cgroups)");
     }
+    let init = crate::binary("podutil")?;
     sweep_stale();
     let pid = std::process::id();
     let dir = std::env::temp_dir().join(format!("{PREFIX}{pid}"));
@@ -107,6 +106,8 @@ fn reexec(host_listener: Option<&std::net::TcpListener>) -> Result<i32> {
     let mut command = Command::new("unshare");
     command
         .args(["--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--"])
+        .arg(&init)
+        .arg("init")
         .arg(&exe)
         .args(std::env::args_os().skip(1))
         .env(RUN_ENV, pid.to_string())
@@ -141,9 +142,8 @@ fn reexec(host_listener: Option<&std::net::TcpListener>) -> Result<i32> {
         dir.display()
     );
     let mut child = process::spawn_command(command).context("starting unshare (util-linux)")?;
-    // `unshare` ignores SIGINT and SIGTERM while it waits, and so does the run's first process
-    // (PID 1 of its namespace) unless it handles them: on Ctrl-C or SIGTERM this process kills
-    // `unshare`, which takes the run with it (--kill-child), and stays to clean up after it.
+    // `unshare` ignores SIGINT and SIGTERM while it waits: on Ctrl-C or SIGTERM this process kills
+    // it, which takes the run with it (--kill-child), and stays to clean up after it.
     UNSHARE_PID.store(i32::try_from(child.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
     // SAFETY: the handler only calls kill(2), which is async-signal-safe.
     #[allow(unsafe_code)]
@@ -177,37 +177,11 @@ extern "C" fn kill_unshare(_signal: libc::c_int) {
     }
 }
 
-/// Sets up the namespaces from inside: loopback up, a fresh tmpfs on `/run`.
-fn setup_inside() -> Result<()> {
-    ip(&["link", "set", "lo", "up"])?;
-    mount("tmpfs", "/run", "tmpfs", "mode=755")?;
-    Ok(())
-}
-
 /// Runs `ip ARGS` (iproute2).
 pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
     if !out.status.success() {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-fn cstring(s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| anyhow!("NUL in {s:?}"))
-}
-
-fn mount(source: &str, target: &str, fstype: &str, data: &str) -> Result<()> {
-    let (source_c, target_c, fstype_c, data_c) =
-        (cstring(source)?, cstring(target)?, cstring(fstype)?, cstring(data)?);
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), 0, data_c.as_ptr().cast())
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting {fstype} on {target}"));
     }
     Ok(())
 }
