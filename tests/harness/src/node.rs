@@ -154,7 +154,8 @@ impl Node {
     }
 
     /// Starts the control plane and the node, and waits until the Node is Ready and the `default`
-    /// namespace has its ServiceAccount. Must run inside the node's namespaces ([`enter`]).
+    /// namespace has its ServiceAccount. Outside the node's namespaces it first re-executes the
+    /// program inside them, like [`Node::shared`] (see [`enter`]). One node per run at a time.
     /// Blocking: call it outside an async runtime.
     pub fn start(options: Options) -> Result<Node> {
         let t0 = Instant::now();
@@ -168,6 +169,9 @@ impl Node {
         check_node_packages()?;
         let (run, run_dir) = sandbox::run()?;
         let dir = run_dir.join("node");
+        if dir.exists() {
+            bail!("a node already runs in this run ({}): use Node::shared()", dir.display());
+        }
         fs::create_dir_all(&dir)?;
         setup_network()?;
         sandbox::create_cgroup(&run)?;
