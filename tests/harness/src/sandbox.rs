@@ -23,7 +23,10 @@ use std::{
     os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicI32, AtomicU32, Ordering::SeqCst},
+    },
     time::{Duration, Instant},
 };
 
@@ -142,38 +145,75 @@ fn reexec(host_listener: Option<&std::net::TcpListener>) -> Result<i32> {
         dir.display()
     );
     let mut child = process::spawn_command(command).context("starting unshare (util-linux)")?;
-    // `unshare` ignores SIGINT and SIGTERM while it waits: on Ctrl-C or SIGTERM this process kills
-    // it, which takes the run with it (--kill-child), and stays to clean up after it.
-    UNSHARE_PID.store(i32::try_from(child.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    // `unshare` ignores SIGINT and SIGTERM while it waits. On Ctrl-C or SIGTERM this process asks
+    // the run to end (SIGTERM to its PID 1, `podutil init`, which passes it on to the program: a
+    // test binary dies at once, local-cluster stops its node), and on a second one, or before
+    // PID 1 is known, ends it (SIGKILL to `unshare`; --kill-child takes the run with it). It stays
+    // to clean up after the run.
+    UNSHARE_PID.store(i32::try_from(child.id()).unwrap_or(0), SeqCst);
     // SAFETY: the handler only calls kill(2), which is async-signal-safe.
     #[allow(unsafe_code)]
     unsafe {
-        libc::signal(libc::SIGINT, kill_unshare as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, kill_unshare as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, end_run as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, end_run as *const () as libc::sighandler_t);
     }
-    let status = child.wait()?;
+    if let Some(init) = child_of(UNSHARE_PID.load(SeqCst), Duration::from_secs(5)) {
+        INIT_PID.store(init, SeqCst);
+    }
+    let status = child.wait();
+    // Neither is ours to signal any more.
+    INIT_PID.store(0, SeqCst);
+    UNSHARE_PID.store(0, SeqCst);
+    let status = status?;
     // The run's PID namespace is gone with its first process: no process of it is left, and with
     // them went its mounts and network namespace. What is left is on the host's filesystems.
     remove_run(pid, &dir);
     use std::os::unix::process::ExitStatusExt;
-    if let Some(signal) = status.signal() {
+    if END_REQUESTS.load(SeqCst) > 0 || status.signal().is_some() {
         eprintln!(
-            "harness: the node's run was killed (signal {signal}); its cgroups and directory are removed"
+            "harness: the node's run was interrupted ({status}); its cgroups and directory are removed"
         );
     }
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
-static UNSHARE_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static UNSHARE_PID: AtomicI32 = AtomicI32::new(0);
+static INIT_PID: AtomicI32 = AtomicI32::new(0);
+static END_REQUESTS: AtomicU32 = AtomicU32::new(0);
 
-extern "C" fn kill_unshare(_signal: libc::c_int) {
-    let pid = UNSHARE_PID.load(std::sync::atomic::Ordering::SeqCst);
+extern "C" fn end_run(_signal: libc::c_int) {
+    let (init, unshare) = (INIT_PID.load(SeqCst), UNSHARE_PID.load(SeqCst));
+    let (pid, signal) = if END_REQUESTS.fetch_add(1, SeqCst) == 0 && init > 0 {
+        (init, libc::SIGTERM)
+    } else {
+        (unshare, libc::SIGKILL)
+    };
     if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe; the pid is our child, not yet reaped.
+        // SAFETY: kill(2) is async-signal-safe; the pid is our child (unshare) or its child
+        // (PID 1 of the run), neither reaped while these are set.
         #[allow(unsafe_code)]
         unsafe {
-            libc::kill(pid, libc::SIGKILL);
+            libc::kill(pid, signal);
         }
+    }
+}
+
+/// The first child of `parent` (which has just forked it), waiting at most `timeout`: there is no
+/// event for a fork of another process, so /proc is polled every few milliseconds.
+fn child_of(parent: i32, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'.
+            let ppid: i32 = stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        });
+        if found.is_some() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -83,17 +83,39 @@ impl Run {
 
     /// Waits (bounded) for the outer process to exit.
     fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("local-cluster did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let exited = Pidfd::open(self.pid()).is_none_or(|fd| fd.wait(timeout));
+        if !exited {
+            let _ = self.child.kill();
+            bail!("local-cluster did not exit within {timeout:?}");
         }
+        Ok(self.child.wait()?)
+    }
+}
+
+/// A process's pidfd: readable once the process has exited.
+struct Pidfd(std::os::fd::OwnedFd);
+
+impl Pidfd {
+    #[allow(unsafe_code)]
+    fn open(pid: i32) -> Option<Pidfd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the pidfd_open system call with flags 0.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        // SAFETY: a new descriptor that nothing else owns.
+        i32::try_from(fd)
+            .ok()
+            .filter(|fd| *fd >= 0)
+            .map(|fd| Pidfd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Waits until the process has exited, at most `timeout`; whether it has.
+    #[allow(unsafe_code)]
+    fn wait(&self, timeout: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&raw mut pfd, 1, ms) == 1 }
     }
 }
 
@@ -105,9 +127,10 @@ impl Drop for Run {
 }
 
 /// What identifies a run from the host: its outer PID and its namespaces' inodes.
-#[derive(Debug)]
 struct Footprint {
     outer: i32,
+    /// The run's PID 1 (`podutil init`): when it has exited, its PID namespace is empty.
+    init: Pidfd,
     pid_ns: String,
     net_ns: String,
     mnt_ns: String,
@@ -121,7 +144,8 @@ impl Footprint {
         let inner = children(unshare).into_iter().next().context("no process inside the namespaces")?;
         let ns =
             |kind: &str| fs::read_link(format!("/proc/{inner}/ns/{kind}")).map(|p| p.display().to_string());
-        let footprint = Footprint { outer, pid_ns: ns("pid")?, net_ns: ns("net")?, mnt_ns: ns("mnt")? };
+        let init = Pidfd::open(inner).context("no pidfd for the run's PID 1")?;
+        let footprint = Footprint { outer, init, pid_ns: ns("pid")?, net_ns: ns("net")?, mnt_ns: ns("mnt")? };
         assert_ne!(footprint.net_ns, fs::read_link("/proc/self/ns/net")?.display().to_string());
         Ok(footprint)
     }
@@ -130,7 +154,7 @@ impl Footprint {
         format!("authprobe-node-{}", self.outer)
     }
 
-    /// Processes on the host in any of the run's namespaces.
+    /// Processes on the host in any of the run's namespaces, exited ones (zombies) included.
     fn processes(&self) -> Vec<String> {
         let ours: BTreeSet<&str> = [self.pid_ns.as_str(), self.net_ns.as_str(), self.mnt_ns.as_str()].into();
         let mut found = Vec::new();
@@ -140,7 +164,11 @@ impl Footprint {
                     && ours.contains(link.display().to_string().as_str())
                 {
                     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                    found.push(format!("{pid} {} ({kind} namespace)", comm.trim()));
+                    let state = fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|s| Some(s.get(s.rfind(')')? + 2..)?.chars().next()?.to_string()))
+                        .unwrap_or_default();
+                    found.push(format!("{pid} {} state {state} ({kind} namespace)", comm.trim()));
                     break;
                 }
             }
@@ -167,13 +195,20 @@ impl Footprint {
             .collect()
     }
 
-    /// Waits (bounded) until the run's processes are gone, then checks that nothing else is left.
-    fn assert_gone(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.processes().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
+    /// Waits (bounded) until the run's PID 1 has exited, which the kernel completes only once
+    /// every other process of its PID namespace is gone.
+    fn wait_init_gone(&self) {
+        self.init.wait(Duration::from_secs(30));
+    }
+
+    /// Checks that nothing of the run is left; with `reaped_by_host`, exited processes (zombies)
+    /// that only wait for the host's init to reap them are tolerated.
+    fn assert_gone(&self, reaped_by_host: bool) -> Result<()> {
+        self.wait_init_gone();
+        let mut processes = self.processes();
+        if reaped_by_host {
+            processes.retain(|p| !p.contains(" state Z "));
         }
-        let processes = self.processes();
         let cgroups = self.cgroups();
         let mounts = self.host_mounts();
         let dir = self.dir();
@@ -256,7 +291,7 @@ fn a_node_run_stopped_with_ctrl_c_leaves_nothing() -> Result<()> {
         libc::kill(-run.pid(), libc::SIGINT);
     }
     run.wait_exit(Duration::from_secs(60))?;
-    footprint.assert_gone()
+    footprint.assert_gone(false)
 }
 
 #[test]
@@ -271,14 +306,11 @@ fn a_killed_node_run_is_swept_by_the_next() -> Result<()> {
     // PID namespace with its first process; the cgroups and the directory stay for the next run.
     run.child.kill()?;
     run.child.wait()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !footprint.processes().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(footprint.processes(), Vec::<String>::new(), "no process of the killed run is left");
+    footprint.wait_init_gone();
     assert!(footprint.host_mounts().is_empty());
     node::sweep_stale();
-    footprint.assert_gone()
+    // The run's PID 1 lost its parent (`unshare`) with the outer process: the host's init reaps it.
+    footprint.assert_gone(true)
 }
 
 #[test]
