@@ -7,7 +7,8 @@
 //! Everything of a node, and the test process itself, runs inside a network, mount and PID
 //! namespace the run creates (see [`enter`]): the first call of [`Node::shared`] (or [`enter`]) in
 //! a test binary re-executes that binary, with the same arguments, under
-//! `unshare --net --mount --pid --fork`, and the outer process exits with the inner one's status.
+//! `unshare --net --mount --pid --fork` with `podutil init` as its PID 1, and the outer process
+//! exits with the inner one's status.
 //! So a test opts in by calling `Node::shared()` first thing:
 //!
 //! ```no_run
@@ -48,7 +49,7 @@
 //! and shims killed, mounts detached, the run's cgroups and directory removed. Whatever happens to
 //! the test process, the kernel ends the PID namespace with it, and the mount and network
 //! namespaces go with their last process; the outer process then removes the run's cgroups and
-//! directory, and if it was killed too, the next run does ([`crate::sandbox::sweep_stale`]).
+//! directory, and if it was killed too, the next run does ([`sweep_stale`]).
 
 use std::{
     fs,
