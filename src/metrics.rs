@@ -306,6 +306,7 @@ mod tests {
                     .contains(ns)
                     .then(|| Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x")),
                 chain: None,
+                canary: None,
             })
             .collect();
         Report::build(&outcomes, 3, false)

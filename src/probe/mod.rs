@@ -167,7 +167,7 @@ pub async fn evaluate(
                 .cloned()
                 .map(|r| r.map_err(|f| grace.judge(f, changed)));
             let mapping = mapped.err().map(|f| grace.judge(f, changed));
-            KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain }
+            KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain, canary: None }
         })
         .collect();
     Evaluated { outcomes, recheck_at: grace.recheck_at() }

@@ -68,6 +68,11 @@ pub struct AuthProbeSpec {
     /// How and how often to probe.
     #[serde(default)]
     pub probe: ProbeSettings,
+
+    /// A Job in each selected namespace that runs as the named workload's ServiceAccount, with its
+    /// credential environment and volumes, and times the pod's own first Google token. Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySettings>,
 }
 
 const SELECTOR_OPERATORS_RULE: &str = "!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'])";
@@ -234,6 +239,36 @@ pub struct ProbeSettings {
     pub propagation_grace: String,
 }
 
+/// The canary: the pod's own first token, from inside the namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySettings {
+    /// Run the canary.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// `Kind/name` of the workload whose ServiceAccount, credential environment and volumes the
+    /// canary takes, in each selected namespace: Deployment, StatefulSet, DaemonSet, Job, CronJob or Pod.
+    #[schemars(length(min = 3, max = 270))]
+    #[x_kube(validation = Rule::new(CANARY_WORKLOAD_RULE)
+        .message("canary.workload must be Kind/name, Kind one of Deployment, StatefulSet, DaemonSet, Job, CronJob, Pod"))]
+    pub workload: String,
+
+    /// At most one canary Job per namespace this often; changing `authprobe.io/probe-now` starts
+    /// one sooner. 5m to 24h.
+    #[serde(default = "default_canary_every")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("{DURATION_SHAPE} && duration(self) >= duration('5m') && duration(self) <= duration('24h')"))
+        .message("canary.every must be a duration from 5m to 24h, like 30m or 1h"))]
+    pub every: String,
+}
+
+const CANARY_WORKLOAD_RULE: &str = "self.matches('^(Deployment|StatefulSet|DaemonSet|Job|CronJob|Pod)/[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$')";
+
+fn default_canary_every() -> String {
+    "1h".into()
+}
+
 /// A Go/Kubernetes duration such as `90s`, `5m` or `1h30m`; checked first so `duration()` never errors.
 const DURATION_SHAPE: &str = r"self.matches('^([0-9]+([.][0-9]+)?(ns|us|µs|ms|s|m|h))+$')";
 
@@ -358,6 +393,8 @@ pub enum Stage {
     Impersonation,
     /// `testIamPermissions` on a target.
     Target,
+    /// The canary: the pod's own first token, from inside the namespace.
+    Canary,
 }
 
 impl Stage {
@@ -445,6 +482,20 @@ pub enum Reason {
     TokenRequestDenied,
     /// The Kubernetes API failed, throttled or timed out a call authprobe needed.
     KubernetesUnavailable,
+    /// Canary: the pod's first token from the metadata server took longer than the client
+    /// libraries' 3 s metadata timeout.
+    MetadataServerSlowStart,
+    /// Canary: no token from the metadata server by the canary's 60 s deadline.
+    MetadataServerUnreachable,
+    /// Canary: ADC resolved from another source than the platform implies (GKE: the metadata
+    /// server; Federation: an `external_account` file).
+    AdcSourceUnexpected,
+    /// Canary: the pod's credential fingerprints differently from the identity authprobe proves.
+    CredentialSourceDrift,
+    /// Canary: the Job never ran (no node fits, quota, image pull, configuration).
+    CanaryNotScheduled,
+    /// Event only: the canary's credential fingerprint changed between two runs.
+    CredentialSourceChanged,
     /// Everything passed.
     Verified,
     /// The live chain is off.
@@ -468,6 +519,7 @@ impl Reason {
                 | Reason::CheckerForbidden
                 | Reason::TokenRequestDenied
                 | Reason::KubernetesUnavailable
+                | Reason::CanaryNotScheduled
         )
     }
 

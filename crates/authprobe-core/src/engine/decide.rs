@@ -113,6 +113,22 @@ enum Announced {
     Ksa(Transition),
     Ready,
     CheckerFailure,
+    /// Outside the verdict: whoever raised it keeps track of its publication.
+    Notice,
+}
+
+impl Announcement {
+    /// A Normal Event on a ServiceAccount that reports a change, not a verdict (a canary's
+    /// `CredentialSourceChanged`).
+    pub fn notice(namespace: &str, name: &str, reason: Reason, note: &str) -> Self {
+        Self {
+            regarding: Regarding::ServiceAccount { namespace: namespace.to_string(), name: name.to_string() },
+            severity: Severity::Normal,
+            reason,
+            note: redact::message(note, MAX_NOTE_BYTES),
+            kind: Announced::Notice,
+        }
+    }
 }
 
 /// What to do after a pass.
@@ -144,6 +160,7 @@ impl Decision {
                 Announced::CheckerFailure => {
                     next.history.checker_failure_announced = before.history.checker_failure_announced
                 }
+                Announced::Notice => {}
             }
         }
         next.history.unpublished(&before.history, &lost);
@@ -276,6 +293,7 @@ mod tests {
             name: "app".into(),
             mapping: failing.map(|r| Finding::fail(Stage::IamPolicy, r, "broken")),
             chain: None,
+            canary: None,
         }
     }
 
@@ -463,6 +481,7 @@ mod tests {
             name: "app".into(),
             mapping: Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, message)),
             chain: None,
+            canary: None,
         }];
         let run = Run {
             report: Report::build(&outcomes, 1, false),
@@ -498,5 +517,20 @@ mod tests {
             },
         );
         assert_eq!(d.requeue_after, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_notice_is_a_bounded_normal_event_on_the_service_account() {
+        let long = format!("from x to y {}", "z".repeat(4 * MAX_NOTE_BYTES));
+        let notice = Announcement::notice("a", "app", Reason::CredentialSourceChanged, &long);
+        assert_eq!(
+            (&notice.regarding, notice.severity, notice.reason),
+            (
+                &Regarding::ServiceAccount { namespace: "a".into(), name: "app".into() },
+                Severity::Normal,
+                Reason::CredentialSourceChanged
+            )
+        );
+        assert!(notice.note.len() <= MAX_NOTE_BYTES && notice.note.starts_with("from x to y"));
     }
 }

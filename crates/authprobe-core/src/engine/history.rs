@@ -148,7 +148,7 @@ mod tests {
     };
 
     fn out(ns: &str, finding: Option<Finding>) -> KsaOutcome {
-        KsaOutcome { namespace: ns.into(), name: "app".into(), mapping: finding, chain: None }
+        KsaOutcome { namespace: ns.into(), name: "app".into(), mapping: finding, chain: None, canary: None }
     }
     fn fail(reason: Reason) -> Option<Finding> {
         Some(Finding::fail(Stage::IamPolicy, reason, "broken"))

@@ -3,6 +3,7 @@
 //! Google IO happens here; the controller and `authprobe check` feed it data.
 
 pub mod annotation;
+pub mod canary;
 pub mod decide;
 pub mod facts;
 pub mod grace;
@@ -25,7 +26,7 @@ use self::{
 };
 pub use self::{
     grace::within_grace,
-    plan::{ClusterView, FederationPlan, KsaRef, Plan, Selection, TargetPlan},
+    plan::{CanaryPlan, ClusterView, FederationPlan, KsaRef, Plan, Selection, TargetPlan},
     stage::provider::ProviderFacts,
 };
 use crate::api::{Reason, Stage};

@@ -11,6 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::{
     Candidate, Ksa,
     annotation::{GsaEmail, is_project_id, quote},
+    canary::WorkloadRef,
     principal::{KsaIdentity, PoolRef},
     selector::{Labels, Selector},
     stage::provider::Mapped,
@@ -165,6 +166,15 @@ pub struct TargetPlan {
     pub permissions: Vec<String>,
 }
 
+/// `spec.canary`, when enabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanaryPlan {
+    /// The workload whose ServiceAccount and credential environment the canary takes.
+    pub workload: WorkloadRef,
+    /// At most one canary Job per namespace this often.
+    pub every: Duration,
+}
+
 /// A spec, checked once: everything admission could not judge is judged here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -190,6 +200,8 @@ pub struct Plan {
     pub grace: Duration,
     /// Whether the live chain runs.
     pub token_exchange: bool,
+    /// The canary, when enabled.
+    pub canary: Option<CanaryPlan>,
     namespaces: Selector,
     names: Vec<String>,
     ksa_selector: Option<Selector>,
@@ -277,6 +289,22 @@ impl Plan {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let canary = spec
+            .canary
+            .as_ref()
+            .filter(|c| c.enabled)
+            .map(|c| {
+                Ok::<_, String>(CanaryPlan {
+                    workload: c.workload.parse()?,
+                    every: duration(
+                        "canary.every",
+                        &c.every,
+                        Duration::from_secs(300),
+                        Duration::from_secs(86_400),
+                    )?,
+                })
+            })
+            .transpose()?;
         Ok(Plan {
             platform: identity.platform,
             project_id: identity.project_id.clone(),
@@ -299,6 +327,7 @@ impl Plan {
                 Duration::from_secs(3600),
             )?,
             token_exchange: spec.probe.token_exchange,
+            canary,
             namespaces,
             names: selection.names,
             ksa_selector,

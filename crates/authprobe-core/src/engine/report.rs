@@ -31,12 +31,20 @@ pub struct KsaOutcome {
     pub mapping: Option<Finding>,
     /// The live chain: `None` when it is off or did not run; `Some(Ok)` when it passed.
     pub chain: Option<Result<(), Finding>>,
+    /// The canary (stage `Canary`, counted in Ready only): `None` when it passed, is off, or has
+    /// not reported yet.
+    pub canary: Option<Finding>,
 }
 
 impl KsaOutcome {
-    /// The finding that decides this KSA: the mapping's, else the chain's.
+    /// The finding that decides this KSA: the mapping's, else the chain's, else the canary's; a
+    /// failing canary before an earlier stage that could not tell (it saw the pod fail itself).
     pub fn finding(&self) -> Option<&Finding> {
-        self.mapping.as_ref().or_else(|| self.chain.as_ref().and_then(|c| c.as_ref().err()))
+        let earlier = self.mapping.as_ref().or_else(|| self.chain.as_ref().and_then(|c| c.as_ref().err()));
+        match (earlier, self.canary.as_ref()) {
+            (Some(e), Some(c)) if e.verdict == Verdict::Unknown && c.verdict == Verdict::Fail => Some(c),
+            (e, c) => e.or(c),
+        }
     }
 }
 

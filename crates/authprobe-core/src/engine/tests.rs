@@ -473,7 +473,7 @@ fn failures_within_the_grace_are_propagation_pending() {
 }
 
 fn outcome(ns: &str, name: &str, mapping: Option<Finding>) -> KsaOutcome {
-    KsaOutcome { namespace: ns.into(), name: name.into(), mapping, chain: None }
+    KsaOutcome { namespace: ns.into(), name: name.into(), mapping, chain: None, canary: None }
 }
 
 #[test]
@@ -593,6 +593,7 @@ fn a_status_stays_small_however_large_the_upstream_answers() {
             name: "app".into(),
             mapping: Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, huge.clone())),
             chain: None,
+            canary: None,
         })
         .collect();
     let report = Report::build(&outcomes, 25, false);
@@ -601,4 +602,67 @@ fn a_status_stays_small_however_large_the_upstream_answers() {
     assert_eq!(status.failures.len(), 20);
     assert!(bytes < 64 * 1024, "status is {bytes} bytes");
     assert!(!serde_json::to_string(&status).unwrap().contains("ya29."));
+}
+
+#[test]
+fn canary_findings_count_in_ready_only_and_come_last() {
+    let canary = |reason| Finding::fail(Stage::Canary, reason, "the pod's own token");
+    let with_canary = |ns: &str, mapping: Option<Finding>, chain: Option<Result<(), Finding>>, c| {
+        KsaOutcome { namespace: ns.into(), name: "app".into(), mapping, chain, canary: Some(c) }
+    };
+    let r = Report::build(
+        &[
+            with_canary("a", None, Some(Ok(())), canary(Reason::MetadataServerSlowStart)),
+            with_canary(
+                "b",
+                Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x")),
+                None,
+                canary(Reason::CredentialSourceDrift),
+            ),
+            // The pod saw itself fail: that outweighs an earlier stage that could not tell.
+            with_canary(
+                "c",
+                Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, "x")),
+                None,
+                canary(Reason::MetadataServerUnreachable),
+            ),
+            with_canary(
+                "d",
+                None,
+                Some(Ok(())),
+                Finding::unknown(Stage::Canary, Reason::CanaryNotScheduled, "did not run"),
+            ),
+        ],
+        4,
+        true,
+    );
+    let order: Vec<(&str, Stage, Reason)> =
+        r.entries.iter().map(|e| (e.namespace.as_str(), e.finding.stage, e.finding.reason)).collect();
+    assert_eq!(
+        order,
+        vec![
+            ("b", Stage::IamPolicy, Reason::PrincipalNotMapped),
+            ("a", Stage::Canary, Reason::MetadataServerSlowStart),
+            ("c", Stage::Canary, Reason::MetadataServerUnreachable),
+            ("d", Stage::Canary, Reason::CanaryNotScheduled),
+        ]
+    );
+    assert_eq!(r.summary.unknown, 1, "CanaryNotScheduled never reads as broken");
+    let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!(
+        exchange.status,
+        Status::Unknown,
+        "the chain did not run for b and c; the canary is not the chain"
+    );
+    assert_eq!(exchange.reason, Reason::PrincipalNotMapped);
+    let mappings = r.condition(condition::MAPPINGS_VERIFIED).unwrap();
+    assert_eq!((mappings.status, mappings.reason), (Status::False, Reason::PrincipalNotMapped));
+    let ready = r.condition(condition::READY).unwrap();
+    assert_eq!((ready.status, ready.reason), (Status::False, Reason::PrincipalNotMapped));
+    let only_canary =
+        Report::build(&[with_canary("a", None, Some(Ok(())), canary(Reason::AdcSourceUnexpected))], 1, true);
+    let exchange = only_canary.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!((exchange.status, exchange.reason), (Status::True, Reason::Verified));
+    let ready = only_canary.condition(condition::READY).unwrap();
+    assert_eq!((ready.status, ready.reason), (Status::False, Reason::AdcSourceUnexpected));
 }

@@ -1,6 +1,7 @@
 //! The stages of a KSA's path to Google, in chain order, each owning its evaluation and the text
 //! of its findings.
 
+pub mod canary;
 pub mod chain;
 mod iam;
 pub mod provider;
