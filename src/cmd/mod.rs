@@ -1,6 +1,7 @@
 //! The command line, the only room that may import every other: `run` (the operator, also the
-//! default), `check` (one pass for CI) and `crd`.
+//! default), `check` (one pass for CI), `crd` and `canary` (inside the canary Job's pod).
 
+pub mod canary;
 pub mod check;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -46,6 +47,9 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Print the AuthProbe CRD as YAML (what crds/authprobe.yaml holds).
     Crd,
+    /// Inside a canary Job's pod: time the first Google token through Application Default
+    /// Credentials and report it as JSON in the termination message. Exit 0: a token came.
+    Canary(canary::CanaryArgs),
 }
 
 /// `authprobe run`.
@@ -174,6 +178,7 @@ impl RunArgs {
 /// Parses the command line and runs what it asks for. A command line that does not parse exits
 /// with [`check::exit::USAGE`] (3): 2 means "cannot tell" for `authprobe check`.
 pub fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -211,6 +216,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Canary(args)) => canary::run(&args, started),
         Some(Command::Run(args)) => run(&args),
         None => run(&cli.run),
     }
