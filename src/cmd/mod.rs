@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// /healthz fails when probe passes are attempted this long without one completing.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     pub stuck_after: Duration,
+    /// The image of canary Jobs (spec.canary), normally the operator's own; unset: no canaries,
+    /// and a probe that enables one is InvalidSpec.
+    #[arg(long, env = "AUTHPROBE_CANARY_IMAGE")]
+    pub canary_image: Option<String>,
     /// On SIGTERM, in-flight probes get this long to finish before the lease is released.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -167,6 +171,7 @@ impl RunArgs {
                 instance: std::env::var("POD_NAME").ok(),
                 pass_deadline: self.pass_deadline,
                 stuck_after: self.stuck_after,
+                canary_image: self.canary_image.clone(),
                 ..Default::default()
             },
             lease,

@@ -3,6 +3,7 @@
 //! re-checks too). Namespaces and ServiceAccounts are watched once, metadata only, pruned, and the
 //! same watches feed both the caches the probes read and the triggers.
 
+mod canary;
 pub mod inventory;
 pub mod progress;
 mod reconcile;
@@ -13,6 +14,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use anyhow::Context as _;
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{
@@ -58,6 +60,8 @@ pub struct Tuning {
     pub pass_deadline: Duration,
     /// `/healthz` fails when passes are attempted this long without one completing.
     pub stuck_after: Duration,
+    /// The image of canary Jobs; `None`: no canaries (and no watch on Jobs and Pods).
+    pub canary_image: Option<String>,
 }
 
 impl Default for Tuning {
@@ -69,6 +73,7 @@ impl Default for Tuning {
             instance: None,
             pass_deadline: Duration::from_secs(600),
             stuck_after: Duration::from_secs(1800),
+            canary_image: None,
         }
     }
 }
@@ -174,6 +179,8 @@ pub struct Context {
     service_accounts: Store<ServiceAccountMeta>,
     annotation_changes: Arc<AnnotationChanges>,
     states: Arc<States>,
+    /// With `--canary-image`.
+    canaries: Option<canary::Canaries>,
 }
 
 impl Context {
@@ -332,6 +339,32 @@ pub async fn run(
         )
         .filter(objects_only);
 
+    // Canary Jobs and their Pods, only those, only when canaries are on: a Pod's change wakes
+    // its probe, which reads the result from the Pod's status.
+    let canary_watches = tuning.canary_image.clone().map(|image| {
+        let canary_config = watcher::Config::default().labels(crate::engine::canary::job::SELECTOR);
+        let (jobs, job_writer) = reflector::store::<Job>();
+        let job_events = watcher(Api::<Job>::all(client.clone()), canary_config.clone())
+            .backoff(watch_backoff())
+            .inspect(observe(&progress, "Job"))
+            .modify(canary::prune_job)
+            .reflect(job_writer)
+            .touched_objects()
+            .filter(objects_only);
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let pod_events = watcher(Api::<Pod>::all(client.clone()), canary_config)
+            .backoff(watch_backoff())
+            .inspect(observe(&progress, "Pod"))
+            .modify(canary::prune_pod)
+            .reflect(pod_writer)
+            .touched_objects()
+            .filter(objects_only);
+        (canary::Canaries::new(call.clone(), image, fence.clone(), jobs, pods), job_events, pod_events)
+    });
+    let (canaries, canary_events) = match canary_watches {
+        Some((canaries, jobs, pods)) => (Some(canaries), Some((jobs, pods))),
+        None => (None, None),
+    };
     let ctx = Arc::new(Context {
         client: call.clone(),
         fence: fence.clone(),
@@ -350,6 +383,7 @@ pub async fn run(
         service_accounts: service_accounts.clone(),
         annotation_changes,
         states,
+        canaries,
     });
 
     let stores_ready = {
@@ -372,7 +406,7 @@ pub async fn run(
         });
     let ns_ctx = ctx.clone();
     let sa_ctx = ctx.clone();
-    let controller = Controller::for_stream(probe_events, probes)
+    let mut controller = Controller::for_stream(probe_events, probes.clone())
         .reconcile_all_on(new_terms)
         .with_config(controller::Config::default().concurrency(tuning.concurrency).debounce(tuning.debounce))
         .watches_stream(ns_events, move |ns: NamespaceMeta| {
@@ -381,7 +415,14 @@ pub async fn run(
                 ns.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
             )
         })
-        .watches_stream(sa_events, move |sa: ServiceAccountMeta| sa_ctx.probes_for_service_account(&sa))
+        .watches_stream(sa_events, move |sa: ServiceAccountMeta| sa_ctx.probes_for_service_account(&sa));
+    if let Some((job_events, pod_events)) = canary_events {
+        let (job_probes, pod_probes) = (probes.clone(), probes);
+        controller = controller
+            .watches_stream(job_events, move |j: Job| canary::probe_of(&job_probes, j.labels()))
+            .watches_stream(pod_events, move |p: Pod| canary::probe_of(&pod_probes, p.labels()));
+    }
+    let controller = controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {

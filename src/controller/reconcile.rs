@@ -2,7 +2,7 @@
 //! [`decide`] say what to write, announce and when to look again, do it, and keep the memory.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,14 +20,17 @@ use kube::{
 
 use super::{
     Context, Error, FIELD_MANAGER,
+    canary::{self, Canaries},
     inventory::{self, MetaView},
 };
 use crate::{
     api::{AuthProbe, AuthProbeStatus, PROBE_NOW_ANNOTATION, condition},
     engine::{
-        Candidate, Plan, Selection,
+        CanaryPlan, Candidate, Plan, Selection,
+        canary::{WorkloadRef, book::Book},
         decide::{Announcement, INVALID_SPEC_INTERVAL, PassResult, Regarding, Severity, decide},
-        report::Report,
+        report::{KsaOutcome, Report},
+        stage::canary::CanarySubject,
     },
     probe::{self, Pass, Services},
 };
@@ -57,18 +60,57 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
     let memory = ctx.states.take_memory(probe);
     let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).map(String::as_str);
 
-    let (report, outcomes, interval, probe_now, recheck_at) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
+    let (report, outcomes, interval, probe_now, recheck_at, canary) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None),
+        Ok(plan) if plan.canary.is_some() && ctx.canaries.is_none() => {
+            let invalid =
+                "spec.canary needs an operator started with --canary-image (the chart's canary.enabled)";
+            (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None)
+        }
         Ok(plan) => {
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
+            let checked: HashSet<(String, String)> =
+                candidates.iter().map(|c| (c.namespace.clone(), c.name.clone())).collect();
             let pass =
                 Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
+            let mut outcomes = evaluated.outcomes;
+            let mut recheck_at = evaluated.recheck_at;
+            let canary = match &ctx.canaries {
+                Some(canaries) => {
+                    canaries.delete_stale(probe, plan.canary.as_ref().map(|c| &c.workload)).await;
+                    match &plan.canary {
+                        Some(settings) => {
+                            let work = CanaryWork {
+                                plan,
+                                settings,
+                                namespaces: &namespaces,
+                                checked: &checked,
+                                forced,
+                            };
+                            let book = canary_step(
+                                ctx,
+                                canaries,
+                                probe,
+                                work,
+                                &mut outcomes,
+                                &evaluated.fingerprints,
+                            )
+                            .await;
+                            recheck_at =
+                                [recheck_at, book.next_due(settings.every)].into_iter().flatten().min();
+                            Some((book, settings.workload.clone()))
+                        }
+                        None => None,
+                    }
+                }
+                None => None,
+            };
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
-            let report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
-            (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at)
+            let report = Report::build(&outcomes, count, plan.token_exchange);
+            (report, outcomes, plan.interval, probe_now, recheck_at, canary)
         }
     };
 
@@ -94,6 +136,10 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         return Err(e);
     }
     let failed = publish(ctx, probe, &decision.announcements).await;
+    if let Some((mut book, workload)) = canary {
+        announce_changes(ctx, probe, &mut book, &workload).await;
+        ctx.states.put_book(probe, book);
+    }
     let (wrote, requeue_after) = (decision.write, decision.requeue_after);
     let finished =
         decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
@@ -110,6 +156,60 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         "probe pass"
     );
     Ok(Action::requeue(requeue_after))
+}
+
+/// What a pass asks of its canaries.
+struct CanaryWork<'a> {
+    plan: &'a Plan,
+    settings: &'a CanaryPlan,
+    namespaces: &'a [String],
+    checked: &'a HashSet<(String, String)>,
+    forced: bool,
+}
+
+/// Runs the canaries' step and gives each KSA its stage `Canary` finding; returns the book, to
+/// be put back once its changes are announced.
+async fn canary_step(
+    ctx: &Context,
+    canaries: &Canaries,
+    probe: &AuthProbe,
+    work: CanaryWork<'_>,
+    outcomes: &mut [KsaOutcome],
+    expected: &HashMap<(String, String), String>,
+) -> Book {
+    let CanaryWork { plan, settings, namespaces, checked, forced } = work;
+    let workload = settings.workload.to_string();
+    let mut book = ctx.states.take_book(probe, &workload, probe.status.as_ref());
+    canaries.step(probe, settings, namespaces, checked, &mut book, forced).await;
+    for o in outcomes.iter_mut() {
+        let Some(track) = book.track(&o.namespace).filter(|t| t.service_account.as_deref() == Some(&o.name))
+        else {
+            continue;
+        };
+        let subject = CanarySubject {
+            namespace: &o.namespace,
+            service_account: &o.name,
+            workload: &settings.workload,
+            expected: expected.get(&(o.namespace.clone(), o.name.clone())).map(String::as_str),
+            last_fingerprint: track.fingerprint.as_deref(),
+        };
+        o.canary = track.outcome.as_ref().and_then(|outcome| plan.canary_stage(outcome, &subject));
+    }
+    book
+}
+
+/// Publishes a `CredentialSourceChanged` Event for each fingerprint change; one that fails is
+/// published again next pass.
+async fn announce_changes(ctx: &Context, probe: &AuthProbe, book: &mut Book, workload: &WorkloadRef) {
+    let changes = book.changes();
+    let announcements: Vec<Announcement> =
+        changes.iter().map(|c| canary::announcement(c, workload, &probe.name_any())).collect();
+    let failed = publish(ctx, probe, &announcements).await;
+    for (i, change) in changes.iter().enumerate() {
+        if !failed.contains(&i) {
+            book.announced(&change.namespace);
+        }
+    }
 }
 
 /// The engine's one selection over the caches; records the namespaces in scope and when each

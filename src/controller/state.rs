@@ -12,8 +12,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::{
-    api::AuthProbe,
-    engine::{Plan, decide::Memory},
+    api::{AuthProbe, AuthProbeStatus},
+    engine::{Plan, canary::book::Book, decide::Memory},
 };
 
 /// How long a namespace's entry into a probe's scope keeps opening the propagation grace (longer
@@ -29,6 +29,8 @@ struct ProbeState {
     name: String,
     /// The engine's memory; out of the map while a pass works with it.
     memory: Option<Memory>,
+    /// What the probe's canaries said; out of the map while a pass works with it.
+    canary: Option<Book>,
     plan: Option<CachedPlan>,
     /// Namespaces selected in the last pass (compact keys), to notice coverage being lost or gained.
     scope: Option<HashSet<u64>>,
@@ -90,11 +92,27 @@ impl States {
         self.peek(probe, |s| s.memory = Some(memory)).is_some()
     }
 
-    /// Forgets every probe's memory of Events and writes: it is seeded again from status, as after
-    /// a restart (another replica may have led in between).
+    /// Takes the probe's canary book for `workload` for a pass: a new one, carrying what
+    /// `status` says, when there is none or it was kept for another workload.
+    pub fn take_book(&self, probe: &AuthProbe, workload: &str, status: Option<&AuthProbeStatus>) -> Book {
+        self.with(probe, |s| match s.canary.take() {
+            Some(book) if book.workload() == workload => book,
+            _ => Book::seed(workload, status),
+        })
+    }
+
+    /// Puts the canary book back after a pass (nothing, if the probe was forgotten meanwhile).
+    pub fn put_book(&self, probe: &AuthProbe, book: Book) {
+        self.peek(probe, |s| s.canary = Some(book));
+    }
+
+    /// Forgets every probe's memory of Events and writes, and of its canaries: they are seeded
+    /// again from status and the cluster's Jobs, as after a restart (another replica may have led
+    /// in between).
     pub fn reset_memories(&self) {
         for state in self.lock().values_mut() {
             state.memory = None;
+            state.canary = None;
         }
     }
 

@@ -19,7 +19,7 @@ use self::{
 };
 use crate::{
     engine::{
-        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, annotation::GsaEmail, grace::Grace,
+        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, annotation::GsaEmail, canary, grace::Grace,
         principal::KsaIdentity, report::KsaOutcome,
     },
     google::Google,
@@ -62,6 +62,8 @@ pub struct Evaluated {
     pub outcomes: Vec<KsaOutcome>,
     /// The earliest end of a grace that turned a failure into PropagationPending.
     pub recheck_at: Option<Timestamp>,
+    /// With a canary: per KSA (namespace, name), the fingerprint its canary should report.
+    pub fingerprints: HashMap<(String, String), String>,
 }
 
 /// Evaluates every candidate. `changed_at` says when a KSA last changed in a way that opens the
@@ -97,6 +99,19 @@ pub async fn evaluate(
     };
     let facts =
         Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
+    let fingerprints = match plan.canary {
+        Some(_) => prepared
+            .iter()
+            .filter_map(|(_, p)| {
+                let p = p.as_ref().ok()?;
+                let account = p.gsa.as_ref().and_then(|g| gsas.get(g)?.account.as_ref().ok()?.as_ref());
+                let cluster = facts.cluster.and_then(|c| c.as_ref().ok());
+                let fp = canary::expected_fingerprint(plan, &p.ksa, account, cluster)?;
+                Some(((p.ksa.namespace.clone(), p.ksa.name.clone()), fp))
+            })
+            .collect(),
+        None => HashMap::new(),
+    };
 
     // The live chain: mint and exchange first (shared per KSA and audience), so the provider
     // checks read the claims the cluster really issues.
@@ -170,5 +185,5 @@ pub async fn evaluate(
             KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain, canary: None }
         })
         .collect();
-    Evaluated { outcomes, recheck_at: grace.recheck_at() }
+    Evaluated { outcomes, recheck_at: grace.recheck_at(), fingerprints }
 }
