@@ -354,6 +354,62 @@ fn the_schema_covers_the_new_values_and_refuses_others() -> Result<()> {
     Ok(())
 }
 
+/// The canary runs Jobs as any ServiceAccount, as strong as minting its token: off by default; on,
+/// it may make, watch and delete Jobs, only read Pods (their status holds the result: no logs, no
+/// exec) and get the workloads it copies, and the operator gets its image (its own by default).
+#[test]
+fn the_canary_is_off_by_default_and_enabled_grants_jobs_pod_reads_and_its_image() -> Result<()> {
+    let canary_role = |docs: &[Value]| {
+        of_kind(docs, "ClusterRole")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == "authprobe-canary")
+            .cloned()
+    };
+    let off = template("authprobe", &[])?;
+    assert_eq!(canary_role(&off), None);
+    assert!(!args_of(&off).iter().any(|a| a.starts_with("--canary-image")));
+
+    let on = template("authprobe", &refs(&sets(&["canary.enabled=true", "image.tag=1.2.3"])))?;
+    assert_eq!(
+        canary_role(&on).context("the canary ClusterRole")?["rules"],
+        json!([
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "daemonsets"], "verbs": ["get"]},
+            {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get"]},
+        ])
+    );
+    let binding = of_kind(&on, "ClusterRoleBinding")
+        .into_iter()
+        .find(|b| b["metadata"]["name"] == "authprobe-canary")
+        .context("the canary ClusterRoleBinding")?;
+    assert_eq!(binding["subjects"][0]["name"], "authprobe");
+    assert!(args_of(&on).contains(&"--canary-image=ghcr.io/authprobe/authprobe:1.2.3".to_string()));
+
+    let elsewhere = template(
+        "authprobe",
+        &refs(&sets(&["canary.enabled=true", "canary.image.repository=registry.internal/authprobe"])),
+    )?;
+    let app_version =
+        one(&elsewhere, "Deployment")["metadata"]["labels"]["app.kubernetes.io/version"].clone();
+    assert!(
+        args_of(&elsewhere).contains(&format!(
+            "--canary-image=registry.internal/authprobe:{}",
+            app_version.as_str().unwrap()
+        )),
+        "{:?}",
+        args_of(&elsewhere)
+    );
+    let refused = template("authprobe", &["--set", "canary.image.digest=sha256:0"]);
+    assert!(
+        refused
+            .expect_err("unknown value")
+            .to_string()
+            .contains("additional properties 'digest' not allowed")
+    );
+    Ok(())
+}
+
 /// The Lease Role applied to the real API server, exercised as the operator's ServiceAccount: get,
 /// patch and update of this release's Lease, a list and a watch with the `metadata.name` field
 /// selector the operator uses (the API server takes the name from it and matches resourceNames),
@@ -475,6 +531,8 @@ async fn the_hardened_chart_is_accepted_by_the_api_server() -> Result<()> {
                 r#"extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy.internal:3128"}]"#,
                 "--set",
                 "crds.install=false",
+                "--set",
+                "canary.enabled=true",
             ],
         )?;
         let applied = tool(
@@ -488,6 +546,8 @@ async fn the_hardened_chart_is_accepted_by_the_api_server() -> Result<()> {
             "poddisruptionbudget.policy/dry-authprobe",
             "deployment.apps/dry-authprobe",
             "role.rbac.authorization.k8s.io/dry-authprobe-leader-election",
+            "clusterrole.rbac.authorization.k8s.io/dry-authprobe-canary",
+            "clusterrolebinding.rbac.authorization.k8s.io/dry-authprobe-canary",
         ] {
             assert!(applied.contains(object), "{object} missing from:\n{applied}");
         }

@@ -38,6 +38,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- join "," $pairs }}
 {{- end }}
 
+{{- /* The canary Jobs' image: canary.image, each part defaulting to the operator's own. */ -}}
+{{- define "authprobe.canaryImage" -}}
+{{- $repository := .Values.canary.image.repository | default .Values.image.repository }}
+{{- $tag := .Values.canary.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
+
 {{- /* The leader-election Lease, one per release: two releases in one namespace never share it. */ -}}
 {{- define "authprobe.leaseName" -}}
 {{- printf "%s-leader" (include "authprobe.fullname" .) }}
