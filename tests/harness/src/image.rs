@@ -15,6 +15,8 @@ const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Where Debian, and distroless/static, keep the CA bundle.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Normalizes an image reference the way the kubelet and containerd do: `authprobe:dev` is
 /// `docker.io/library/authprobe:dev`, a name without a tag gets `:latest`.
@@ -34,9 +36,11 @@ pub fn normalize_reference(reference: &str) -> Result<String> {
     Ok(if last.contains(':') { named } else { format!("{named}:latest") })
 }
 
-/// Writes an OCI image archive to `out`: `binary` as the image's only file, `/<its file name>`
-/// (mode 0755), next to an empty `/tmp` (mode 1777); the entrypoint is that file, `cmd` the
-/// default arguments. Named `reference` (normalized, see [`normalize_reference`]) for `ctr images import`.
+/// Writes an OCI image archive to `out`: `binary` as the image's only program, `/<its file name>`
+/// (mode 0755), next to an empty `/tmp` (mode 1777) and, as in distroless/static (the product's
+/// base), the host's CA bundle at [`CA_BUNDLE`] when it has one: TLS clients (Google's auth library
+/// among them) refuse to start without roots. The entrypoint is that file, `cmd` the default
+/// arguments. Named `reference` (normalized, see [`normalize_reference`]) for `ctr images import`.
 pub fn write_oci_archive(binary: &Path, reference: &str, cmd: &[&str], out: &Path) -> Result<()> {
     let name = normalize_reference(reference)?;
     let tag = name.rsplit_once(':').map(|(_, t)| t.to_string()).unwrap_or_default();
@@ -50,6 +54,12 @@ pub fn write_oci_archive(binary: &Path, reference: &str, cmd: &[&str], out: &Pat
     let mut layer = Tar::default();
     layer.dir("tmp/", 0o1777)?;
     layer.file(&file_name, 0o755, &content)?;
+    if let Ok(roots) = fs::read(CA_BUNDLE) {
+        for dir in ["etc/", "etc/ssl/", "etc/ssl/certs/"] {
+            layer.dir(dir, 0o755)?;
+        }
+        layer.file(CA_BUNDLE.trim_start_matches('/'), 0o644, &roots)?;
+    }
     let layer = layer.finish();
     let layer_digest = sha256(&layer);
 
