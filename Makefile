@@ -19,8 +19,9 @@ node-deps: ## Install containerd, runc and the CNI plugins from Debian when miss
 	tools/ensure-node.sh
 
 .PHONY: node-test
-node-test: tools static ## Only the node tests: pods on a real node in the run's own namespaces (needs root)
+node-test: tools static ## Only the node tests: pods on a real node in the run's own namespaces, the canary's among them (needs root)
 	$(CARGO) test --locked -p authprobe-harness --test node --test node_cleanup
+	$(CARGO) test --locked -p authprobe --test canary
 
 .PHONY: crd
 crd: ## Regenerate crds/authprobe.yaml and the chart's copy from the Rust types

@@ -34,14 +34,11 @@ use fake_google::{
     scenario::{Binding, Scenario, ServiceAccount},
 };
 use futures::StreamExt;
-use k8s_openapi::{
-    api::{
-        apps::v1::Deployment,
-        batch::v1::Job,
-        core::v1::{Pod, Secret, ServiceAccount as KubeServiceAccount},
-        events::v1::Event,
-    },
-    jiff::Timestamp,
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    batch::v1::Job,
+    core::v1::{Pod, Secret, ServiceAccount as KubeServiceAccount},
+    events::v1::Event,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -271,6 +268,7 @@ fn canary_failures(p: &AuthProbe) -> Vec<(String, String, String)> {
 
 /// Waits until the probe lists exactly one Canary failure, `reason` in `ns`, with the twins passing.
 async fn wait_canary_failure(probe: &str, ns: &str, reason: &str, passing: u32) -> Result<String> {
+    let waited = std::time::Instant::now();
     let p = wait_probe(probe, &format!("{reason} in {ns}"), |p| {
         let failures = canary_failures(p);
         failures.len() == 1
@@ -279,7 +277,9 @@ async fn wait_canary_failure(probe: &str, ns: &str, reason: &str, passing: u32) 
             && p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.passing == passing)
     })
     .await?;
-    Ok(canary_failures(&p).remove(0).2)
+    let message = canary_failures(&p).remove(0).2;
+    eprintln!("{probe}: {reason} in {ns} after {:.1}s: {message}", waited.elapsed().as_secs_f64());
+    Ok(message)
 }
 
 /// A canary Job in `ns` other than those named in `not`, once it exists (and, with `finished`,
@@ -372,6 +372,7 @@ async fn report_of(ns: &str) -> Result<(Job, Report)> {
     let message = node::termination_message(&pod)
         .with_context(|| format!("no termination message: {:?}", pod.status))?;
     let report = Report::parse(&message).with_context(|| format!("not a report: {message}"))?;
+    eprintln!("{ns}/{}: {message}", job.name_any());
     Ok((job, report))
 }
 
@@ -616,12 +617,13 @@ async fn a_canary_killed_mid_run_gives_no_verdict() -> Result<()> {
         .await?;
     canary_job(&ns.name, true, &[&first.name_any()]).await?;
 
-    // Asked again, the operator starts a third run: it took the killed one as over, without a verdict.
-    let asked = Timestamp::now();
+    // Asked again, the operator starts a third run (it took the killed one as over) and writes the
+    // status of that pass (a forced one always does), while the third polls the hanging server.
     probe_now(&test).await?;
-    canary_job(&ns.name, false, &[&first.name_any(), &second]).await?;
-    let p = wait_probe(&test, "a pass after the third run started", |p| {
-        p.status.as_ref().and_then(|s| s.last_probe_time.as_ref()).is_some_and(|t| t.0 >= asked)
+    let third = canary_job(&ns.name, false, &[&first.name_any(), &second]).await?;
+    let started = third.creation_timestamp().context("creationTimestamp")?.0;
+    let p = wait_probe(&test, "the pass that started the third run", |p| {
+        p.status.as_ref().and_then(|s| s.last_probe_time.as_ref()).is_some_and(|t| t.0 >= started)
     })
     .await?;
     assert_eq!(ready(&p), ("True".into(), "Verified".into()), "no verdict from a half result");

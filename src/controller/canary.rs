@@ -32,7 +32,7 @@ use crate::{
         canary::{
             WorkloadKind, WorkloadRef,
             book::{Book, Change, JobSeen},
-            job::{self, JobRequest},
+            job::{self, JobRequest, Run},
         },
         decide::Announcement,
     },
@@ -124,7 +124,14 @@ impl Canaries {
         book.retain(&namespaces.iter().cloned().collect());
         let mut newest = self.newest_jobs(&uid, book);
         for ns in namespaces {
-            book.observe(ns, newest.remove(ns), now);
+            let seen = newest.remove(ns);
+            if let Some(JobSeen { name, run: Run::Incomplete(why), .. }) = &seen
+                && book.track(ns).is_some_and(|t| t.in_flight() && t.job.as_deref() == Some(name))
+            {
+                // No verdict, but a canary that keeps ending like this (a crashing image) should be seen.
+                tracing::warn!(probe = %probe.name_any(), namespace = %ns, job = %name, why = %why, "a canary ended without a report: no verdict from it");
+            }
+            book.observe(ns, seen, now);
         }
         let due: Vec<(String, Option<String>)> = namespaces
             .iter()

@@ -49,8 +49,9 @@ impl Plan {
                 Stage::Canary,
                 Reason::CanaryNotScheduled,
                 format!(
-                    "{who} did not run: Job {}/{job}: {why}. authprobe cannot tell how the pod's first token behaves until a canary runs ({last}). Fix: let the canary run where the workload runs (it takes the workload's node selector, tolerations and node affinity), check the namespace's quota, and that nodes can pull the operator's image",
-                    s.namespace
+                    "{who} did not run: Job {}/{job}: {}. authprobe cannot tell how the pod's first token behaves until a canary runs ({last}). Fix: let the canary run where the workload runs (it takes the workload's node selector, tolerations and node affinity), check the namespace's quota, and that nodes can pull the operator's image",
+                    s.namespace,
+                    why.trim_end_matches(['.', ' '])
                 ),
             )),
             Outcome::Reported { job, report } => {

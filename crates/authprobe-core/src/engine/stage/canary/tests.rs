@@ -145,12 +145,15 @@ fn a_job_that_never_ran_is_unknown_and_a_carried_finding_stands() {
     };
     let gke = plan("GKE");
     let f = gke.canary_stage(
-        &Outcome::NotScheduled { job: "authprobe-canary-1".into(), why: "unschedulable: 0/1 nodes".into() },
+        &Outcome::NotScheduled { job: "authprobe-canary-1".into(), why: "unschedulable: 0/1 nodes.".into() },
         &subject,
     );
     assert_eq!(reason(&f), Some((Reason::CanaryNotScheduled, Verdict::Unknown)));
     let m = f.unwrap().message;
-    assert!(m.contains("Job checkout/authprobe-canary-1: unschedulable: 0/1 nodes"), "{m}");
+    assert!(
+        m.contains("Job checkout/authprobe-canary-1: unschedulable: 0/1 nodes. authprobe cannot tell"),
+        "{m}"
+    );
     assert!(m.contains("last fingerprint 0123456789ab") && m.contains("Fix: "), "{m}");
     let carried = Finding::fail(Stage::Canary, Reason::MetadataServerSlowStart, "from status");
     assert_eq!(gke.canary_stage(&Outcome::Carried(carried.clone()), &subject), Some(carried));
