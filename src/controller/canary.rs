@@ -4,11 +4,7 @@
 //! from its logs. The engine's [`Book`] remembers what the runs said; its outcomes become each
 //! KSA's stage `Canary` finding.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::{
@@ -39,6 +35,10 @@ use crate::{
     fence::Fence,
 };
 
+/// The KSAs a pass checks (namespace, name), with when each last changed in a way that makes an
+/// earlier canary's report stale (creation, annotation, entering the probe's scope).
+pub type Checked = HashMap<(String, String), Option<Timestamp>>;
+
 /// No Kubernetes call of a canary waits longer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Namespaces launched at once.
@@ -52,9 +52,9 @@ pub struct Canaries {
     image: String,
     fence: Arc<Fence>,
     /// Canary Jobs, pruned.
-    pub jobs: Store<Job>,
+    jobs: Store<Job>,
     /// Canary Pods, pruned.
-    pub pods: Store<Pod>,
+    pods: Store<Pod>,
 }
 
 /// Keeps what a canary Job is read for: identity, labels, annotations, creation, status.
@@ -103,14 +103,15 @@ impl Canaries {
     }
 
     /// One pass's canary step for `probe`: takes in what its Jobs' Pods say, launches the Jobs
-    /// that are due in `namespaces` (`forced`: a probe-now pass) for the workload's ServiceAccount
-    /// when `checked` holds it. Returns `false` (nothing done) when the caches are not there.
+    /// that are due in `namespaces` (`forced`: a probe-now pass; a KSA changed since its last
+    /// run) for the workload's ServiceAccount when the pass checks it. Returns `false` (nothing
+    /// done) when the caches are not there.
     pub async fn step(
         &self,
         probe: &AuthProbe,
         plan: &CanaryPlan,
         namespaces: &[String],
-        checked: &HashSet<(String, String)>,
+        checked: &Checked,
         book: &mut Book,
         forced: bool,
     ) -> bool {
@@ -133,9 +134,14 @@ impl Canaries {
             }
             book.observe(ns, seen, now);
         }
+        let changed = |ns: &String| {
+            let track = book.track(ns)?;
+            let change = (*checked.get(&(ns.clone(), track.service_account.clone()?))?)?;
+            Some(track.predates(change))
+        };
         let due: Vec<(String, Option<String>)> = namespaces
             .iter()
-            .filter(|ns| book.due(ns, plan.every, now, forced))
+            .filter(|ns| book.due(ns, plan.every, now, forced || changed(ns) == Some(true)))
             .map(|ns| (ns.clone(), book.track(ns).and_then(|t| t.fingerprint.clone())))
             .collect();
         let uid = uid.as_str();
@@ -208,7 +214,7 @@ impl Canaries {
         uid: &str,
         plan: &CanaryPlan,
         ns: &str,
-        checked: &HashSet<(String, String)>,
+        checked: &Checked,
         compare: Option<&str>,
         now: Timestamp,
     ) -> Launch {
@@ -221,7 +227,7 @@ impl Canaries {
             }
         };
         let ksa = job::service_account(&pod);
-        if !checked.contains(&(ns.to_string(), ksa.clone())) {
+        if !checked.contains_key(&(ns.to_string(), ksa.clone())) {
             return Launch::Skipped;
         }
         let request = JobRequest {
@@ -249,6 +255,7 @@ impl Canaries {
                 tracing::info!(probe = %probe.name_any(), namespace = ns, job = %name, serviceaccount = %ksa, "canary Job created");
                 Launch::Made(name, ksa, created)
             }
+            // Another replica made it this second: the book counts in seconds, as the Jobs do.
             Ok(Err(kube::Error::Api(e))) if e.code == 409 => Launch::Made(name, ksa, now),
             Ok(Err(kube::Error::Api(e))) if (400..500).contains(&e.code) => Launch::Refused(
                 name,

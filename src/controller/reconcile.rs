@@ -20,7 +20,7 @@ use kube::{
 
 use super::{
     Context, Error, FIELD_MANAGER,
-    canary::{self, Canaries},
+    canary::{self, Canaries, Checked},
     inventory::{self, MetaView},
 };
 use crate::{
@@ -70,8 +70,13 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         Ok(plan) => {
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
-            let checked: HashSet<(String, String)> =
-                candidates.iter().map(|c| (c.namespace.clone(), c.name.clone())).collect();
+            let checked: Checked = match plan.canary {
+                Some(_) => candidates
+                    .iter()
+                    .map(|c| ((c.namespace.clone(), c.name.clone()), changed_at(ctx, probe, c)))
+                    .collect(),
+                None => Checked::new(),
+            };
             let pass =
                 Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
@@ -163,7 +168,7 @@ struct CanaryWork<'a> {
     plan: &'a Plan,
     settings: &'a CanaryPlan,
     namespaces: &'a [String],
-    checked: &'a HashSet<(String, String)>,
+    checked: &'a Checked,
     forced: bool,
 }
 
@@ -186,11 +191,14 @@ async fn canary_step(
         else {
             continue;
         };
+        let key = (o.namespace.clone(), o.name.clone());
+        // A report from before the KSA changed says nothing of the identity it maps to now.
+        let stale = checked.get(&key).copied().flatten().is_some_and(|c| track.reported_before(c));
         let subject = CanarySubject {
             namespace: &o.namespace,
             service_account: &o.name,
             workload: &settings.workload,
-            expected: expected.get(&(o.namespace.clone(), o.name.clone())).map(String::as_str),
+            expected: expected.get(&key).filter(|_| !stale).map(String::as_str),
             last_fingerprint: track.fingerprint.as_deref(),
         };
         o.canary = track.outcome.as_ref().and_then(|outcome| plan.canary_stage(outcome, &subject));

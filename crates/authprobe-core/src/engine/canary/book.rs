@@ -43,6 +43,8 @@ pub enum Outcome {
     Reported {
         /// Its Job.
         job: String,
+        /// When its Job was made.
+        started: Timestamp,
         /// What it found.
         report: Report,
     },
@@ -102,6 +104,23 @@ impl Track {
     pub fn ran(&self) -> bool {
         self.ran
     }
+
+    /// Whether the last run started before `change` (of the KSA: created, annotated, in scope):
+    /// a new one is due at once.
+    pub fn predates(&self, change: Timestamp) -> bool {
+        self.launched.is_none_or(|l| l < second(change))
+    }
+
+    /// Whether the last report comes from a run that started before `change`: its fingerprint no
+    /// longer tells whether the pod is the identity authprobe proves now.
+    pub fn reported_before(&self, change: Timestamp) -> bool {
+        matches!(&self.outcome, Some(Outcome::Reported { started, .. }) if *started < second(change))
+    }
+}
+
+/// `t` to the second: the precision of the Jobs' `creationTimestamp` it is compared with.
+fn second(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
 /// A probe's canaries, for one `canary.workload`.
@@ -200,7 +219,7 @@ impl Book {
                     }
                     track.fingerprint = Some(to.clone());
                 }
-                track.outcome = Some(Outcome::Reported { job: seen.name, report });
+                track.outcome = Some(Outcome::Reported { job: seen.name, started: seen.created, report });
             }
         }
     }
@@ -219,7 +238,7 @@ impl Book {
     pub fn launched(&mut self, namespace: &str, job: String, service_account: String, created: Timestamp) {
         let track = self.tracks.entry(namespace.to_string()).or_default();
         track.job = Some(job);
-        track.launched = Some(created);
+        track.launched = Some(second(created));
         track.ran = false;
         track.settled = false;
         track.service_account = Some(service_account);
@@ -237,7 +256,7 @@ impl Book {
     ) {
         let track = self.tracks.entry(namespace.to_string()).or_default();
         track.job = Some(job.clone());
-        track.launched = Some(now);
+        track.launched = Some(second(now));
         track.ran = false;
         track.settled = true;
         track.service_account = Some(service_account);
@@ -248,7 +267,7 @@ impl Book {
     /// look again after `every`; what it found before no longer applies.
     pub fn skipped(&mut self, namespace: &str, now: Timestamp) {
         let track = self.tracks.entry(namespace.to_string()).or_default();
-        *track = Track { launched: Some(now), ..Track::default() };
+        *track = Track { launched: Some(second(now)), ..Track::default() };
     }
 
     /// When the next canary is due, if no Job is in flight somewhere (whose Pod's changes wake

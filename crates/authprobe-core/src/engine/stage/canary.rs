@@ -54,7 +54,7 @@ impl Plan {
                     why.trim_end_matches(['.', ' '])
                 ),
             )),
-            Outcome::Reported { job, report } => {
+            Outcome::Reported { job, report, .. } => {
                 self.judge_report(report, s, &who, &format!("Job {}/{job}, {last}", s.namespace))
             }
         }

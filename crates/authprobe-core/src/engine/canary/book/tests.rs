@@ -57,7 +57,14 @@ fn a_run_is_launched_observed_and_due_again_after_every() {
     );
     let track = book.track("ns").unwrap();
     assert!(!track.in_flight());
-    assert_eq!(track.outcome, Some(Outcome::Reported { job: "job-1".into(), report: report(Some("aaa")) }));
+    assert_eq!(
+        track.outcome,
+        Some(Outcome::Reported {
+            job: "job-1".into(),
+            started: at("2026-01-01T00:00:00Z"),
+            report: report(Some("aaa"))
+        })
+    );
     assert_eq!(track.fingerprint.as_deref(), Some("aaa"));
     assert!(book.changes().is_empty(), "a first fingerprint is no change");
     assert!(!book.due("ns", HOUR, at("2026-01-01T00:59:59Z"), false));
@@ -237,4 +244,26 @@ fn a_seeded_book_carries_the_canary_failures_status_lists() {
     book.skipped("b", at("2026-01-01T00:00:00Z"));
     assert_eq!(book.track("b").unwrap().outcome, None);
     assert!(!book.due("b", HOUR, at("2026-01-01T00:30:00Z"), false));
+}
+
+#[test]
+fn a_ksa_change_after_a_run_makes_its_report_stale_and_a_new_run_due() {
+    let mut book = Book::seed("Deployment/api", None);
+    // The operator's clock is finer than the Jobs' creationTimestamp: both count in seconds.
+    book.launched("ns", "job-1".into(), "app".into(), at("2026-01-01T00:00:00.700Z"));
+    book.observe(
+        "ns",
+        seen("job-1", "2026-01-01T00:00:00Z", Run::Finished(report(Some("aaa")))),
+        at("2026-01-01T00:00:09Z"),
+    );
+    let track = book.track("ns").unwrap();
+    assert_eq!(track.job.as_deref(), Some("job-1"), "its own Job, though created 0.7 s \"earlier\"");
+    assert!(!track.predates(at("2026-01-01T00:00:00.900Z")), "a change within the run's second");
+    assert!(!track.reported_before(at("2026-01-01T00:00:00Z")));
+    let annotated = at("2026-01-01T00:10:00Z");
+    assert!(track.predates(annotated) && track.reported_before(annotated));
+    book.launched("ns", "job-2".into(), "app".into(), at("2026-01-01T00:10:01Z"));
+    let track = book.track("ns").unwrap();
+    assert!(!track.predates(annotated), "the new run is after the change");
+    assert!(track.reported_before(annotated), "until it reports, the old report is still stale");
 }

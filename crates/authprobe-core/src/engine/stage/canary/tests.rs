@@ -54,7 +54,14 @@ fn judge(plan: &Plan, report: Report, expected: Option<&str>) -> Option<Finding>
         expected,
         last_fingerprint: last.as_deref(),
     };
-    plan.canary_stage(&Outcome::Reported { job: "authprobe-canary-1".into(), report }, &subject)
+    plan.canary_stage(
+        &Outcome::Reported {
+            job: "authprobe-canary-1".into(),
+            started: k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            report,
+        },
+        &subject,
+    )
 }
 
 fn reason(f: &Option<Finding>) -> Option<(Reason, Verdict)> {
