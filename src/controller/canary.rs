@@ -104,8 +104,8 @@ impl Canaries {
 
     /// One pass's canary step for `probe`: takes in what its Jobs' Pods say, launches the Jobs
     /// that are due in `namespaces` (`forced`: a probe-now pass; a KSA changed since its last
-    /// run) for the workload's ServiceAccount when the pass checks it. Returns `false` (nothing
-    /// done) when the caches are not there.
+    /// run) for the workload's ServiceAccount when the pass checks it. Nothing, when the caches
+    /// are not there: what the book says stands.
     pub async fn step(
         &self,
         probe: &AuthProbe,
@@ -114,11 +114,11 @@ impl Canaries {
         checked: &Checked,
         book: &mut Book,
         forced: bool,
-    ) -> bool {
+    ) {
         let ready = async { futures::try_join!(self.jobs.wait_until_ready(), self.pods.wait_until_ready()) };
         if !matches!(tokio::time::timeout(CACHE_WAIT, ready).await, Ok(Ok(_))) {
             tracing::warn!(probe = %probe.name_any(), "canary Jobs and Pods are not cached (is the operator allowed to watch them?): no canary this pass");
-            return false;
+            return;
         }
         let uid = probe.uid().unwrap_or_default();
         let now = Timestamp::now();
@@ -161,7 +161,6 @@ impl Canaries {
                 Launch::Later => {}
             }
         }
-        true
     }
 
     /// The newest canary Job of the probe with this UID in each namespace, with what its Pod says.
