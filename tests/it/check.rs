@@ -1,14 +1,11 @@
 //! `authprobe check`: the same checks once, for CI pipelines. Exit 0 when all pass, 1 when
 //! something fails, 2 when it cannot tell (or the spec is invalid), with JSON and JUnit output.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
-
 use std::process::Command;
 
 use serde_json::{Value, json};
-use support::*;
+
+use crate::support::*;
 
 /// Runs `authprobe check` on `probe` with `output`, as the operator identity `token`.
 fn check(probe: &Value, output: &str, token: &str) -> (i32, String) {
@@ -40,14 +37,15 @@ fn results(json_out: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn exit_codes_and_outputs() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("check"));
     let (good, bad) = (unique("good"), unique("bad"));
-    let good_ns = namespace(&client, "check-good", &[("suite", good.as_str())]).await;
-    let bad_ns = namespace(&client, "check-bad", &[("suite", bad.as_str())]).await;
+    let good_ns = env.namespace(&client, "check-good", &[("suite", good.as_str())]).await;
+    let bad_ns = env.namespace(&client, "check-bad", &[("suite", bad.as_str())]).await;
     service_account(&client, &good_ns, "app", Some(&gsa)).await;
     service_account(&client, &bad_ns, "app", Some(&gsa)).await;
-    fake_service_account(&gsa, &[(WIU, &[&member(&good_ns, "app")])]);
+    env.fake_service_account(&gsa, &[(WIU, &[&member(&good_ns, "app")])]);
 
     // All passing: 0.
     let passing = probe("gate", gke_spec("suite", &good, json!({})));
