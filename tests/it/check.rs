@@ -15,7 +15,7 @@ fn check(probe: &Value, output: &str, token: &str) -> (i32, String) {
     std::fs::write(&file, serde_json::to_string(probe).unwrap()).unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_authprobe"))
+    let out = Command::new(authprobe_bin())
         .args(["check", "-f", file.to_str().unwrap(), "--output", output])
         .env("KUBECONFIG", env.cp.kubeconfig_path())
         .env("AUTHPROBE_GOOGLE_ENDPOINTS", &env.endpoints)
@@ -130,7 +130,7 @@ fn unreadable_input_is_an_error_not_a_verdict() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("probe.yaml");
     std::fs::write(&file, "kind: AuthProbe\nspec: [not, a, spec]\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_authprobe"))
+    let out = Command::new(authprobe_bin())
         .args(["check", "-f", file.to_str().unwrap()])
         .env("KUBECONFIG", env.cp.kubeconfig_path())
         .output()

@@ -188,7 +188,7 @@ fn plain_http_endpoints_are_refused_unless_loopback() {
     // Loopback http is what every other test uses for the fake; these must be refused.
     let refused = ["iam=http://10.0.0.7/iam", "sts=http://metadata.google.internal/", "iam=ftp://127.0.0.1/"];
     for endpoint in refused {
-        let out = Command::new(env!("CARGO_BIN_EXE_authprobe"))
+        let out = Command::new(authprobe_bin())
             .args(["check", "-f", "/nonexistent", "--google-endpoint", endpoint])
             .output()
             .unwrap();

@@ -281,6 +281,13 @@ impl Env {
     }
 }
 
+/// The `authprobe` binary the tests run: `AUTHPROBE_BIN` (e.g. an older build, to show a test
+/// fails on it), or this build's.
+pub fn authprobe_bin() -> PathBuf {
+    std::env::var_os("AUTHPROBE_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_authprobe")), PathBuf::from)
+}
+
 /// The operator process.
 pub struct Operator {
     child: Mutex<Option<Child>>,
@@ -336,12 +343,7 @@ impl Operator {
 
     /// Starts the process and waits until /readyz answers 200.
     pub fn start(&self) -> Result<()> {
-        let child = authprobe_harness::spawn(
-            PathBuf::from(env!("CARGO_BIN_EXE_authprobe")).as_path(),
-            &self.args,
-            &self.envs,
-            &self.log,
-        )?;
+        let child = authprobe_harness::spawn(&authprobe_bin(), &self.args, &self.envs, &self.log)?;
         *self.child.lock().unwrap() = Some(child);
         let url = format!("http://{}/readyz", self.http);
         let deadline = std::time::Instant::now() + WAIT;
