@@ -17,6 +17,7 @@ mod google_faults;
 mod hostile;
 mod image;
 mod key_rotation;
+mod lifecycle;
 mod metrics;
 mod operability;
 mod operator;
