@@ -7,8 +7,10 @@
 
 mod support;
 
+mod alerts;
 mod chain;
 mod chart;
+mod chart_hardening;
 mod check;
 mod control_plane;
 mod faults;

@@ -18,8 +18,8 @@
 //!   operator-wide figures (`metrics`, `faults`' call counts, `lifecycle`'s last probe), or run
 //!   operators of their own (`operability`). It lives while one of the module's tests holds it;
 //! - [`ControlPlane::shared`] has no operator at all, for the tests that prove the harness and the
-//!   chart (`control_plane`, `chart`): an operator would write over the status `control_plane`
-//!   writes itself.
+//!   chart (`control_plane`, `chart`, `chart_hardening`): an operator would write over the status
+//!   `control_plane` writes itself.
 
 // Each module uses a different subset of these helpers.
 #![allow(dead_code)]

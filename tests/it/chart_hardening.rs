@@ -4,8 +4,6 @@
 //! list or watch by `metadata.name` field selector against resourceNames), the ServiceMonitor and
 //! PrometheusRule only where their CRDs are served.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
 use std::{
     io::Write as _,
     path::{Path, PathBuf},
