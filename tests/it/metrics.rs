@@ -56,7 +56,9 @@ async fn the_named_series_carry_the_demo_scenarios_values() {
     apply_probe(&client, "payments", probe["spec"].clone()).await;
     env.wait_ready(&client, "payments", "False", "PrincipalNotMapped").await;
 
-    let m = env.operator.metrics().await;
+    // The pass's series follow its status: the failing ServiceAccount's is the last it sets.
+    let checkout = r#"authprobe_failing_serviceaccount{probe="payments",namespace="checkout",serviceaccount="app",stage="IAMPolicy",reason="PrincipalNotMapped"}"#;
+    let m = env.operator.wait_metrics("the pass's series", |m| value(m, checkout).is_some()).await;
     let expect = |series: &str, want: f64| assert_eq!(value(&m, series), Some(want), "{series} in:\n{m}");
     expect(r#"authprobe_serviceaccounts{probe="payments",result="passing"}"#, 2.0);
     expect(r#"authprobe_serviceaccounts{probe="payments",result="failing"}"#, 1.0);

@@ -396,6 +396,23 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its /metrics text once `cond` holds, within [`WAIT`]. Polled: /metrics has no watch, and a
+    /// pass updates it after writing status and Events, so a status seen is no series seen.
+    pub async fn wait_metrics(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            if cond(&text) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/metrics never showed {what} within {WAIT:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Its /metrics text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.http))
