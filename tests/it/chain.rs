@@ -88,8 +88,8 @@ fn failure_reasons(p: &AuthProbe) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn a_healthy_gke_chain_is_verified_end_to_end() {
-    let _shared = GLOBAL.read().await;
     let env = ENV.get();
+    let _shared = GLOBAL.read().await;
     trust_cluster(&env);
     let client = env.client().await;
     let id = unique("gke");
@@ -157,8 +157,8 @@ fn principal(pool: &str, ns: &str) -> String {
 
 #[tokio::test]
 async fn federation_chain_and_the_attribute_condition_per_namespace() {
-    let _shared = GLOBAL.read().await;
     let env = ENV.get();
+    let _shared = GLOBAL.read().await;
     let client = env.client().await;
     let id = unique("fed");
     let pool_id = unique("pool");
@@ -228,8 +228,8 @@ async fn federation_chain_and_the_attribute_condition_per_namespace() {
 
 #[tokio::test]
 async fn provider_state_audience_issuer_and_subject_length() {
-    let _shared = GLOBAL.read().await;
     let env = ENV.get();
+    let _shared = GLOBAL.read().await;
     let client = env.client().await;
     let jwks = cluster_jwks(&env).await;
     let base =
@@ -306,8 +306,8 @@ async fn provider_state_audience_issuer_and_subject_length() {
 
 #[tokio::test]
 async fn impersonation_denied_and_target_permissions() {
-    let _shared = GLOBAL.read().await;
     let env = ENV.get();
+    let _shared = GLOBAL.read().await;
     trust_cluster(&env);
     let client = env.client().await;
     let id = unique("access");
@@ -366,8 +366,8 @@ async fn impersonation_denied_and_target_permissions() {
 
 #[tokio::test]
 async fn an_api_that_refuses_federated_tokens() {
-    let _exclusive = GLOBAL.write().await;
     let env = ENV.get();
+    let _exclusive = GLOBAL.write().await;
     let client = env.client().await;
     let id = unique("direct");
     let pool_id = unique("pool");
@@ -407,8 +407,8 @@ async fn an_api_that_refuses_federated_tokens() {
 
 #[tokio::test]
 async fn clock_skew_between_google_and_the_cluster() {
-    let _exclusive = GLOBAL.write().await;
     let env = ENV.get();
+    let _exclusive = GLOBAL.write().await;
     trust_cluster(&env);
     let client = env.client().await;
     let id = unique("skew");
@@ -429,8 +429,8 @@ async fn clock_skew_between_google_and_the_cluster() {
 
 #[tokio::test]
 async fn no_token_material_reaches_logs_events_status_or_metrics() {
-    let _shared = GLOBAL.read().await;
     let env = ENV.get();
+    let _shared = GLOBAL.read().await;
     trust_cluster(&env);
     let client = env.client().await;
     let id = unique("hygiene");

@@ -122,8 +122,8 @@ async fn assert_no_token_material(env: &Env, client: &Client, id: &str, namespac
 
 #[tokio::test]
 async fn api_server_killed_mid_run() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let op = &env.operator;
     let client = env.client().await;
     let id = unique("apiserver");
@@ -172,8 +172,8 @@ async fn api_server_killed_mid_run() {
 
 #[tokio::test]
 async fn etcd_restarted_under_a_healthy_probe() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let op = &env.operator;
     let client = env.client().await;
     let id = unique("etcd");
@@ -203,8 +203,8 @@ async fn etcd_restarted_under_a_healthy_probe() {
 
 #[tokio::test]
 async fn the_operator_restarted_gracefully_and_by_sigkill() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let op = &env.operator;
     let client = env.client().await;
     let (healthy_id, broken_id) = (unique("steady"), unique("failing"));
@@ -251,8 +251,8 @@ async fn the_operator_restarted_gracefully_and_by_sigkill() {
 
 #[tokio::test]
 async fn flaky_slow_google_converges_with_bounded_retries() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let id = unique("flaky");
     let gsas = 20;

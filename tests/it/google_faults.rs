@@ -70,8 +70,8 @@ fn set_faults(env: &Env, faults: Faults) {
 
 #[tokio::test]
 async fn a_google_outage_is_unknown_and_recovers_by_itself() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let id = unique("outage");
     set_faults(
@@ -112,8 +112,8 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
 
 #[tokio::test]
 async fn throttling_is_unknown_never_false() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let id = unique("throttled");
     set_faults(
@@ -141,8 +141,8 @@ async fn throttling_is_unknown_never_false() {
 
 #[tokio::test]
 async fn a_rejected_operator_token_is_the_checkers_problem() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let id = unique("unauth");
     env.fake.update(|s| s.operator.tokens = vec!["some-other-token".into()]);
@@ -171,8 +171,8 @@ async fn a_rejected_operator_token_is_the_checkers_problem() {
 
 #[tokio::test]
 async fn a_missing_operator_permission_is_checker_forbidden() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let id = unique("forbidden");
     env.fake.update(|s| s.operator.permissions.retain(|p| p != "iam.serviceAccounts.getIamPolicy"));

@@ -25,8 +25,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
 async fn hostile_annotations_are_invalid_and_quoted_safely() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let id = unique("hostile");
     let hostile: Vec<(&str, String)> = vec![
@@ -80,8 +80,8 @@ async fn hostile_annotations_are_invalid_and_quoted_safely() {
 
 #[tokio::test]
 async fn malformed_google_answers_are_unknown_with_a_reason() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     let kinds = [Malformed::TruncatedJson, Malformed::HtmlPage, Malformed::WrongTypes, Malformed::HugeBody];
     for kind in kinds {
@@ -121,8 +121,8 @@ async fn malformed_google_answers_are_unknown_with_a_reason() {
 
 #[tokio::test]
 async fn nothing_in_a_probe_sends_a_token_anywhere_else() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let client = env.client().await;
     // An "attacker" endpoint on loopback that records whatever reaches it.
     let hits = Arc::new(AtomicU32::new(0));

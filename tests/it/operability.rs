@@ -135,8 +135,8 @@ async fn healthy_gke_probe(env: &Env, admin: &Client, id: &str, namespaces: usiz
 
 #[tokio::test]
 async fn the_chart_installs_and_its_rbac_is_enough_and_no_more() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let admin = env.client().await;
     let release_ns = env.namespace(&admin, "authprobe-system", &[]).await;
     let chart = authprobe_harness::repo_root().join("charts/authprobe");
@@ -217,8 +217,8 @@ async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Durat
 /// The release moment is the variable here, so it is stepped, not awaited.
 #[tokio::test]
 async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let admin = env.client().await;
     let lease_ns = env.namespace(&admin, "release", &[]).await;
     let mut slowest = Duration::ZERO;
@@ -268,8 +268,8 @@ async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
 
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
-    let _serial = SERIAL.lock().await;
     let env = ENV.get();
+    let _serial = SERIAL.lock().await;
     let admin = env.client().await;
     let lease_ns = env.namespace(&admin, "lease", &[]).await;
     let replica = |name: &'static str| {

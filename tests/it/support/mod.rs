@@ -106,7 +106,9 @@ pub fn env() -> &'static Env {
 }
 
 /// A module's own environment, started when one of its tests asks for it and stopped when the
-/// last test holding it ends (tests run in name order, so a module's tests run together).
+/// last test holding it ends (tests run in name order, so a module's tests run together). A test
+/// takes it before any lock the module's tests queue on, so that a test waiting its turn keeps it
+/// running.
 pub struct Private {
     setup: Setup,
     current: Mutex<Weak<Env>>,
