@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::support::{self, *};
 
-static ENV: Private = Private::new(Setup::DEFAULT);
+static ENV: Private = Private::new("chain", Setup::DEFAULT);
 
 const CLUSTER_URL: &str =
     "https://container.googleapis.com/v1/projects/acme-prod/locations/us-central1/clusters/prod-1";

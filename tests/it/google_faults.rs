@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::support::*;
 
-static ENV: Private = Private::new(Setup::DEFAULT);
+static ENV: Private = Private::new("google_faults", Setup::DEFAULT);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

@@ -19,7 +19,7 @@ use crate::support::{self, *};
 
 /// Malformed answers are the fake's for everyone: a control plane, fake and operator of this
 /// module's own, whose tests run one at a time.
-static ENV: Private = Private::new(Setup::DEFAULT);
+static ENV: Private = Private::new("hostile", Setup::DEFAULT);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::support::*;
 
-static ENV: Private = Private::new(Setup::DEFAULT);
+static ENV: Private = Private::new("key_rotation", Setup::DEFAULT);
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 

@@ -22,7 +22,7 @@ use crate::support::*;
 
 /// An operator that sees exactly one probe: forgetting a deleted probe at the next pass of
 /// another one would otherwise remove its series too, and pass the test by accident.
-static ALONE: Private = Private::new(Setup::DEFAULT);
+static ALONE: Private = Private::new("lifecycle (one probe)", Setup::DEFAULT);
 
 /// A probe whose only KSA is mapped nowhere: Ready=False/PrincipalNotMapped.
 async fn failing_probe(env: &Env, client: &Client, id: &str) -> serde_json::Value {

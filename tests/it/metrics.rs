@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::support::*;
 
-static ENV: Private = Private::new(Setup::DEFAULT);
+static ENV: Private = Private::new("metrics", Setup::DEFAULT);
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 

@@ -33,7 +33,8 @@ use serde_json::json;
 
 use crate::support::{self, *};
 
-static ENV: Private = Private::new(Setup { operator_args: SHORT_RETRIES, start_operator: false });
+static ENV: Private =
+    Private::new("operability", Setup { operator_args: SHORT_RETRIES, start_operator: false });
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
