@@ -108,9 +108,10 @@ pub fn env() -> &'static Env {
 }
 
 /// A module's own environment, started when one of its tests asks for it and stopped when the
-/// last test holding it ends (tests run in name order, so a module's tests run together). A test
-/// takes it before any lock the module's tests queue on, so that a test waiting its turn keeps it
-/// running.
+/// last test holding it ends. Tests run in name order, so a module's tests run together; it is
+/// started again only when the other test thread is still busy elsewhere as one of them ends and
+/// the next begins (`hostile`, after `google_faults`' long outage test). A test takes it before any
+/// lock the module's tests queue on, so that a test waiting its turn keeps it running.
 pub struct Private {
     name: &'static str,
     setup: Setup,
