@@ -116,11 +116,14 @@ impl GoogleArgs {
             Api::StsToken,
             Api::IdentityBindingToken,
             Api::GenerateAccessToken,
+            Api::GenerateIdToken,
+            Api::GetRunService,
             Api::TestIamPermissions("iam"),
             Api::TestIamPermissions("storage"),
             Api::TestIamPermissions("secretmanager"),
             Api::TestIamPermissions("pubsub"),
             Api::TestIamPermissions("cloudresourcemanager"),
+            Api::TestIamPermissions("run"),
         ]);
         Ok(Google::new(client, Endpoints::new(&self.endpoints)))
     }

@@ -149,8 +149,18 @@ pub fn exchange(upstream: &Upstream<'_>, who: &str, target: &str, skew: Option<i
 
 /// `generateAccessToken` on the GSA with the federated token did not succeed.
 pub fn impersonation(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
+    impersonation_by("generateAccessToken", upstream, who, principal, gsa)
+}
+
+/// `generateIdToken` on the GSA with the federated token did not succeed: the same binding
+/// (`roles/iam.workloadIdentityUser` holds `iam.serviceAccounts.getOpenIdToken` too) fixes it.
+pub fn id_token_denied(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
+    impersonation_by("generateIdToken", upstream, who, principal, gsa)
+}
+
+fn impersonation_by(method: &str, upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
     let stage = Stage::Impersonation;
-    if let Some(f) = undecided(stage, upstream, "generateAccessToken") {
+    if let Some(f) = undecided(stage, upstream, method) {
         return f;
     }
     let project = gsa
@@ -171,7 +181,7 @@ pub fn impersonation(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &
         stage,
         reason,
         format!(
-            "{who} ({principal}) may not impersonate {gsa}: generateAccessToken answered {}. Fix: {fix}",
+            "{who} ({principal}) may not impersonate {gsa}: {method} answered {}. Fix: {fix}",
             upstream.shown
         ),
     )
@@ -349,6 +359,16 @@ mod tests {
             Reason::GoogleServiceAccountDisabled
         );
         assert_eq!(impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict, Verdict::Unknown);
+        let id = id_token_denied(
+            &up(403, "PERMISSION_DENIED", "Permission 'iam.serviceAccounts.getOpenIdToken' denied"),
+            "w",
+            "principal://p",
+            gsa,
+        );
+        assert_eq!((id.stage, id.reason), (Stage::Impersonation, Reason::ImpersonationDenied));
+        assert!(
+            id.message.contains("generateIdToken answered") && id.message.contains("add-iam-policy-binding")
+        );
 
         let ok = up(200, "", "");
         assert!(target(&ok, "w", "i", "//r", &[], false).is_none());
