@@ -11,7 +11,7 @@ use kube::{
 };
 use serde::Serialize;
 
-use super::GoogleArgs;
+use super::{EndpointArgs, GoogleArgs};
 use crate::{
     api::{AuthProbe, condition},
     controller::Clients,
@@ -23,7 +23,12 @@ use crate::{
     fence::Fence,
     google::Google,
     metrics::Metrics,
-    probe::{self, Pass, Services, exchange::Chain, issuer::ClusterIssuers},
+    probe::{
+        self, Pass, Services,
+        endpoint::{CHECK_DEADLINE, EndpointProber},
+        exchange::Chain,
+        issuer::ClusterIssuers,
+    },
 };
 
 /// `authprobe check`.
@@ -38,6 +43,9 @@ pub struct CheckArgs {
     /// Google access.
     #[command(flatten)]
     pub google: GoogleArgs,
+    /// Where `spec.endpoints` may send tokens.
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
 }
 
 /// How results are printed.
@@ -116,11 +124,12 @@ pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
 pub async fn check(
     client: &Client,
     google: Arc<Google>,
+    endpoints: Arc<EndpointProber>,
     metrics: Arc<Metrics>,
     probe: &AuthProbe,
 ) -> Result<Checked, kube::Error> {
     let name = probe.name_any();
-    let plan = match Plan::parse(&probe.spec) {
+    let plan = match Plan::parse_allowing(&probe.spec, endpoints.allow()) {
         Ok(plan) => plan,
         Err(invalid) => return Ok(checked(name, &Report::invalid(&invalid), &[], 2)),
     };
@@ -131,9 +140,10 @@ pub async fn check(
     let Selection { namespaces, candidates } =
         plan.select(&MetaView::new(namespaces.items, service_accounts.items));
     let issuers = ClusterIssuers::new(client.clone());
-    let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()));
+    let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()), endpoints);
     let services = Services { google: &google, issuers: &issuers, chain: Some(&chain) };
-    let pass = Pass { plan: &plan, candidates, max_age: std::time::Duration::ZERO, now: Timestamp::now() };
+    let max_age = std::time::Duration::ZERO;
+    let pass = Pass { probe: &name, plan: &plan, candidates, max_age, now: Timestamp::now() };
     // No history here: only a KSA's creation opens the propagation grace.
     let evaluated = probe::evaluate(services, pass, |c| c.ksa.as_ref().and_then(|k| k.created)).await;
     let report = Report::build(
@@ -342,9 +352,11 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
     let client = Clients::connect().await?.call;
     let metrics = Arc::new(Metrics::new());
     let google = Arc::new(args.google.connect(metrics.clone())?);
+    // No pass follows this one: it waits for every endpoint's verdict.
+    let endpoints = Arc::new(args.endpoints.prober(metrics.clone(), CHECK_DEADLINE)?);
     let mut results = Vec::new();
     for probe in &probes {
-        results.push(check(&client, google.clone(), metrics.clone(), probe).await?);
+        results.push(check(&client, google.clone(), endpoints.clone(), metrics.clone(), probe).await?);
     }
     print!("{}", render(&results, args.output));
     Ok(overall(&results))

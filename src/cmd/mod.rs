@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     controller,
+    engine::stage::endpoint::{AllowedHost, EndpointAllow},
     google::{
         Google,
         client::{Api, GoogleClient, RetryPolicy},
@@ -17,6 +18,7 @@ use crate::{
         endpoints::{Endpoints, Override},
     },
     metrics::Metrics,
+    probe::endpoint::{EndpointProber, PASS_WAIT},
     runtime::{
         self,
         leader::{DEFAULT_LEASE_NAME, LeaseRef},
@@ -81,6 +83,9 @@ pub struct RunArgs {
     /// Google access.
     #[command(flatten)]
     pub google: GoogleArgs,
+    /// Where `spec.endpoints` may send tokens.
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -129,6 +134,28 @@ impl GoogleArgs {
     }
 }
 
+/// Where `spec.endpoints` may send tokens; the same for `run` and `check`.
+#[derive(Debug, Args)]
+pub struct EndpointArgs {
+    /// HOST, HOST:PORT, or http://HOST[:PORT] to allow plain http, that spec.endpoints may send a
+    /// workload's token to (repeatable; none by default: a spec naming another host is InvalidSpec).
+    /// Plain http is allowed to loopback hosts without the http:// form.
+    #[arg(long = "endpoint-allow", env = "AUTHPROBE_ENDPOINT_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<AllowedHost>,
+}
+
+impl EndpointArgs {
+    /// The allow list.
+    pub fn allow(&self) -> EndpointAllow {
+        EndpointAllow::new(self.allow.clone())
+    }
+
+    /// A prober sending tokens only to the allowed hosts; passes wait `wait` for each endpoint.
+    pub fn prober(&self, metrics: Arc<Metrics>, wait: Duration) -> anyhow::Result<EndpointProber> {
+        Ok(EndpointProber::new(self.allow(), metrics, wait)?)
+    }
+}
+
 /// Log output.
 #[derive(Debug, Args)]
 pub struct LogArgs {
@@ -166,6 +193,7 @@ impl RunArgs {
                 instance: std::env::var("POD_NAME").ok(),
                 pass_deadline: self.pass_deadline,
                 stuck_after: self.stuck_after,
+                endpoint_allow: self.endpoints.allow(),
                 ..Default::default()
             },
             lease,
@@ -209,7 +237,8 @@ fn run(args: &RunArgs) -> ExitCode {
         tokio_runtime()?.block_on(async {
             let metrics = Arc::new(Metrics::new());
             let google = Arc::new(args.google.connect(metrics.clone())?);
-            runtime::run(settings, google, metrics).await
+            let endpoints = args.endpoints.prober(metrics.clone(), PASS_WAIT)?;
+            runtime::run(settings, google, endpoints, metrics).await
         })
     });
     match started {

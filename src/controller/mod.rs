@@ -34,10 +34,11 @@ use self::{
 use crate::{
     api::AuthProbe,
     engine::selector::{Labels, NO_LABELS},
+    engine::stage::endpoint::EndpointAllow,
     fence::Fence,
     google::Google,
     metrics::Metrics,
-    probe::{exchange::Chain, issuer::ClusterIssuers},
+    probe::{endpoint::EndpointProber, exchange::Chain, issuer::ClusterIssuers},
 };
 
 /// The field manager of every status write.
@@ -58,6 +59,8 @@ pub struct Tuning {
     pub pass_deadline: Duration,
     /// `/healthz` fails when passes are attempted this long without one completing.
     pub stuck_after: Duration,
+    /// The hosts `spec.endpoints` may name (`--endpoint-allow`); others are `InvalidSpec`.
+    pub endpoint_allow: EndpointAllow,
 }
 
 impl Default for Tuning {
@@ -69,6 +72,7 @@ impl Default for Tuning {
             instance: None,
             pass_deadline: Duration::from_secs(600),
             stuck_after: Duration::from_secs(1800),
+            endpoint_allow: EndpointAllow::default(),
         }
     }
 }
@@ -272,9 +276,11 @@ fn objects_only<T, E>(item: &Result<T, E>) -> futures::future::Ready<bool> {
 
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. It acts
 /// only while `fence` holds; each new term re-reads every probe and what others wrote.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     clients: Clients,
     google: Arc<Google>,
+    endpoints: EndpointProber,
     metrics: Arc<Metrics>,
     tuning: Tuning,
     progress: Arc<Progress>,
@@ -309,7 +315,7 @@ pub async fn run(
         .filter(objects_only);
 
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
-    let states = Arc::new(States::default());
+    let states = Arc::new(States::new(tuning.endpoint_allow.clone()));
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
     let probe_events = watcher(Api::<AuthProbe>::all(client.clone()), watcher::Config::default())
         .backoff(watch_backoff())
@@ -328,7 +334,7 @@ pub async fn run(
         fence: fence.clone(),
         progress: progress.clone(),
         pass_deadline: tuning.pass_deadline,
-        chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone()),
+        chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone(), Arc::new(endpoints)),
         google,
         issuers: ClusterIssuers::new(call.clone()),
         metrics,

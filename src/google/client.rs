@@ -333,7 +333,8 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
