@@ -490,16 +490,13 @@ impl Chain {
             }
             Err(e) => return Err(unreachable(Stage::Impersonation, &e)),
         };
-        let body: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
-        let token = SecretString::from(body["token"].as_str().unwrap_or_default().to_string());
+        let token = classify::generated_id_token(&answer.body)
+            .map_err(|e| Finding::unknown(Stage::Target, Reason::GoogleUnavailable, e))?;
+        let token = SecretString::from(token);
         let claims = decode_claims(&token).map(|(claims, _)| claims);
-        if let Some(finding) =
-            cloud_run::id_token(&who(ksa), gsa.as_str(), audience, claims.as_ref().map_err(String::as_str))
-        {
-            return Err(finding);
-        }
-        let expires = claims.ok().and_then(|c| c["exp"].as_i64()).unwrap_or_default();
-        let lifetime = Duration::from_secs((expires - Timestamp::now().as_second()).max(0).unsigned_abs());
+        let claims = claims.as_ref().map_err(String::as_str);
+        let lifetime =
+            cloud_run::id_token(&who(ksa), gsa.as_str(), audience, claims, Timestamp::now().as_second())?;
         Ok(Credential { token, usable_until: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN) })
     }
 

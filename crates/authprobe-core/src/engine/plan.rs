@@ -14,7 +14,7 @@ use super::{
     principal::{KsaIdentity, PoolRef},
     selector::{Labels, Selector},
     stage::{
-        endpoint::{EndpointAllow, EndpointPlan},
+        endpoint::{AUDIENCE_SHAPE, EndpointAllow, EndpointPlan, is_audience},
         provider::Mapped,
     },
     target::{self, TargetKind},
@@ -284,6 +284,9 @@ impl Plan {
                     Some(defaults) => defaults,
                     None => return Err(format!("target {} needs permissions", quote(&t.resource))),
                 };
+                if let Some(a) = t.audience.as_deref().filter(|a| !is_audience(a)) {
+                    return Err(format!("target {} audience {}: {AUDIENCE_SHAPE}", quote(&t.resource), quote(a)));
+                }
                 if t.audience.is_some() && !cloud_run {
                     return Err(format!(
                         "target {}: audience applies to Cloud Run services only",

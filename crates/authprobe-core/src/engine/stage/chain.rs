@@ -79,6 +79,20 @@ fn issued(token: String, lifetime: Duration, field: &str) -> Result<Issued, Stri
     Ok(Issued { token, lifetime: lifetime.min(MAX_TOKEN_LIFETIME) })
 }
 
+/// generateIdToken: `token`, a JWT whose claims (its lifetime among them) the caller judges with
+/// [`super::cloud_run::id_token`].
+pub fn generated_id_token(body: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        token: String,
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| malformed("generateIdToken", &e))?;
+    if answer.token.is_empty() {
+        return Err("Google's answer holds an empty token".into());
+    }
+    Ok(answer.token)
+}
+
 /// testIamPermissions: the requested permissions the caller holds (`{}`: none of them).
 pub fn held_permissions(body: &[u8]) -> Result<Vec<String>, String> {
     #[derive(Deserialize)]
@@ -426,6 +440,14 @@ mod tests {
             .message
             .contains("300s")
         );
+    }
+
+    #[test]
+    fn id_token_answers_parse_strictly() {
+        assert_eq!(generated_id_token(br#"{"token": "eyJ.x.y"}"#), Ok("eyJ.x.y".to_string()));
+        for bad in [&br#"{"token": ""}"#[..], br#"{"token": 3}"#, b"<html>", b""] {
+            assert!(generated_id_token(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! judged against the service the operator read, and the claims of the ID token the live chain
 //! mints on the GSA.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use serde_json::Value;
 
@@ -12,6 +12,7 @@ use crate::{
         Finding, TargetPlan,
         annotation::quote,
         facts::{FailureKind, FetchFailure, Fetched, RunService},
+        stage::chain::MAX_TOKEN_LIFETIME,
     },
 };
 
@@ -124,12 +125,19 @@ fn gcloud_service(name: &str) -> (&str, String) {
 }
 
 /// The claims of the ID token `generateIdToken` minted on `gsa` for `audience` (`Err`: it did not
-/// decode). Google mints exactly what it is asked for, so a token that says otherwise is an answer
-/// authprobe cannot judge by, never a verdict on the namespace.
-pub fn id_token(who: &str, gsa: &str, audience: &str, claims: Result<&Value, &str>) -> Option<Finding> {
+/// decode), at Unix time `now`; `Ok` is how long it stays valid. Google mints exactly what it is
+/// asked for, so a token that says otherwise is an answer authprobe cannot judge by, never a
+/// verdict on the namespace.
+pub fn id_token(
+    who: &str,
+    gsa: &str,
+    audience: &str,
+    claims: Result<&Value, &str>,
+    now: i64,
+) -> Result<Duration, Finding> {
     let claims = match claims {
         Ok(claims) => claims,
-        Err(e) => return Some(odd_token(who, gsa, &format!("a token that is not a JWT ({e})"))),
+        Err(e) => return Err(odd_token(who, gsa, &format!("a token that is not a JWT ({e})"))),
     };
     let text = |k: &str| claims.get(k).and_then(Value::as_str).unwrap_or_default();
     let audiences: Vec<&str> = match claims.get("aud") {
@@ -137,16 +145,20 @@ pub fn id_token(who: &str, gsa: &str, audience: &str, claims: Result<&Value, &st
         Some(Value::String(a)) => vec![a.as_str()],
         _ => vec![],
     };
+    let expires = claims.get("exp").and_then(Value::as_i64).unwrap_or_default();
     let problem = if text("iss") != GOOGLE_ISSUER {
         format!("a token issued by {}, not {GOOGLE_ISSUER}", quote(text("iss")))
     } else if !audiences.contains(&audience) {
         format!("a token for audience {}, not {}", quote(&audiences.join(",")), quote(audience))
     } else if text("email") != gsa {
         format!("a token with email {}, not {gsa}", quote(text("email")))
+    } else if expires <= now {
+        format!("a token that expired at {expires}, at {now} by the cluster's clock")
     } else {
-        return None;
+        let lifetime = Duration::from_secs(expires.saturating_sub(now).unsigned_abs());
+        return Ok(lifetime.min(MAX_TOKEN_LIFETIME));
     };
-    Some(odd_token(who, gsa, &problem))
+    Err(odd_token(who, gsa, &problem))
 }
 
 fn odd_token(who: &str, gsa: &str, problem: &str) -> Finding {
@@ -271,25 +283,27 @@ mod tests {
 
     #[test]
     fn id_token_claims_are_google_s_for_the_gsa_and_audience() {
-        let aud = "https://api.acme.example";
-        let good = json!({"iss": GOOGLE_ISSUER, "aud": aud, "email": GSA, "sub": "1"});
-        assert_eq!(id_token("w", GSA, aud, Ok(&good)), None);
-        assert_eq!(
-            id_token("w", GSA, aud, Ok(&json!({"iss": GOOGLE_ISSUER, "aud": [aud], "email": GSA}))),
-            None
-        );
+        let (aud, now) = ("https://api.acme.example", 1_700_000_000);
+        let claims = |extra: serde_json::Value| {
+            let mut c =
+                json!({"iss": GOOGLE_ISSUER, "aud": aud, "email": GSA, "sub": "1", "exp": now + 3600});
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        assert_eq!(id_token("w", GSA, aud, Ok(&claims(json!({}))), now), Ok(Duration::from_secs(3600)));
+        assert!(id_token("w", GSA, aud, Ok(&claims(json!({"aud": [aud]}))), now).is_ok());
         for (bad, says) in [
-            (
-                json!({"iss": "https://evil.example", "aud": aud, "email": GSA}),
-                "issued by \"https://evil.example\"",
-            ),
-            (json!({"iss": GOOGLE_ISSUER, "aud": "https://old.example", "email": GSA}), "for audience"),
-            (json!({"iss": GOOGLE_ISSUER, "aud": aud}), "with email \"\""),
+            (claims(json!({"iss": "https://evil.example"})), "issued by \"https://evil.example\""),
+            (claims(json!({"aud": "https://old.example"})), "for audience"),
+            (claims(json!({"email": null})), "with email \"\""),
+            (claims(json!({"exp": now - 1})), "expired"),
         ] {
-            let f = id_token("w", GSA, aud, Ok(&bad)).unwrap();
+            let f = id_token("w", GSA, aud, Ok(&bad), now).unwrap_err();
             assert_eq!((f.reason, f.verdict), (Reason::GoogleUnavailable, Verdict::Unknown));
             assert!(f.message.contains(says), "{says}: {}", f.message);
         }
-        assert!(id_token("w", GSA, aud, Err("InvalidToken")).unwrap().message.contains("not a JWT"));
+        assert!(id_token("w", GSA, aud, Err("InvalidToken"), now).unwrap_err().message.contains("not a JWT"));
     }
 }

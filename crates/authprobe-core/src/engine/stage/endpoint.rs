@@ -38,6 +38,9 @@ pub struct EndpointPlan {
 impl EndpointPlan {
     /// Checks an endpoint of the spec; the error is the `InvalidSpec` message.
     pub fn parse(endpoint: &Endpoint, access: Access) -> Result<Self, String> {
+        if let Some(a) = endpoint.audience.as_deref().filter(|a| !is_audience(a)) {
+            return Err(format!("endpoint audience {}: {AUDIENCE_SHAPE}", quote(a)));
+        }
         let url = parse_url("url", &endpoint.url)?;
         let origin = endpoint.origin.as_deref().map(|o| parse_url("origin", o)).transpose()?;
         match (endpoint.token_type, &endpoint.audience) {
@@ -65,7 +68,20 @@ impl EndpointPlan {
     }
 }
 
+/// What an audience must be, for [`is_audience`].
+pub const AUDIENCE_SHAPE: &str =
+    "an audience is 1 to 1024 characters, none of them a space or control character";
+
+/// Whether `audience` can be minted for and shown in a command: admission's bounds, judged again
+/// for `authprobe check -f`.
+pub fn is_audience(audience: &str) -> bool {
+    (1..=1024).contains(&audience.len()) && !audience.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
 fn parse_url(field: &str, text: &str) -> Result<Url, String> {
+    if text.len() > 2048 {
+        return Err(format!("endpoint {field} is longer than 2048 characters"));
+    }
     let url = Url::parse(text).map_err(|e| format!("endpoint {field} {}: {e}", quote(text)))?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
         return Err(format!("endpoint {field} {} is not an http(s) URL with a host", quote(text)));
@@ -470,6 +486,8 @@ mod tests {
         let with_aud =
             Endpoint { token_type: TokenType::AccessToken, audience: Some("x".into()), ..base.clone() };
         assert!(parse(with_aud, Access::Impersonation).unwrap_err().contains("IDToken endpoints only"));
+        let spaced = Endpoint { audience: Some("a b".into()), ..base.clone() };
+        assert!(parse(spaced, Access::Impersonation).unwrap_err().contains("space"));
         for bad in
             ["ftp://a.example/", "https://u:p@a.example/", "https://a.example/#f", "not a url", "https://"]
         {
