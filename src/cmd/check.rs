@@ -169,9 +169,14 @@ pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
                 )));
             }
             let mut unknown = Vec::new();
-            let probe: AuthProbe =
-                serde_ignored::deserialize(document, |path| unknown.push(path.to_string()))
-                    .map_err(|e| at(format!("not an AuthProbe: {e}")))?;
+            // apiVersion and kind, checked above, are not fields of the derived type.
+            let probe: AuthProbe = serde_ignored::deserialize(document, |path| {
+                let path = path.to_string();
+                if path != "apiVersion" && path != "kind" {
+                    unknown.push(path);
+                }
+            })
+            .map_err(|e| at(format!("not an AuthProbe: {e}")))?;
             match unknown.first() {
                 Some(field) => Err(at(format!("unknown field \"{field}\""))),
                 None => Ok(probe),
@@ -455,5 +460,19 @@ async fn kube_config(
         (None, Some(_)) => kube::Config::from_kubeconfig(&options)
             .await
             .map_err(|e| CheckError::Input(format!("--context: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_parse_and_only_fields_of_the_type_are_refused() {
+        let probe = "apiVersion: authprobe.io/v1alpha1\nkind: AuthProbe\nmetadata: {name: x}\n\
+                     spec: {namespaceSelector: {}, identity: {platform: GKE, projectId: acme-prod}}\n";
+        assert_eq!(parse_probes(probe).map(|p| p.len()), Ok(1));
+        let typo = probe.replace("projectId", "projectID");
+        assert!(parse_probes(&typo).unwrap_err().contains("unknown field \"spec.identity.projectID\""));
     }
 }
