@@ -11,8 +11,9 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Build kube-apiserver, kubectl, etcd and helm from the Go module proxy into .tools/bin (only when missing)
+tools: ## Build kube-apiserver, kubectl, etcd and helm from the Go module proxy into .tools/bin, and install Debian's nginx (only when missing)
 	tools/build.sh
+	tools/ensure-nginx.sh
 
 .PHONY: crd
 crd: ## Regenerate crds/authprobe.yaml and the chart's copy from the Rust types

@@ -7,6 +7,7 @@
 //! ([`ControlPlane::namespace`]). Everything is torn down when the value is dropped or, for the
 //! shared instance, when the process exits; children are killed even if the process is.
 
+mod nginx;
 mod pki;
 mod process;
 mod stall;
@@ -34,6 +35,7 @@ use kube::{
     runtime::wait::{await_condition, conditions},
 };
 
+pub use nginx::Nginx;
 pub use process::{at_exit, free_port, kill, spawn, stop};
 pub use stall::StallProxy;
 
