@@ -145,14 +145,9 @@ pub struct EndpointArgs {
 }
 
 impl EndpointArgs {
-    /// The allow list.
-    pub fn allow(&self) -> EndpointAllow {
-        EndpointAllow::new(self.allow.clone())
-    }
-
     /// A prober sending tokens only to the allowed hosts; passes wait `wait` for each endpoint.
     pub fn prober(&self, metrics: Arc<Metrics>, wait: Duration) -> anyhow::Result<EndpointProber> {
-        Ok(EndpointProber::new(self.allow(), metrics, wait)?)
+        Ok(EndpointProber::new(EndpointAllow::new(self.allow.clone()), metrics, wait)?)
     }
 }
 
@@ -193,7 +188,6 @@ impl RunArgs {
                 instance: std::env::var("POD_NAME").ok(),
                 pass_deadline: self.pass_deadline,
                 stuck_after: self.stuck_after,
-                endpoint_allow: self.endpoints.allow(),
                 ..Default::default()
             },
             lease,

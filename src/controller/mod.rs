@@ -34,7 +34,6 @@ use self::{
 use crate::{
     api::AuthProbe,
     engine::selector::{Labels, NO_LABELS},
-    engine::stage::endpoint::EndpointAllow,
     fence::Fence,
     google::Google,
     metrics::Metrics,
@@ -59,8 +58,6 @@ pub struct Tuning {
     pub pass_deadline: Duration,
     /// `/healthz` fails when passes are attempted this long without one completing.
     pub stuck_after: Duration,
-    /// The hosts `spec.endpoints` may name (`--endpoint-allow`); others are `InvalidSpec`.
-    pub endpoint_allow: EndpointAllow,
 }
 
 impl Default for Tuning {
@@ -72,7 +69,6 @@ impl Default for Tuning {
             instance: None,
             pass_deadline: Duration::from_secs(600),
             stuck_after: Duration::from_secs(1800),
-            endpoint_allow: EndpointAllow::default(),
         }
     }
 }
@@ -324,7 +320,8 @@ pub async fn run(
         .filter(objects_only);
 
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
-    let states = Arc::new(States::new(tuning.endpoint_allow.clone()));
+    // Specs naming a host the prober may not call are invalid before anything is sent.
+    let states = Arc::new(States::new(endpoints.allow().clone()));
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
     let probe_events = watcher(Api::<AuthProbe>::all(client.clone()), watcher::Config::default())
         .backoff(watch_backoff())
