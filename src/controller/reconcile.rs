@@ -62,8 +62,8 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         Ok(plan) => {
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
-            let pass =
-                Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
+            let max_age = if forced { Duration::ZERO } else { plan.interval };
+            let pass = Pass { probe: &name, plan, candidates, max_age, now };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);

@@ -231,6 +231,34 @@ fn extra_args_and_env_reach_the_operator() -> Result<()> {
 }
 
 #[test]
+fn endpoint_hosts_are_allowed_only_when_listed() -> Result<()> {
+    let env = |docs: &[Value]| container(docs)["env"].as_array().unwrap().clone();
+    let none = template("authprobe", &[])?;
+    assert!(env(&none).iter().all(|e| e["name"] != "AUTHPROBE_ENDPOINT_ALLOW"), "empty by default");
+    let listed = template(
+        "authprobe",
+        &["--set-json", r#"endpoints.allow=["api.acme.example","mesh.svc:8080","http://legacy.svc"]"#],
+    )?;
+    assert!(
+        env(&listed).contains(&json!({
+            "name": "AUTHPROBE_ENDPOINT_ALLOW",
+            "value": "api.acme.example,mesh.svc:8080,http://legacy.svc"
+        })),
+        "{:?}",
+        env(&listed)
+    );
+    for bad in [
+        r#"endpoints.allow=["https://a.example/path"]"#,
+        r#"endpoints.allow=["a,b"]"#,
+        r#"endpoints.allow=["*.example"]"#,
+    ] {
+        let error = template("authprobe", &["--set-json", bad]).expect_err(bad).to_string();
+        assert!(error.contains("does not match pattern"), "{bad}: {error}");
+    }
+    Ok(())
+}
+
+#[test]
 fn monitoring_objects_need_their_crds() -> Result<()> {
     let enabled = sets(&["metrics.serviceMonitor.enabled=true", "metrics.prometheusRule.enabled=true"]);
     let without = template("authprobe", &refs(&enabled))?;
