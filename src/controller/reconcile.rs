@@ -77,8 +77,8 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
                     .collect(),
                 None => Checked::new(),
             };
-            let pass =
-                Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
+            let max_age = if forced { Duration::ZERO } else { plan.interval };
+            let pass = Pass { probe: &name, plan, candidates, max_age, now };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
             let mut outcomes = evaluated.outcomes;

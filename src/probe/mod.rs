@@ -1,26 +1,33 @@
 //! One probe pass, shared by the operator and `authprobe check`: static checks, the Google reads
-//! they call for (once per GSA, however many KSAs name it), then the engine's verdict per KSA.
+//! they call for (once per GSA and Cloud Run service, however many KSAs name it), then the
+//! engine's verdict per KSA.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 
+pub mod endpoint;
 pub mod exchange;
 pub mod issuer;
 
 use self::{
-    exchange::{Chain, Exchange},
+    exchange::{Chain, Exchange, Job, Verified},
     issuer::ClusterIssuers,
 };
 use crate::{
     engine::{
-        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, annotation::GsaEmail, canary, grace::Grace,
-        principal::KsaIdentity, report::KsaOutcome,
+        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared,
+        annotation::GsaEmail,
+        canary,
+        grace::Grace,
+        principal::KsaIdentity,
+        report::KsaOutcome,
+        stage::cloud_run::{self, RunServices},
     },
     google::Google,
 };
@@ -42,6 +49,8 @@ pub struct Services<'a> {
 /// One pass over a probe's KSAs.
 #[derive(Debug)]
 pub struct Pass<'a> {
+    /// The probe's name.
+    pub probe: &'a str,
     /// The checked spec.
     pub plan: &'a Plan,
     /// The selected KSAs (required names included).
@@ -60,7 +69,8 @@ type Mapped = Result<(Prepared, KsaIdentity), Finding>;
 pub struct Evaluated {
     /// One per candidate.
     pub outcomes: Vec<KsaOutcome>,
-    /// The earliest end of a grace that turned a failure into PropagationPending.
+    /// The earliest end of a grace that turned a failure into PropagationPending, or of an
+    /// endpoint request whose answer this pass did not wait for.
     pub recheck_at: Option<Timestamp>,
     /// With a canary: per KSA (namespace, name), the fingerprint its canary should report.
     pub fingerprints: HashMap<(String, String), String>,
@@ -73,7 +83,8 @@ pub async fn evaluate(
     pass: Pass<'_>,
     changed_at: impl Fn(&Candidate) -> Option<Timestamp>,
 ) -> Evaluated {
-    let Pass { plan, candidates, max_age, now } = pass;
+    let Pass { probe, plan, candidates, max_age, now } = pass;
+    let pass_started = Instant::now();
     let prepared = plan.static_stage(candidates);
 
     let mut wanted: Vec<GsaEmail> =
@@ -112,6 +123,20 @@ pub async fn evaluate(
             .collect(),
         None => HashMap::new(),
     };
+    let mut run_names: Vec<String> = plan.targets.iter().filter_map(|t| t.kind.cloud_run_service()).collect();
+    run_names.sort();
+    run_names.dedup();
+    if !prepared.iter().any(|(_, p)| p.is_ok()) {
+        run_names.clear();
+    }
+    let run_services: RunServices = stream::iter(run_names)
+        .map(|name: String| async move {
+            let service = google.run_service(&name, max_age).await;
+            (name, service)
+        })
+        .buffer_unordered(READ_CONCURRENCY)
+        .collect()
+        .await;
 
     // The live chain: mint and exchange first (shared per KSA and audience), so the provider
     // checks read the claims the cluster really issues.
@@ -142,7 +167,7 @@ pub async fn evaluate(
             (candidate, checked)
         })
         .collect();
-    let verified: HashMap<(String, String), Result<(), Finding>> = match chain {
+    let verified: HashMap<(String, String), Verified> = match chain {
         Some(chain) => {
             let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>)> = mapped
                 .iter()
@@ -152,18 +177,41 @@ pub async fn evaluate(
                     Some((p.clone(), identity.clone(), exchange.clone()))
                 })
                 .collect();
+            let run_services = &run_services;
             stream::iter(work)
                 .map(|(p, identity, exchange): (Prepared, KsaIdentity, Arc<Exchange>)| async move {
-                    let result =
-                        chain.verify(plan, &p.ksa, p.gsa.as_ref(), &identity, &exchange, max_age).await;
-                    ((p.ksa.namespace, p.ksa.name), result)
+                    let job = Job {
+                        probe,
+                        plan,
+                        ksa: &p.ksa,
+                        gsa: p.gsa.as_ref(),
+                        identity: &identity,
+                        exchange: &exchange,
+                        run_services,
+                        max_age,
+                        pass_started,
+                    };
+                    let verified = chain.verify(&job).await;
+                    ((p.ksa.namespace, p.ksa.name), verified)
                 })
                 .buffer_unordered(READ_CONCURRENCY)
                 .collect()
                 .await
         }
-        None => HashMap::new(),
+        // Without the live chain, a Cloud Run target is still judged as far as no token is needed.
+        None => mapped
+            .iter()
+            .filter_map(|(c, m)| {
+                let (p, _) = m.as_ref().ok()?;
+                let finding = cloud_run::without_token(&exchange::who(&p.ksa), &plan.targets, &run_services)?;
+                Some((
+                    (c.namespace.clone(), c.name.clone()),
+                    Verified { result: Err(finding), pending_until: None },
+                ))
+            })
+            .collect(),
     };
+    let pending_until = verified.values().filter_map(|v| v.pending_until).min();
 
     let policy_changes: HashMap<&str, Timestamp> =
         gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g.as_str(), t))).collect();
@@ -179,11 +227,18 @@ pub async fn evaluate(
             let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
             let chain = verified
                 .get(&(candidate.namespace.clone(), candidate.name.clone()))
-                .cloned()
-                .map(|r| r.map_err(|f| grace.judge(f, changed)));
+                .map(|v| v.result.clone().map_err(|f| grace.judge(f, changed)));
             let mapping = mapped.err().map(|f| grace.judge(f, changed));
             KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain, canary: None }
         })
         .collect();
-    Evaluated { outcomes, recheck_at: grace.recheck_at(), fingerprints }
+    let endpoints_answered = pending_until.map(|until| {
+        let at = Timestamp::now();
+        at.checked_add(until.saturating_duration_since(Instant::now())).unwrap_or(at)
+    });
+    Evaluated {
+        outcomes,
+        recheck_at: [grace.recheck_at(), endpoints_answered].into_iter().flatten().min(),
+        fingerprints,
+    }
 }

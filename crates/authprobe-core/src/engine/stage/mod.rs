@@ -3,6 +3,8 @@
 
 pub mod canary;
 pub mod chain;
+pub mod cloud_run;
+pub mod endpoint;
 mod iam;
 pub mod provider;
 mod static_checks;
