@@ -23,3 +23,4 @@ mod lifecycle;
 mod metrics;
 mod operability;
 mod operator;
+mod token_type;

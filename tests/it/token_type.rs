@@ -5,12 +5,9 @@
 //! healthy twin; nothing is ever sent to a host outside `--endpoint-allow`; none of the tokens
 //! sent to the origin shows up in a log, an Event, a status or etcd.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
+use std::{net::SocketAddr, sync::Arc};
 
-mod support;
-
-use std::{net::SocketAddr, sync::OnceLock};
-
+use crate::support::*;
 use authprobe::api::AuthProbe;
 use authprobe_harness::{Nginx, free_port};
 use fake_google::{
@@ -19,41 +16,28 @@ use fake_google::{
 };
 use kube::Client;
 use serde_json::{Value, json};
-use support::*;
 
 const CLUSTER_URL: &str =
     "https://container.googleapis.com/v1/projects/acme-prod/locations/us-central1/clusters/prod-1";
 /// The audience the origin's ID tokens must carry.
 const AUDIENCE: &str = "https://api.acme.example";
 
-/// The operator of this binary: it may send tokens to 127.0.0.1 (plain http, being loopback),
-/// and to nothing else, 127.0.0.2 included.
-static OPERATOR: OnceLock<Operator> = OnceLock::new();
+/// Google's Cloud Run services and the trusted cluster are the fake's for everyone, and the
+/// operator may send tokens to 127.0.0.1 (plain http, being loopback) and to nothing else,
+/// 127.0.0.2 included: a control plane, fake and operator of this module's own.
+static ENV: Private = Private::new(
+    "token_type",
+    Setup {
+        operator_args: &["--google-retry-deadline=8s", "--endpoint-allow=127.0.0.1"],
+        start_operator: true,
+    },
+);
 
-fn operator() -> &'static Operator {
-    OPERATOR.get_or_init(|| {
-        let env = base();
-        let operator = Operator::new(
-            env.cp,
-            &env.endpoints,
-            &["--google-retry-deadline=8s", "--endpoint-allow=127.0.0.1"],
-        );
-        operator.start().expect("the operator starts");
-        authprobe_harness::at_exit(|| {
-            if let Some(operator) = OPERATOR.get() {
-                operator.kill();
-            }
-        });
-        operator
-    })
-}
-
-/// An admin client, with this binary's operator running and the fake trusting the cluster.
-async fn admin() -> Client {
-    operator();
-    let cp = base().cp;
-    let (issuer, ca) = (cp.issuer(), cp.ca_pem().unwrap());
-    base().fake.update(|s| {
+/// This module's environment with the fake trusting its cluster, and an admin client.
+async fn admin() -> (Arc<Env>, Client) {
+    let env = ENV.get();
+    let (issuer, ca) = (env.cp.issuer(), env.cp.ca_pem().unwrap());
+    env.fake.update(|s| {
         if !s.clusters.iter().any(|c| c.issuer == issuer) {
             s.clusters.push(Cluster { issuer: issuer.clone(), ca_pem: ca });
             s.gke.push(GkeProject {
@@ -63,7 +47,8 @@ async fn admin() -> Client {
             });
         }
     });
-    base_client().await
+    let client = env.client().await;
+    (env, client)
 }
 
 fn loopback(ip: [u8; 4]) -> SocketAddr {
@@ -72,9 +57,9 @@ fn loopback(ip: [u8; 4]) -> SocketAddr {
 
 /// A namespace labelled `suite=id` with KSA `app` impersonating a new GSA that maps it, and may
 /// invoke `invoke` (a Cloud Run resource) when given; returns the namespace and the GSA.
-async fn subject(client: &Client, id: &str, invoke: Option<&str>) -> (String, String) {
+async fn subject(env: &Env, client: &Client, id: &str, invoke: Option<&str>) -> (String, String) {
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("tt"));
-    let ns = namespace(client, "tt", &[("suite", id)]).await;
+    let ns = env.namespace(client, "tt", &[("suite", id)]).await;
     service_account(client, &ns, "app", Some(&gsa)).await;
     let grants = invoke.map(|r| (r.to_string(), vec!["run.routes.invoke".to_string()]));
     let sa = ServiceAccount {
@@ -83,15 +68,15 @@ async fn subject(client: &Client, id: &str, invoke: Option<&str>) -> (String, St
         grants: grants.into_iter().collect(),
         ..Default::default()
     };
-    base().fake.update(|s| s.service_accounts.push(sa));
+    env.fake.update(|s| s.service_accounts.push(sa));
     (ns, gsa)
 }
 
 /// Another namespace labelled `suite=id` whose KSA `app` impersonates the same `gsa`.
-async fn sharing(client: &Client, id: &str, gsa: &str) {
-    let ns = namespace(client, "tt", &[("suite", id)]).await;
+async fn sharing(env: &Env, client: &Client, id: &str, gsa: &str) {
+    let ns = env.namespace(client, "tt", &[("suite", id)]).await;
     service_account(client, &ns, "app", Some(gsa)).await;
-    base().fake.update(|s| {
+    env.fake.update(|s| {
         let sa = s.service_accounts.iter_mut().find(|sa| sa.email == gsa).unwrap();
         sa.bindings[0].members.push(member(&ns, "app"));
     });
@@ -124,26 +109,26 @@ fn failure(p: &AuthProbe) -> (String, String, String) {
 /// No token the fake issued or saw (the ones the origin was sent included) is in the control
 /// plane's files: etcd's data (status, Events), the API server's and the operator's logs, and
 /// nginx's configuration and logs, which live there too.
-fn assert_no_token_leaked() {
-    let credentials = base().fake.credentials_seen();
+fn assert_no_token_leaked(env: &Env) {
+    let credentials = env.fake.credentials_seen();
     assert!(credentials.iter().any(|c| c.starts_with("ya29.")), "access tokens were issued");
     assert!(
-        credentials.iter().any(|c| fake_google::verify_id_token(base().fake.as_ref(), c, AUDIENCE).is_ok()),
+        credentials.iter().any(|c| fake_google::verify_id_token(env.fake.as_ref(), c, AUDIENCE).is_ok()),
         "ID tokens for the origin's audience were issued"
     );
-    let scanned = assert_no_credential_in_files(base().cp.dir(), &credentials);
+    let scanned = assert_no_credential_in_files(env.cp.dir(), &credentials);
     assert!(scanned > 1 << 20, "the scan read etcd's data ({scanned} bytes)");
 }
 
 #[tokio::test]
 async fn a_proxy_that_passes_the_header_is_verified_and_one_that_strips_it_is_named() {
-    let client = admin().await;
-    let site = origin::start(loopback([127, 0, 0, 1]), OriginConfig::id_token(base().fake.clone(), AUDIENCE))
+    let (env, client) = admin().await;
+    let site = origin::start(loopback([127, 0, 0, 1]), OriginConfig::id_token(env.fake.clone(), AUDIENCE))
         .await
         .unwrap();
     let upstream = site.addr;
     // (a) passes the header; (b) drops it on an internal rewrite, as an auth sidecar might.
-    let nginx = Nginx::start(base().cp.dir(), |listen| {
+    let nginx = Nginx::start(env.cp.dir(), |listen| {
         format!(
             "server {{ listen {listen};
                location /pass/ {{ proxy_pass http://{upstream}/; }}
@@ -155,17 +140,17 @@ async fn a_proxy_that_passes_the_header_is_verified_and_one_that_strips_it_is_na
     .unwrap();
 
     let (healthy, stripped) = (unique("pass"), unique("strip"));
-    let (_, shared_gsa) = subject(&client, &healthy, None).await;
-    sharing(&client, &healthy, &shared_gsa).await;
-    let (stripped_ns, _) = subject(&client, &stripped, None).await;
+    let (_, shared_gsa) = subject(&env, &client, &healthy, None).await;
+    sharing(&env, &client, &healthy, &shared_gsa).await;
+    let (stripped_ns, _) = subject(&env, &client, &stripped, None).await;
     let passing = id_endpoint(format!("{}/pass/healthz", nginx.url()));
     let mut rewritten = id_endpoint(format!("{}/api/healthz", nginx.url()));
     rewritten["origin"] = json!(format!("{}/healthz", site.url()));
     apply_probe(&client, &healthy, spec(&healthy, json!({"endpoints": [passing]}))).await;
     apply_probe(&client, &stripped, spec(&stripped, json!({"endpoints": [rewritten]}))).await;
 
-    wait_verified(&client, &healthy, 2).await;
-    let probe = wait_ready(&client, &stripped, "False", "AuthorizationStripped").await;
+    env.wait_verified(&client, &healthy, 2).await;
+    let probe = env.wait_ready(&client, &stripped, "False", "AuthorizationStripped").await;
     let (stage, _, message) = failure(&probe);
     assert_eq!(stage, "Endpoint");
     for needle in [
@@ -189,22 +174,22 @@ async fn a_proxy_that_passes_the_header_is_verified_and_one_that_strips_it_is_na
     let mut sorted = seen.clone();
     sorted.sort();
     assert_eq!(sorted, vec![(false, 401), (true, 200), (true, 200)], "{seen:?}");
-    assert_no_token_leaked();
+    assert_no_token_leaked(&env);
 }
 
 #[tokio::test]
 async fn a_redirect_to_another_host_is_named_and_nothing_is_sent_there() {
-    let client = admin().await;
-    let site = origin::start(loopback([127, 0, 0, 1]), OriginConfig::id_token(base().fake.clone(), AUDIENCE))
+    let (env, client) = admin().await;
+    let site = origin::start(loopback([127, 0, 0, 1]), OriginConfig::id_token(env.fake.clone(), AUDIENCE))
         .await
         .unwrap();
     // The other host: loopback, but not in --endpoint-allow; it must never be called.
     let elsewhere =
-        origin::start(loopback([127, 0, 0, 2]), OriginConfig::id_token(base().fake.clone(), AUDIENCE))
+        origin::start(loopback([127, 0, 0, 2]), OriginConfig::id_token(env.fake.clone(), AUDIENCE))
             .await
             .unwrap();
     let (upstream, other) = (site.addr, elsewhere.addr);
-    let nginx = Nginx::start(base().cp.dir(), |listen| {
+    let nginx = Nginx::start(env.cp.dir(), |listen| {
         format!(
             "server {{ listen {listen};
                location /pass/ {{ proxy_pass http://{upstream}/; }}
@@ -216,20 +201,20 @@ async fn a_redirect_to_another_host_is_named_and_nothing_is_sent_there() {
     .unwrap();
 
     let (same, moved) = (unique("same"), unique("moved"));
-    subject(&client, &same, None).await;
-    subject(&client, &moved, None).await;
+    subject(&env, &client, &same, None).await;
+    subject(&env, &client, &moved, None).await;
     let endpoint = |path: &str| id_endpoint(format!("{}{path}", nginx.url()));
     apply_probe(&client, &same, spec(&same, json!({"endpoints": [endpoint("/same")]}))).await;
     apply_probe(&client, &moved, spec(&moved, json!({"endpoints": [endpoint("/moved")]}))).await;
 
-    wait_verified(&client, &same, 1).await;
-    let probe = wait_ready(&client, &moved, "False", "CrossHostRedirect").await;
+    env.wait_verified(&client, &same, 1).await;
+    let probe = env.wait_ready(&client, &moved, "False", "CrossHostRedirect").await;
     let (_, _, message) = failure(&probe);
     assert!(message.contains(&format!("http://{other}/healthz")), "names where it leads: {message}");
     assert!(message.contains("drop Authorization"), "{message}");
     assert_eq!(elsewhere.count(), 0, "nothing was sent to the other host");
 
-    let metrics = operator().metrics().await;
+    let metrics = env.operator.metrics().await;
     assert!(
         metrics.contains(&format!(
             r#"authprobe_endpoint_requests_total{{probe="{moved}",outcome="redirect"}} "#
@@ -243,32 +228,31 @@ async fn a_redirect_to_another_host_is_named_and_nothing_is_sent_there() {
             .all(|l| !l.contains("http")),
         "no URL in a label: {metrics}"
     );
-    assert_no_token_leaked();
+    assert_no_token_leaked(&env);
 }
 
 #[tokio::test]
 async fn an_origin_taking_only_access_tokens_shows_the_token_type_mismatch() {
-    let client = admin().await;
-    let site = origin::start(loopback([127, 0, 0, 1]), OriginConfig::access_token(base().fake.clone()))
-        .await
-        .unwrap();
+    let (env, client) = admin().await;
+    let site =
+        origin::start(loopback([127, 0, 0, 1]), OriginConfig::access_token(env.fake.clone())).await.unwrap();
     let upstream = site.addr;
-    let nginx = Nginx::start(base().cp.dir(), |listen| {
+    let nginx = Nginx::start(env.cp.dir(), |listen| {
         format!("server {{ listen {listen}; location / {{ proxy_pass http://{upstream}; }} }}")
     })
     .unwrap();
 
     let (access, id) = (unique("access"), unique("idtok"));
-    subject(&client, &access, None).await;
-    subject(&client, &id, None).await;
+    subject(&env, &client, &access, None).await;
+    subject(&env, &client, &id, None).await;
     let url = format!("{}/v1/orders", nginx.url());
     let as_access = json!({"url": url, "tokenType": "AccessToken"});
     let as_id = id_endpoint(url.clone());
     apply_probe(&client, &access, spec(&access, json!({"endpoints": [as_access]}))).await;
     apply_probe(&client, &id, spec(&id, json!({"endpoints": [as_id.clone()]}))).await;
 
-    wait_verified(&client, &access, 1).await;
-    let probe = wait_ready(&client, &id, "False", "TokenTypeMismatch").await;
+    env.wait_verified(&client, &access, 1).await;
+    let probe = env.wait_ready(&client, &id, "False", "TokenTypeMismatch").await;
     let (_, _, message) = failure(&probe);
     assert!(message.contains(&format!("endpoint {url} (IDToken)")), "{message}");
     assert!(message.contains("expects an access token"), "{message}");
@@ -276,7 +260,8 @@ async fn an_origin_taking_only_access_tokens_shows_the_token_type_mismatch() {
     // `authprobe check` runs the same checks, with the same allow list.
     // Off this runtime's thread, which serves the origin meanwhile.
     let gate = spec(&id, json!({"endpoints": [as_id]}));
-    let (code, out) = tokio::task::spawn_blocking(move || check_once(&gate)).await.unwrap();
+    let checked = env.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || check_once(&checked, &gate)).await.unwrap();
     assert_eq!(code, 1, "{out}");
     let result = &serde_json::from_str::<Value>(&out).unwrap()["probes"][0]["results"][0];
     assert_eq!(
@@ -284,22 +269,21 @@ async fn an_origin_taking_only_access_tokens_shows_the_token_type_mismatch() {
         (Some("Endpoint"), Some("TokenTypeMismatch"))
     );
     assert!(result["message"].as_str().unwrap().contains(&url), "{result}");
-    for credential in base().fake.credentials_seen() {
+    for credential in env.fake.credentials_seen() {
         assert!(!out.contains(&credential), "check printed a token");
     }
-    assert_no_token_leaked();
+    assert_no_token_leaked(&env);
 }
 
 /// `authprobe check -o json` on one probe with this binary's allow list; (exit code, stdout).
-fn check_once(spec: &Value) -> (i32, String) {
-    let env = base();
+fn check_once(env: &Env, spec: &Value) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("probe.yaml");
     let probe = json!({"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "metadata": {"name": "gate"}, "spec": spec});
     std::fs::write(&file, serde_json::to_string(&probe).unwrap()).unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, OPERATOR_TOKEN).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authprobe"))
+    let out = std::process::Command::new(authprobe_bin())
         .args(["check", "-f", file.to_str().unwrap(), "--output", "json"])
         .env("KUBECONFIG", env.cp.kubeconfig_path())
         .env("AUTHPROBE_GOOGLE_ENDPOINTS", &env.endpoints)
@@ -315,19 +299,19 @@ fn check_once(spec: &Value) -> (i32, String) {
 
 #[tokio::test]
 async fn refusals_are_false_and_outages_unknown() {
-    let client = admin().await;
+    let (env, client) = admin().await;
     let (welcome, refused, down) = (unique("welcome"), unique("refused"), unique("down"));
-    let (_, allowed_gsa) = subject(&client, &welcome, None).await;
-    subject(&client, &refused, None).await;
-    subject(&client, &down, None).await;
+    let (_, allowed_gsa) = subject(&env, &client, &welcome, None).await;
+    subject(&env, &client, &refused, None).await;
+    subject(&env, &client, &down, None).await;
     // The origin admits one service account: the other is refused with both token types.
     let config = OriginConfig {
         allowed: Some(vec![allowed_gsa]),
-        ..OriginConfig::id_token(base().fake.clone(), AUDIENCE)
+        ..OriginConfig::id_token(env.fake.clone(), AUDIENCE)
     };
     let site = origin::start(loopback([127, 0, 0, 1]), config).await.unwrap();
     let (upstream, closed) = (site.addr, free_port().unwrap());
-    let nginx = Nginx::start(base().cp.dir(), |listen| {
+    let nginx = Nginx::start(env.cp.dir(), |listen| {
         format!(
             "server {{ listen {listen};
                location /pass/ {{ proxy_pass http://{upstream}/; }}
@@ -341,20 +325,20 @@ async fn refusals_are_false_and_outages_unknown() {
     apply_probe(&client, &refused, spec(&refused, json!({"endpoints": [endpoint("/pass/healthz")]}))).await;
     apply_probe(&client, &down, spec(&down, json!({"endpoints": [endpoint("/down/healthz")]}))).await;
 
-    wait_verified(&client, &welcome, 1).await;
-    let probe = wait_ready(&client, &refused, "False", "EndpointRejected").await;
+    env.wait_verified(&client, &welcome, 1).await;
+    let probe = env.wait_ready(&client, &refused, "False", "EndpointRejected").await;
     let (_, _, message) = failure(&probe);
     assert!(message.contains("ID token (audience \"https://api.acme.example\"): 403"), "{message}");
     assert!(message.contains("access token: 401 (WWW-Authenticate: Bearer realm=\"origin\""), "{message}");
-    let probe = wait_ready(&client, &down, "Unknown", "EndpointUnavailable").await;
+    let probe = env.wait_ready(&client, &down, "Unknown", "EndpointUnavailable").await;
     let (_, _, message) = failure(&probe);
     assert!(message.contains("502"), "{message}");
-    assert_no_token_leaked();
+    assert_no_token_leaked(&env);
 }
 
 #[tokio::test]
 async fn a_hanging_endpoint_does_not_hold_the_pass() {
-    let client = admin().await;
+    let (env, client) = admin().await;
     // Accepts connections and never answers.
     let listener = tokio::net::TcpListener::bind(loopback([127, 0, 0, 1])).await.unwrap();
     let hang = listener.local_addr().unwrap();
@@ -365,7 +349,7 @@ async fn a_hanging_endpoint_does_not_hold_the_pass() {
         }
     });
     let id = unique("hang");
-    subject(&client, &id, None).await;
+    subject(&env, &client, &id, None).await;
     apply_probe(
         &client,
         &id,
@@ -374,31 +358,33 @@ async fn a_hanging_endpoint_does_not_hold_the_pass() {
     .await;
 
     // The pass went on without the answer: its verdict says so, and the status was written.
-    let probe = wait_ready(&client, &id, "Unknown", "EndpointUnavailable").await;
+    let probe = env.wait_ready(&client, &id, "Unknown", "EndpointUnavailable").await;
     let (_, _, message) = failure(&probe);
     assert!(message.contains("has not answered") && message.contains("within 3s"), "{message}");
     // The request ends at its own deadline, and the pass brought forward for it reports that.
-    let probe = wait_for(&client, &id, "the request's own timeout", |p| {
-        p.status.as_ref().and_then(|s| s.failures.first()).is_some_and(|f| f.message.contains("timed out"))
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "the request's own timeout", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.failures.first())
+                .is_some_and(|f| f.message.contains("timed out"))
+        })
+        .await;
     assert_eq!(ready(&probe), Some(("Unknown".to_string(), "EndpointUnavailable".to_string())));
 }
 
 #[tokio::test]
 async fn hosts_outside_the_allow_list_are_an_invalid_spec_and_never_called() {
-    let client = admin().await;
-    let outside =
-        origin::start(loopback([127, 0, 0, 2]), OriginConfig::id_token(base().fake.clone(), AUDIENCE))
-            .await
-            .unwrap();
-    let inside =
-        origin::start(loopback([127, 0, 0, 1]), OriginConfig::id_token(base().fake.clone(), AUDIENCE))
-            .await
-            .unwrap();
+    let (env, client) = admin().await;
+    let outside = origin::start(loopback([127, 0, 0, 2]), OriginConfig::id_token(env.fake.clone(), AUDIENCE))
+        .await
+        .unwrap();
+    let inside = origin::start(loopback([127, 0, 0, 1]), OriginConfig::id_token(env.fake.clone(), AUDIENCE))
+        .await
+        .unwrap();
     let (allowed, denied, via_origin) = (unique("allowed"), unique("denied"), unique("origin"));
     for id in [&allowed, &denied, &via_origin] {
-        subject(&client, id, None).await;
+        subject(&env, &client, id, None).await;
     }
     let mut sneaky = id_endpoint(format!("{}/healthz", inside.url()));
     sneaky["origin"] = json!(format!("{}/healthz", outside.url()));
@@ -416,9 +402,9 @@ async fn hosts_outside_the_allow_list_are_an_invalid_spec_and_never_called() {
     .await;
     apply_probe(&client, &via_origin, spec(&via_origin, json!({"endpoints": [sneaky]}))).await;
 
-    wait_verified(&client, &allowed, 1).await;
+    env.wait_verified(&client, &allowed, 1).await;
     for id in [&denied, &via_origin] {
-        let probe = wait_ready(&client, id, "False", "InvalidSpec").await;
+        let probe = env.wait_ready(&client, id, "False", "InvalidSpec").await;
         let ready = probe.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert!(
             ready.message.contains("--endpoint-allow") && ready.message.contains("127.0.0.2"),
@@ -432,7 +418,7 @@ async fn hosts_outside_the_allow_list_are_an_invalid_spec_and_never_called() {
 
 #[tokio::test]
 async fn cloud_run_targets_check_the_audience_and_mint_an_id_token() {
-    let client = admin().await;
+    let (env, client) = admin().await;
     let service = unique("api");
     let run = CloudRunService {
         custom_audiences: vec![AUDIENCE.into()],
@@ -440,10 +426,10 @@ async fn cloud_run_targets_check_the_audience_and_mint_an_id_token() {
     };
     let resource = run.resource();
     let url = run.uri.clone();
-    base().fake.update(|s| s.cloud_run_services.push(run));
+    env.fake.update(|s| s.cloud_run_services.push(run));
     let (current, stale, offline) = (unique("run"), unique("stale"), unique("offline"));
     for id in [&current, &stale, &offline] {
-        subject(&client, id, Some(&resource)).await;
+        subject(&env, &client, id, Some(&resource)).await;
     }
     let target = |audience: &str| json!({"targets": [{"resource": resource, "audience": audience}]});
     apply_probe(&client, &current, spec(&current, target(AUDIENCE))).await;
@@ -453,17 +439,17 @@ async fn cloud_run_targets_check_the_audience_and_mint_an_id_token() {
     without_chain["probe"]["tokenExchange"] = json!(false);
     apply_probe(&client, &offline, without_chain).await;
 
-    let probe = wait_verified(&client, &current, 1).await;
+    let probe = env.wait_verified(&client, &current, 1).await;
     assert_eq!(
         condition_of(&probe, "TokenExchangeVerified"),
         Some(("True".to_string(), "Verified".to_string()))
     );
-    let counts = base().fake.counts();
+    let counts = env.fake.counts();
     for api in ["run.services.get", "run.testIamPermissions", "iamcredentials.generateIdToken"] {
         assert!(counts.get(api).copied().unwrap_or_default() >= 1, "{api} never called: {counts:?}");
     }
     for id in [&stale, &offline] {
-        let probe = wait_ready(&client, id, "False", "AudienceNotAccepted").await;
+        let probe = env.wait_ready(&client, id, "False", "AudienceNotAccepted").await;
         let (stage, _, message) = failure(&probe);
         assert_eq!(stage, "Target");
         for needle in [
@@ -477,7 +463,7 @@ async fn cloud_run_targets_check_the_audience_and_mint_an_id_token() {
             assert!(message.contains(needle), "{needle} missing: {message}");
         }
     }
-    let metrics = operator().metrics().await;
+    let metrics = env.operator.metrics().await;
     for series in [
         r#"authprobe_google_requests_total{api="run.services.get",outcome="ok"}"#,
         r#"authprobe_google_requests_total{api="iamcredentials.generateIdToken",outcome="ok"}"#,
@@ -485,5 +471,5 @@ async fn cloud_run_targets_check_the_audience_and_mint_an_id_token() {
     ] {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }
-    assert_no_token_leaked();
+    assert_no_token_leaked(&env);
 }
