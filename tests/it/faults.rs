@@ -23,7 +23,8 @@ use crate::support::{self, *};
 /// These tests kill and restart kube-apiserver and etcd, restart the operator, inject faults into
 /// the fake and count its calls: a control plane, fake and operator of their own. The operator has
 /// production retry settings (a 60 s deadline), unlike the other modules'.
-static ENV: Private = Private::new("faults", Setup { operator_args: &[], start_operator: true });
+static ENV: Private =
+    Private::new("faults", Setup { operator_args: &[], start_operator: true, ..Setup::DEFAULT });
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

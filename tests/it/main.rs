@@ -19,6 +19,7 @@ mod google_faults;
 mod hostile;
 mod image;
 mod key_rotation;
+mod leadership;
 mod lifecycle;
 mod metrics;
 mod operability;

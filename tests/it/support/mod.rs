@@ -33,7 +33,7 @@ use std::{
         Arc, Mutex, OnceLock, PoisonError, Weak,
         atomic::{AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -44,7 +44,9 @@ use fake_google::{
     scenario::{Binding, Scenario, ServiceAccount},
 };
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event};
+use k8s_openapi::api::{
+    coordination::v1::Lease, core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event,
+};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -66,11 +68,13 @@ pub struct Setup {
     pub operator_args: &'static [&'static str],
     /// Whether it runs; otherwise the tests start operators of their own (with [`Operator::new`]).
     pub start_operator: bool,
+    /// Whether the control plane writes an audit log of every request ([`ControlPlane::audit_log`]).
+    pub audit_log: bool,
 }
 
 impl Setup {
     /// An operator with [`SHORT_RETRIES`], running.
-    pub const DEFAULT: Setup = Setup { operator_args: SHORT_RETRIES, start_operator: true };
+    pub const DEFAULT: Setup = Setup { operator_args: SHORT_RETRIES, start_operator: true, audit_log: false };
 }
 
 /// A control plane, a fake Google and an operator.
@@ -143,14 +147,15 @@ impl Private {
 /// connection opened meanwhile can take one; that is the likely cause of the one failed start
 /// seen here in about 200 (kube-apiserver exited with status 1; its log went with the failed
 /// start's directory).
-fn control_plane(name: &str) -> ControlPlane {
+fn control_plane(name: &str, audit_log: bool) -> ControlPlane {
     let mut attempt = 0;
     loop {
         attempt += 1;
         // ControlPlane::start runs a runtime of its own: not from within a test's.
-        let started = std::thread::spawn(|| ControlPlane::start(Options::default()))
-            .join()
-            .expect("the control plane start does not panic");
+        let started =
+            std::thread::spawn(move || ControlPlane::start(Options { audit_log, ..Options::default() }))
+                .join()
+                .expect("the control plane start does not panic");
         match started {
             Ok(cp) => return cp,
             Err(e) if attempt < 3 => {
@@ -167,7 +172,7 @@ fn control_plane(name: &str) -> ControlPlane {
 impl Env {
     /// Starts a control plane, a fake and (per `setup`) the operator. Blocking.
     fn start(name: &str, setup: Setup) -> Env {
-        let cp = control_plane(name);
+        let cp = control_plane(name, setup.audit_log);
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -648,4 +653,24 @@ pub fn assert_no_credential_in_files(dir: &std::path::Path, credentials: &[Strin
 pub fn report(kind: &str, line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{kind}: {line}");
+}
+
+/// Who holds the Lease, if anyone.
+pub fn lease_holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())
+}
+
+/// Waits until the Lease is held by someone other than `not`, and returns the holder and how long it took.
+pub async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok(lease) = leases.get(authprobe::runtime::leader::DEFAULT_LEASE_NAME).await
+            && let Some(holder) = lease_holder(&lease)
+            && Some(holder.as_str()) != not
+        {
+            return (holder, started.elapsed());
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no takeover within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
