@@ -342,6 +342,18 @@ impl Drop for Operator {
     }
 }
 
+/// `endpoints` without the services an older build (`AUTHPROBE_BIN`) refuses: with
+/// `AUTHPROBE_BIN_SERVICES=sts,iam,...` only those are passed, so its tests can show what it did.
+fn known_endpoints(endpoints: &str) -> String {
+    let Ok(known) = std::env::var("AUTHPROBE_BIN_SERVICES") else { return endpoints.to_string() };
+    let known: Vec<&str> = known.split(',').collect();
+    endpoints
+        .split(',')
+        .filter(|e| e.split_once('=').is_some_and(|(service, _)| known.contains(&service)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Operator {
     /// An operator (not started) talking to the fake at `endpoints`, with `extra` arguments.
     pub fn new(cp: &ControlPlane, endpoints: &str, extra: &[&str]) -> Self {
@@ -363,7 +375,7 @@ impl Operator {
             args,
             envs: vec![
                 ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
-                ("AUTHPROBE_GOOGLE_ENDPOINTS", endpoints.to_string()),
+                ("AUTHPROBE_GOOGLE_ENDPOINTS", known_endpoints(endpoints)),
                 ("RUST_LOG", "info,authprobe=debug".into()),
             ],
         }
