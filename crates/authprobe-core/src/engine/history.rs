@@ -239,6 +239,7 @@ mod tests {
             reason: Reason::PrincipalNotMapped,
             message: "x".into(),
             since: Time(t("2026-01-01T00:00:00Z")),
+            workloads: vec![],
         };
         let status = AuthProbeStatus {
             summary: Some(Summary {

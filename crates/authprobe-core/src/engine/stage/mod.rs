@@ -5,6 +5,7 @@ pub mod chain;
 mod iam;
 pub mod provider;
 mod static_checks;
+mod workload;
 
 use super::{Facts, Finding, Plan, Prepared, TokenClaims, principal::KsaIdentity};
 
