@@ -4,27 +4,43 @@
 use std::{fmt::Write as _, sync::Arc};
 
 use anyhow::Context as _;
-use k8s_openapi::{api::core::v1::ServiceAccount, jiff::Timestamp};
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        batch::v1::{CronJob, Job},
+        core::v1::{Pod, ServiceAccount},
+    },
+    jiff::Timestamp,
+};
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::{ListParams, ObjectList},
 };
-use serde::Serialize;
+use serde::{Serialize, de::DeserializeOwned};
 
 use super::GoogleArgs;
 use crate::{
     api::{AuthProbe, condition},
     controller::Clients,
-    controller::inventory::{MetaView, NamespaceMeta, ServiceAccountMeta},
+    controller::{
+        inventory::{MetaView, NamespaceMeta, ServiceAccountMeta},
+        workloads::Workloads,
+    },
     engine::{
         Plan, Selection, Verdict,
         report::{KsaOutcome, Report, Status},
+        workload::{WorkloadObject, prune},
     },
     fence::Fence,
     google::Google,
     metrics::Metrics,
-    probe::{self, Pass, Services, exchange::Chain, issuer::ClusterIssuers},
+    probe::{self, Pass, Services, config_maps::ConfigMaps, exchange::Chain, issuer::ClusterIssuers},
 };
+
+/// Objects listed per request.
+const PAGE: u32 = 500;
+/// A list stops after this many pages (5 million objects).
+const MAX_PAGES: usize = 10_000;
 
 /// `authprobe check`.
 #[derive(Debug, clap::Args)]
@@ -130,9 +146,27 @@ pub async fn check(
         Api::<ServiceAccount>::all(client.clone()).list_metadata(&ListParams::default()).await?;
     let Selection { namespaces, candidates } =
         plan.select(&MetaView::new(namespaces.items, service_accounts.items));
+    let workloads = Workloads::default();
+    if plan.inspect_workloads {
+        futures::try_join!(
+            list_workloads::<Deployment>(client, &workloads),
+            list_workloads::<StatefulSet>(client, &workloads),
+            list_workloads::<DaemonSet>(client, &workloads),
+            list_workloads::<Job>(client, &workloads),
+            list_workloads::<CronJob>(client, &workloads),
+            list_workloads::<Pod>(client, &workloads),
+        )?;
+    }
+    let config_maps = ConfigMaps::new(client.clone());
     let issuers = ClusterIssuers::new(client.clone());
     let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()));
-    let services = Services { google: &google, issuers: &issuers, chain: Some(&chain) };
+    let services = Services {
+        google: &google,
+        issuers: &issuers,
+        chain: Some(&chain),
+        workloads: &workloads,
+        config_maps: &config_maps,
+    };
     let pass = Pass { plan: &plan, candidates, max_age: std::time::Duration::ZERO, now: Timestamp::now() };
     // No history here: only a KSA's creation opens the propagation grace.
     let evaluated = probe::evaluate(services, pass, |c| c.ksa.as_ref().and_then(|k| k.created)).await;
@@ -143,6 +177,28 @@ pub async fn check(
     );
     let code = exit_code(&report);
     Ok(checked(name, &report, &evaluated.outcomes, code))
+}
+
+/// Lists every object of kind `K`, page by page, keeping each workload's pruned view.
+async fn list_workloads<K>(client: &Client, into: &Workloads) -> Result<(), kube::Error>
+where
+    K: WorkloadObject + Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let api = Api::<K>::all(client.clone());
+    let mut params = ListParams::default().limit(PAGE);
+    for _ in 0..MAX_PAGES {
+        let page = api.list(&params).await?;
+        for object in &page.items {
+            if let Some(workload) = prune(object) {
+                into.apply(workload);
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 /// 1 when anything is definitely failing, 2 when anything is undecided (or the spec is invalid), else 0.

@@ -61,11 +61,21 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
     let (report, outcomes, interval, probe_now, recheck_at) = match plan.as_ref() {
         Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
         Ok(plan) => {
+            if plan.inspect_workloads {
+                // A pass before every workload was listed would miss them and read as passing.
+                ctx.workloads.wait_until_ready().await;
+            }
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
             let pass =
                 Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
-            let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
+            let services = Services {
+                google: &ctx.google,
+                issuers: &ctx.issuers,
+                chain: Some(&ctx.chain),
+                workloads: ctx.workloads.as_ref(),
+                config_maps: &ctx.config_maps,
+            };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
             let report = Report::build(&evaluated.outcomes, count, plan.token_exchange);

@@ -1,5 +1,6 @@
 //! One probe pass, shared by the operator and `authprobe check`: static checks, the Google reads
-//! they call for (once per GSA, however many KSAs name it), then the engine's verdict per KSA.
+//! they call for (once per GSA, however many KSAs name it) and the ConfigMaps the KSAs' workloads
+//! mount, then the engine's verdict per KSA.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,17 +11,23 @@ use std::{
 use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 
+pub mod config_maps;
 pub mod exchange;
 pub mod issuer;
 
 use self::{
+    config_maps::ConfigMaps,
     exchange::{Chain, Exchange},
     issuer::ClusterIssuers,
 };
 use crate::{
     engine::{
-        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, annotation::GsaEmail, grace::Grace,
-        principal::KsaIdentity, report::KsaOutcome,
+        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, Verdict,
+        annotation::GsaEmail,
+        grace::Grace,
+        principal::KsaIdentity,
+        report::KsaOutcome,
+        workload::{Workload, WorkloadView},
     },
     google::Google,
 };
@@ -37,6 +44,10 @@ pub struct Services<'a> {
     pub issuers: &'a ClusterIssuers,
     /// The live chain, for probes with `tokenExchange: true`.
     pub chain: Option<&'a Chain>,
+    /// The workloads, for stage `Workload`.
+    pub workloads: &'a (dyn WorkloadView + Sync),
+    /// The ConfigMaps they mount.
+    pub config_maps: &'a ConfigMaps,
 }
 
 /// One pass over a probe's KSAs.
@@ -78,25 +89,48 @@ pub async fn evaluate(
         prepared.iter().filter_map(|(_, p)| p.as_ref().ok()?.gsa.clone()).collect();
     wanted.sort();
     wanted.dedup();
+    let workloads = workloads_of(plan, services.workloads, &prepared);
+    let mut mounted: Vec<(String, String)> =
+        workloads.iter().flat_map(|((_, name), w)| plan.config_maps_to_read(name, w)).collect();
+    mounted.sort();
+    mounted.dedup();
     let google = services.google;
-    let gsas: BTreeMap<GsaEmail, Arc<GsaFacts>> = stream::iter(wanted)
+    let gsa_reads = stream::iter(wanted)
         .map(|gsa: GsaEmail| async move {
             let facts = google.gsa(&gsa, max_age).await;
             (gsa, facts)
         })
         .buffer_unordered(READ_CONCURRENCY)
-        .collect()
-        .await;
-    let (provider, cluster) = match &plan.federation {
-        Some(f) => {
-            let (provider, cluster) =
-                tokio::join!(services.google.provider(f, max_age), services.issuers.get(max_age));
-            (Some(provider), Some(cluster))
+        .collect::<BTreeMap<GsaEmail, Arc<GsaFacts>>>();
+    let federation_reads = async {
+        match &plan.federation {
+            Some(f) => {
+                let (provider, cluster) =
+                    tokio::join!(services.google.provider(f, max_age), services.issuers.get(max_age));
+                (Some(provider), Some(cluster))
+            }
+            None => (None, None),
         }
-        None => (None, None),
     };
+    let (gsas, (provider, cluster), config_maps) =
+        tokio::join!(gsa_reads, federation_reads, services.config_maps.read(mounted));
     let facts =
         Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
+
+    // Stage Workload: a failing finding stops the KSA there; an undecided one lets the later
+    // stages run and is kept for the verdict.
+    let prepared: Vec<(Candidate, Result<Prepared, Finding>, Option<Finding>)> = prepared
+        .into_iter()
+        .map(|(candidate, prepared)| {
+            let Ok(p) = prepared else { return (candidate, prepared, None) };
+            let key = (candidate.namespace.clone(), candidate.name.clone());
+            let found = workloads.get(&key).and_then(|w| plan.workload_stage(&p, w, &config_maps, &facts));
+            match found {
+                Some(f) if f.verdict == Verdict::Fail => (candidate, Err(f), None),
+                undecided => (candidate, Ok(p), undecided),
+            }
+        })
+        .collect();
 
     // The live chain: mint and exchange first (shared per KSA and audience), so the provider
     // checks read the claims the cluster really issues.
@@ -104,7 +138,7 @@ pub async fn evaluate(
     let exchanges: HashMap<(String, String), Arc<Exchange>> = match chain {
         Some(chain) => {
             let work: Vec<Ksa> =
-                prepared.iter().filter_map(|(_, p)| Some(p.as_ref().ok()?.ksa.clone())).collect();
+                prepared.iter().filter_map(|(_, p, _)| Some(p.as_ref().ok()?.ksa.clone())).collect();
             stream::iter(work)
                 .map(|ksa: Ksa| async move {
                     let exchange = chain.exchange(plan, &ksa, max_age).await;
@@ -116,22 +150,22 @@ pub async fn evaluate(
         }
         None => HashMap::new(),
     };
-    let mapped: Vec<(Candidate, Mapped)> = prepared
+    let mapped: Vec<(Candidate, Mapped, Option<Finding>)> = prepared
         .into_iter()
-        .map(|(candidate, prepared)| {
+        .map(|(candidate, prepared, undecided)| {
             let exchange = exchanges.get(&(candidate.namespace.clone(), candidate.name.clone()));
             let checked = prepared.and_then(|p| {
                 let identity = plan.check_mapping(&p, &facts, exchange.and_then(|e| e.claims()))?;
                 Ok((p, identity))
             });
-            (candidate, checked)
+            (candidate, checked, undecided)
         })
         .collect();
     let verified: HashMap<(String, String), Result<(), Finding>> = match chain {
         Some(chain) => {
             let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>)> = mapped
                 .iter()
-                .filter_map(|(c, m)| {
+                .filter_map(|(c, m, _)| {
                     let (p, identity) = m.as_ref().ok()?;
                     let exchange = exchanges.get(&(c.namespace.clone(), c.name.clone()))?;
                     Some((p.clone(), identity.clone(), exchange.clone()))
@@ -155,7 +189,7 @@ pub async fn evaluate(
     let mut grace = Grace::new(plan.grace, now);
     let outcomes = mapped
         .into_iter()
-        .map(|(candidate, mapped)| {
+        .map(|(candidate, mapped, undecided)| {
             let gsa_change = candidate
                 .ksa
                 .as_ref()
@@ -166,9 +200,36 @@ pub async fn evaluate(
                 .get(&(candidate.namespace.clone(), candidate.name.clone()))
                 .cloned()
                 .map(|r| r.map_err(|f| grace.judge(f, changed)));
-            let mapping = mapped.err().map(|f| grace.judge(f, changed));
+            let mapping = Finding::decisive(undecided.as_ref(), mapped.as_ref().err())
+                .cloned()
+                .map(|f| grace.judge(f, changed));
             KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain }
         })
         .collect();
     Evaluated { outcomes, recheck_at: grace.recheck_at() }
+}
+
+/// Each static-passed KSA's workloads (those of its namespace running as it), when the probe
+/// inspects workloads.
+fn workloads_of(
+    plan: &Plan,
+    view: &dyn WorkloadView,
+    prepared: &[(Candidate, Result<Prepared, Finding>)],
+) -> HashMap<(String, String), Vec<Arc<Workload>>> {
+    if !plan.inspect_workloads {
+        return HashMap::new();
+    }
+    prepared
+        .iter()
+        .filter(|(_, p)| p.is_ok())
+        .map(|(c, _)| {
+            let mut found = Vec::new();
+            view.each_workload(&c.namespace, &mut |w| {
+                if w.runs_as(&c.name) {
+                    found.push(w.clone());
+                }
+            });
+            ((c.namespace.clone(), c.name.clone()), found)
+        })
+        .collect()
 }

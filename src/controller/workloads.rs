@@ -1,0 +1,304 @@
+//! The workload inventory: Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and bare Pods,
+//! each pruned to the engine's [`Workload`] view as its watch event arrives (a full object is never
+//! stored), indexed by namespace; and which ConfigMaps they mount, so the metadata-only ConfigMap
+//! watch keeps versions (and triggers passes) for those alone. An event that leaves the pruned
+//! view unchanged (a rollout's status, replicas, labels) triggers nothing.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
+
+use futures::{Stream, StreamExt, stream};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Resource,
+    core::PartialObjectMeta,
+    runtime::watcher::{self, Event},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::{
+    engine::workload::{Workload, WorkloadKind, WorkloadObject, WorkloadView, prune},
+    probe::config_maps::ConfigMaps,
+};
+
+/// A cached ConfigMap's metadata.
+pub type ConfigMapMeta = PartialObjectMeta<ConfigMap>;
+
+/// One bit per watch that must have listed once before workloads can be judged: each kind's
+/// (its declaration index) and the ConfigMaps'.
+const CONFIG_MAP_BIT: u8 = 1 << WorkloadKind::ALL.len();
+const ALL_SYNCED: u8 = (CONFIG_MAP_BIT << 1) - 1;
+
+fn bit(kind: WorkloadKind) -> u8 {
+    1 << (kind as u8)
+}
+
+type ByName = BTreeMap<(WorkloadKind, String), Arc<Workload>>;
+
+/// Every workload, pruned, by namespace.
+#[derive(Debug)]
+pub struct Workloads {
+    by_namespace: RwLock<HashMap<String, ByName>>,
+    /// Per kind during a (re-)list: the objects listed so far, so those gone are dropped at its end.
+    listing: Mutex<HashMap<WorkloadKind, HashSet<(String, String)>>>,
+    synced: watch::Sender<u8>,
+}
+
+impl Default for Workloads {
+    fn default() -> Self {
+        Self { by_namespace: RwLock::default(), listing: Mutex::default(), synced: watch::Sender::new(0) }
+    }
+}
+
+impl Workloads {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, ByName>> {
+        self.by_namespace.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, ByName>> {
+        self.by_namespace.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores a workload; returns whether its view changed.
+    pub fn apply(&self, workload: Workload) -> bool {
+        if let Some(seen) = self.listing().get_mut(&workload.kind) {
+            seen.insert((workload.namespace.clone(), workload.name.clone()));
+        }
+        let mut all = self.write();
+        let names = all.entry(workload.namespace.clone()).or_default();
+        let key = (workload.kind, workload.name.clone());
+        if names.get(&key).is_some_and(|w| **w == workload) {
+            return false;
+        }
+        names.insert(key, Arc::new(workload));
+        true
+    }
+
+    /// Drops a workload; returns whether it was stored.
+    pub fn remove(&self, kind: WorkloadKind, namespace: &str, name: &str) -> bool {
+        let mut all = self.write();
+        let Some(names) = all.get_mut(namespace) else { return false };
+        let removed = names.remove(&(kind, name.to_string())).is_some();
+        if names.is_empty() {
+            all.remove(namespace);
+        }
+        removed
+    }
+
+    fn listing(&self) -> MutexGuard<'_, HashMap<WorkloadKind, HashSet<(String, String)>>> {
+        self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn begin_listing(&self, kind: WorkloadKind) {
+        self.listing().insert(kind, HashSet::new());
+    }
+
+    /// Ends a (re-)list of `kind`: drops what it did not show; returns their namespaces.
+    fn end_listing(&self, kind: WorkloadKind) -> Vec<String> {
+        let seen = self.listing().remove(&kind).unwrap_or_default();
+        let mut all = self.write();
+        let mut touched = Vec::new();
+        for (namespace, names) in all.iter_mut() {
+            let before = names.len();
+            names.retain(|(k, name), _| *k != kind || seen.contains(&(namespace.clone(), name.clone())));
+            if names.len() != before {
+                touched.push(namespace.clone());
+            }
+        }
+        all.retain(|_, names| !names.is_empty());
+        drop(all);
+        self.synced.send_modify(|s| *s |= bit(kind));
+        touched
+    }
+
+    /// Whether any workload in `namespace` mounts ConfigMap `name`.
+    pub fn mounts_config_map(&self, namespace: &str, name: &str) -> bool {
+        self.read().get(namespace).is_some_and(|names| names.values().any(|w| w.mounts_config_map(name)))
+    }
+
+    /// The UID of a workload, for Events about it.
+    pub fn uid(&self, namespace: &str, kind: WorkloadKind, name: &str) -> Option<String> {
+        self.read().get(namespace)?.get(&(kind, name.to_string())).map(|w| w.uid.clone())
+    }
+
+    /// How many workloads are stored.
+    pub fn len(&self) -> usize {
+        self.read().values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until every workload kind and the ConfigMaps have been listed once.
+    pub async fn wait_until_ready(&self) {
+        let mut synced = self.synced.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while it is borrowed.
+        let _ = synced.wait_for(|s| *s == ALL_SYNCED).await;
+    }
+}
+
+impl WorkloadView for Workloads {
+    fn each_workload(&self, namespace: &str, f: &mut dyn FnMut(&Arc<Workload>)) {
+        if let Some(names) = self.read().get(namespace) {
+            names.values().for_each(f);
+        }
+    }
+}
+
+/// The namespace of a change that may matter to the probes covering it.
+pub type Touched = PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>;
+
+fn touched(namespace: String) -> Touched {
+    PartialObjectMeta {
+        types: None,
+        metadata: kube::api::ObjectMeta { name: Some(namespace), ..Default::default() },
+        _phantom: Default::default(),
+    }
+}
+
+/// Watches every object of kind `K`, keeps `workloads` up to date, and yields the namespace of each
+/// change to a pruned view (an object appearing, changing what the stage reads, or going).
+pub fn watch_kind<K>(
+    events: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    workloads: Arc<Workloads>,
+) -> impl Stream<Item = Result<Touched, watcher::Error>> + Send + 'static
+where
+    K: WorkloadObject + Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let kind = K::WORKLOAD;
+    events
+        .map(move |event| {
+            let namespaces: Vec<String> = match event {
+                Err(e) => return stream::iter(vec![Err(e)]),
+                Ok(Event::Init) => {
+                    workloads.begin_listing(kind);
+                    vec![]
+                }
+                Ok(Event::InitDone) => workloads.end_listing(kind),
+                Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                    let meta = object.meta();
+                    let (namespace, name) =
+                        (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+                    // An object that stops being a workload of its own (a Pod adopted) is dropped.
+                    let changed = match prune(&object) {
+                        Some(view) => workloads.apply(view),
+                        None => workloads.remove(kind, &namespace, &name),
+                    };
+                    if changed { vec![namespace] } else { vec![] }
+                }
+                Ok(Event::Delete(object)) => {
+                    let meta = object.meta();
+                    let namespace = meta.namespace.clone().unwrap_or_default();
+                    let name = meta.name.as_deref().unwrap_or_default();
+                    if workloads.remove(kind, &namespace, name) { vec![namespace] } else { vec![] }
+                }
+            };
+            stream::iter(namespaces.into_iter().map(|n| Ok(touched(n))).collect::<Vec<_>>())
+        })
+        .flatten()
+}
+
+/// Watches ConfigMap metadata: a ConfigMap some workload mounts has its version recorded and, when
+/// that differs from what a pass read, yields its namespace; any other is forgotten.
+pub fn watch_config_maps(
+    events: impl Stream<Item = Result<Event<ConfigMapMeta>, watcher::Error>> + Send + 'static,
+    workloads: Arc<Workloads>,
+    config_maps: Arc<ConfigMaps>,
+) -> impl Stream<Item = Result<Touched, watcher::Error>> + Send + 'static {
+    events
+        .map(move |event| {
+            let (cm, version) = match event {
+                Err(e) => return stream::iter(vec![Err(e)]),
+                Ok(Event::InitDone) => {
+                    workloads.synced.send_modify(|s| *s |= CONFIG_MAP_BIT);
+                    return stream::iter(vec![]);
+                }
+                Ok(Event::Init) => return stream::iter(vec![]),
+                Ok(Event::Apply(cm) | Event::InitApply(cm)) => {
+                    let version = cm.metadata.resource_version.clone();
+                    (cm, version)
+                }
+                Ok(Event::Delete(cm)) => (cm, None),
+            };
+            let namespace = cm.metadata.namespace.clone().unwrap_or_default();
+            let name = cm.metadata.name.as_deref().unwrap_or_default();
+            if !workloads.mounts_config_map(&namespace, name) {
+                config_maps.forget(&namespace, name);
+                return stream::iter(vec![]);
+            }
+            if config_maps.observe(&namespace, name, version) {
+                stream::iter(vec![Ok(touched(namespace))])
+            } else {
+                stream::iter(vec![])
+            }
+        })
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use serde_json::json;
+
+    use super::*;
+
+    fn deployment(name: &str, namespace: &str, replicas: i32, config_map: &str) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
+            "spec": {"replicas": replicas, "selector": {}, "template": {"spec": {
+                "serviceAccountName": "app",
+                "containers": [{"name": "c"}],
+                "volumes": [{"name": "v", "configMap": {"name": config_map}}]
+            }}}
+        }))
+        .unwrap()
+    }
+
+    async fn run(events: Vec<Event<Deployment>>, workloads: &Arc<Workloads>) -> Vec<String> {
+        let stream = futures::stream::iter(events.into_iter().map(Ok));
+        watch_kind(stream, workloads.clone()).map(|t| t.unwrap().metadata.name.unwrap()).collect().await
+    }
+
+    #[test]
+    fn every_kind_has_its_sync_bit() {
+        let bits = WorkloadKind::ALL.iter().fold(0, |b, k| b | bit(*k));
+        assert_eq!(bits | CONFIG_MAP_BIT, ALL_SYNCED);
+        assert_eq!(bits & CONFIG_MAP_BIT, 0);
+    }
+
+    #[tokio::test]
+    async fn only_changes_to_the_pruned_view_touch_a_namespace() {
+        let workloads = Arc::new(Workloads::default());
+        let touched = run(
+            vec![
+                Event::Init,
+                Event::InitApply(deployment("a", "n1", 1, "cm")),
+                Event::InitApply(deployment("b", "n2", 1, "cm")),
+                Event::InitDone,
+                // Only replicas change: nothing the stage reads.
+                Event::Apply(deployment("a", "n1", 3, "cm")),
+                Event::Apply(deployment("a", "n1", 3, "other")),
+            ],
+            &workloads,
+        )
+        .await;
+        assert_eq!(touched, ["n1", "n2", "n1"]);
+        assert!(workloads.mounts_config_map("n1", "other") && !workloads.mounts_config_map("n1", "cm"));
+        assert_eq!(workloads.uid("n2", WorkloadKind::Deployment, "b").as_deref(), Some("uid-b"));
+        // A re-list that no longer shows b drops it and touches its namespace.
+        let touched = run(
+            vec![Event::Init, Event::InitApply(deployment("a", "n1", 3, "other")), Event::InitDone],
+            &workloads,
+        )
+        .await;
+        assert_eq!(touched, ["n2"]);
+        assert_eq!(workloads.len(), 1);
+        assert_eq!(run(vec![Event::Delete(deployment("a", "n1", 3, "other"))], &workloads).await, ["n1"]);
+        assert!(workloads.is_empty());
+    }
+}
