@@ -163,8 +163,8 @@ async fn write_status(ctx: &Context, probe: &str, status: &AuthProbeStatus) -> R
 }
 
 /// Publishes the announcements; returns the indexes of those the API server refused, which the
-/// next pass announces again. A ServiceAccount that no longer exists has nothing to attach an
-/// Event to (the AuthProbe's own Event covers it).
+/// next pass announces again. A ServiceAccount or workload that no longer exists has nothing to
+/// attach an Event to (the AuthProbe's own Event covers it).
 async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement]) -> Vec<usize> {
     let mut failed = vec![];
     for (i, a) in announcements.iter().enumerate() {
@@ -181,6 +181,17 @@ async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement
                 ObjectReference {
                     api_version: Some("v1".into()),
                     kind: Some("ServiceAccount".into()),
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.clone()),
+                    uid: Some(uid),
+                    ..Default::default()
+                }
+            }
+            Regarding::Workload { namespace, kind, name } => {
+                let Some(uid) = ctx.workloads.uid(namespace, *kind, name) else { continue };
+                ObjectReference {
+                    api_version: Some(kind.api_version().into()),
+                    kind: Some(kind.to_string()),
                     name: Some(name.clone()),
                     namespace: Some(namespace.clone()),
                     uid: Some(uid),
