@@ -121,7 +121,7 @@ fn cached_objects_stay_within_ten_percent_of_the_baseline() {
     let changes = AnnotationChanges::default();
     let (per_service_account, service_accounts) =
         retained_per_object(SERVICE_ACCOUNTS, service_account, inventory::prune_service_account, |sa| {
-            changes.observe(sa)
+            changes.observe(&watcher::Event::Apply(sa.clone()))
         });
     assert_eq!((namespaces.state().len(), service_accounts.state().len()), (NAMESPACES, SERVICE_ACCOUNTS));
 

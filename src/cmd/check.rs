@@ -3,7 +3,6 @@
 
 use std::{fmt::Write as _, sync::Arc};
 
-use anyhow::Context as _;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
@@ -51,9 +50,49 @@ pub struct CheckArgs {
     /// How to print the results.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// The kubeconfig to use (default: KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long)]
+    pub context: Option<String>,
     /// Google access.
     #[command(flatten)]
     pub google: GoogleArgs,
+}
+
+/// Exit codes of `authprobe check`.
+pub mod exit {
+    /// Everything passed.
+    pub const PASSING: u8 = 0;
+    /// Something is definitely failing.
+    pub const FAILING: u8 = 1;
+    /// authprobe cannot tell (Google or the cluster unreachable, its own access refused, an
+    /// invalid spec, a failure within its propagation grace).
+    pub const CANNOT_TELL: u8 = 2;
+    /// The command line or the file is wrong: nothing was checked.
+    pub const USAGE: u8 = 3;
+}
+
+/// Why `authprobe check` could not produce a verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The command line or the file is wrong.
+    #[error("{0}")]
+    Input(String),
+    /// The cluster or Google could not be asked.
+    #[error(transparent)]
+    Unavailable(#[from] anyhow::Error),
+}
+
+impl CheckError {
+    /// The exit code this error ends the command with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CheckError::Input(_) => exit::USAGE,
+            CheckError::Unavailable(_) => exit::CANNOT_TELL,
+        }
+    }
 }
 
 /// How results are printed.
@@ -63,6 +102,8 @@ pub enum Output {
     Table,
     /// One JSON document.
     Json,
+    /// One YAML document (the JSON output's structure).
+    Yaml,
     /// JUnit XML: a test case per ServiceAccount.
     Junit,
 }
@@ -118,10 +159,33 @@ pub struct ResultOut {
     pub message: Option<String>,
 }
 
-/// Parses every AuthProbe in a YAML stream.
+/// Parses every AuthProbe in a YAML stream, strictly: like `kubectl apply`'s strict field
+/// validation, a field the AuthProbe schema does not have is an error that names it.
 pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
-    let probes: Vec<AuthProbe> =
-        serde_saphyr::from_multiple(text).map_err(|e| format!("not AuthProbe YAML: {e}"))?;
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| format!("not YAML: {e}"))?;
+    let probes = documents
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .enumerate()
+        .map(|(i, document)| {
+            let at = |what: String| format!("document {}: {what}", i + 1);
+            let (api_version, kind) = (&document["apiVersion"], &document["kind"]);
+            if api_version != "authprobe.io/v1alpha1" || kind != "AuthProbe" {
+                return Err(at(format!(
+                    "apiVersion {api_version} kind {kind} is not an authprobe.io/v1alpha1 AuthProbe"
+                )));
+            }
+            let mut unknown = Vec::new();
+            let probe: AuthProbe =
+                serde_ignored::deserialize(document, |path| unknown.push(path.to_string()))
+                    .map_err(|e| at(format!("not an AuthProbe: {e}")))?;
+            match unknown.first() {
+                Some(field) => Err(at(format!("unknown field \"{field}\""))),
+                None => Ok(probe),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if probes.is_empty() {
         return Err("no AuthProbe in the file".into());
     }
@@ -138,7 +202,7 @@ pub async fn check(
     let name = probe.name_any();
     let plan = match Plan::parse(&probe.spec) {
         Ok(plan) => plan,
-        Err(invalid) => return Ok(checked(name, &Report::invalid(&invalid), &[], 2)),
+        Err(invalid) => return Ok(checked(name, &Report::invalid(&invalid), &[], exit::CANNOT_TELL)),
     };
     let namespaces: ObjectList<NamespaceMeta> =
         Api::all(client.clone()).list_metadata(&ListParams::default()).await?;
@@ -204,9 +268,9 @@ where
 /// 1 when anything is definitely failing, 2 when anything is undecided (or the spec is invalid), else 0.
 fn exit_code(report: &Report) -> u8 {
     match report.condition(condition::READY).map(|c| c.status) {
-        Some(Status::True) => 0,
-        Some(Status::False) if report.summary.failing > 0 => 1,
-        _ => 2,
+        Some(Status::True) => exit::PASSING,
+        Some(Status::False) if report.summary.failing > 0 => exit::FAILING,
+        _ => exit::CANNOT_TELL,
     }
 }
 
@@ -255,6 +319,11 @@ pub fn render(checked: &[Checked], output: Output) -> String {
             "probes": checked,
         }))
         .unwrap_or_default(),
+        Output::Yaml => serde_saphyr::to_string(&serde_json::json!({
+            "exitCode": overall(checked),
+            "probes": checked,
+        }))
+        .unwrap_or_default(),
         Output::Table => table(checked),
         Output::Junit => junit(checked),
     }
@@ -262,10 +331,10 @@ pub fn render(checked: &[Checked], output: Output) -> String {
 
 /// The exit code of a run over several probes: failing beats undecided beats passing.
 pub fn overall(checked: &[Checked]) -> u8 {
-    if checked.iter().any(|c| c.exit_code == 1) {
-        1
+    if checked.iter().any(|c| c.exit_code == exit::FAILING) {
+        exit::FAILING
     } else {
-        checked.iter().map(|c| c.exit_code).max().unwrap_or(0)
+        checked.iter().map(|c| c.exit_code).max().unwrap_or(exit::PASSING)
     }
 }
 
@@ -388,20 +457,47 @@ fn junit(checked: &[Checked]) -> String {
 }
 
 /// `authprobe check`: reads the probes, checks each, prints the results and returns the exit code.
-pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
+pub async fn run(args: CheckArgs) -> Result<u8, CheckError> {
     let text = if args.file.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())?
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CheckError::Input(format!("reading standard input: {e}")))?
     } else {
-        std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
+        std::fs::read_to_string(&args.file)
+            .map_err(|e| CheckError::Input(format!("reading {}: {e}", args.file.display())))?
     };
-    let probes = parse_probes(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    let client = Clients::connect().await?.call;
+    let probes =
+        parse_probes(&text).map_err(|e| CheckError::Input(format!("{}: {e}", args.file.display())))?;
+    let config = kube_config(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+    let client = Clients::from_config(config)?.call;
     let metrics = Arc::new(Metrics::new());
     let google = Arc::new(args.google.connect(metrics.clone())?);
     let mut results = Vec::new();
     for probe in &probes {
-        results.push(check(&client, google.clone(), metrics.clone(), probe).await?);
+        results
+            .push(check(&client, google.clone(), metrics.clone(), probe).await.map_err(anyhow::Error::from)?);
     }
     print!("{}", render(&results, args.output));
     Ok(overall(&results))
+}
+
+/// The kubeconfig (and context) asked for, or the usual inference.
+async fn kube_config(
+    path: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Config, CheckError> {
+    let options =
+        kube::config::KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+    match (path, context) {
+        (None, None) => kube::Config::infer().await.map_err(|e| CheckError::Unavailable(e.into())),
+        (Some(path), _) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| CheckError::Input(format!("--kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| CheckError::Input(format!("--kubeconfig {}: {e}", path.display())))
+        }
+        (None, Some(_)) => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| CheckError::Input(format!("--context: {e}"))),
+    }
 }

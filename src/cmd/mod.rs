@@ -171,9 +171,21 @@ impl RunArgs {
     }
 }
 
-/// Parses the command line and runs what it asks for.
+/// Parses the command line and runs what it asks for. A command line that does not parse exits
+/// with [`check::exit::USAGE`] (3): 2 means "cannot tell" for `authprobe check`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(check::exit::USAGE),
+            };
+        }
+    };
     match cli.command {
         Some(Command::Crd) => match crate::api::crd_yaml() {
             Ok(yaml) => {
@@ -187,11 +199,15 @@ pub fn main() -> ExitCode {
         },
         Some(Command::Check(args)) => {
             telemetry::init(LogFormat::Compact);
-            match tokio_runtime().and_then(|rt| rt.block_on(check::run(args))) {
+            let checked = match tokio_runtime() {
+                Ok(rt) => rt.block_on(check::run(args)),
+                Err(e) => Err(check::CheckError::Unavailable(e)),
+            };
+            match checked {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("authprobe check: {e:#}");
-                    ExitCode::from(2)
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

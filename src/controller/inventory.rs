@@ -4,7 +4,7 @@
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::{Hash, Hasher},
     sync::Mutex,
 };
@@ -13,12 +13,13 @@ use k8s_openapi::{
     api::core::v1::{Namespace, ServiceAccount},
     jiff::Timestamp,
 };
-use kube::core::PartialObjectMeta;
+use kube::{core::PartialObjectMeta, runtime::watcher};
 
 use crate::{
     api::GSA_ANNOTATION,
     engine::{
         ClusterView, KsaRef,
+        grace::Changes,
         selector::{Labels, NO_LABELS},
     },
 };
@@ -123,45 +124,77 @@ pub fn key(parts: &[&str]) -> u64 {
 
 /// When each ServiceAccount's annotation was last seen to change. A ServiceAccount seen for the
 /// first time has no entry: its creation time speaks for it, and operator start opens nothing.
+/// Both maps stay bounded: deleted ServiceAccounts are forgotten (after a re-list too, which
+/// reports no Delete for those deleted while the watch was down), and changes older than the
+/// longest grace are dropped.
 #[derive(Debug, Default)]
 pub struct AnnotationChanges {
-    seen: Mutex<HashMap<u64, u64>>,
-    changed: Mutex<HashMap<u64, Timestamp>>,
+    state: Mutex<Annotations>,
+}
+
+#[derive(Debug, Default)]
+struct Annotations {
+    /// Per ServiceAccount, a hash of its annotation value.
+    seen: HashMap<u64, u64>,
+    changed: Changes<u64>,
+    /// ServiceAccounts listed since a re-list began.
+    relisted: Option<HashSet<u64>>,
+}
+
+fn id(sa: &ServiceAccountMeta) -> u64 {
+    let m = &sa.metadata;
+    key(&[m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default()])
 }
 
 impl AnnotationChanges {
-    /// Records a watched ServiceAccount.
-    pub fn observe(&self, sa: &ServiceAccountMeta) {
-        let m = &sa.metadata;
-        let id = key(&[m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default()]);
-        let value = key(&[m
+    fn with<T>(&self, f: impl FnOnce(&mut Annotations) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Follows the ServiceAccount watch.
+    pub fn observe(&self, event: &watcher::Event<ServiceAccountMeta>) {
+        self.with(|s| match event {
+            watcher::Event::Apply(sa) => s.apply(sa),
+            watcher::Event::InitApply(sa) => {
+                s.apply(sa);
+                s.relisted.get_or_insert_default().insert(id(sa));
+            }
+            watcher::Event::Delete(sa) => s.forget(id(sa)),
+            watcher::Event::Init => s.relisted = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                let listed = s.relisted.take().unwrap_or_default();
+                let gone: Vec<u64> = s.seen.keys().filter(|k| !listed.contains(*k)).copied().collect();
+                for k in gone {
+                    s.forget(k);
+                }
+            }
+        });
+    }
+
+    /// When the annotation of `namespace/name` last changed, if it did while watched and recently
+    /// enough to open a grace.
+    pub fn changed_at(&self, namespace: &str, name: &str) -> Option<Timestamp> {
+        self.with(|s| s.changed.get(&key(&[namespace, name]), Timestamp::now()))
+    }
+}
+
+impl Annotations {
+    fn apply(&mut self, sa: &ServiceAccountMeta) {
+        let value = key(&[sa
+            .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(GSA_ANNOTATION))
             .map_or("\u{0}", String::as_str)]);
-        let previous = self.seen.lock().ok().and_then(|mut s| s.insert(id, value));
-        if previous.is_some_and(|p| p != value)
-            && let Ok(mut changed) = self.changed.lock()
-        {
-            changed.insert(id, Timestamp::now());
+        let id = id(sa);
+        if self.seen.insert(id, value).is_some_and(|previous| previous != value) {
+            self.changed.record(id, Timestamp::now());
         }
     }
 
-    /// Forgets a deleted ServiceAccount.
-    pub fn forget(&self, sa: &ServiceAccountMeta) {
-        let m = &sa.metadata;
-        let id = key(&[m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default()]);
-        if let Ok(mut s) = self.seen.lock() {
-            s.remove(&id);
-        }
-        if let Ok(mut c) = self.changed.lock() {
-            c.remove(&id);
-        }
-    }
-
-    /// When the annotation of `namespace/name` last changed, if it did while watched.
-    pub fn changed_at(&self, namespace: &str, name: &str) -> Option<Timestamp> {
-        self.changed.lock().ok()?.get(&key(&[namespace, name])).copied()
+    fn forget(&mut self, id: u64) {
+        self.seen.remove(&id);
+        self.changed.forget(&id);
     }
 }
 
@@ -209,13 +242,27 @@ mod tests {
     #[test]
     fn annotation_changes_are_timed_but_first_sight_is_not() {
         let changes = AnnotationChanges::default();
-        changes.observe(&sa(Some("a@acme-prod.iam.gserviceaccount.com")));
+        let apply = |sa| changes.observe(&watcher::Event::Apply(sa));
+        apply(sa(Some("a@acme-prod.iam.gserviceaccount.com")));
         assert_eq!(changes.changed_at("checkout", "app"), None);
-        changes.observe(&sa(Some("a@acme-prod.iam.gserviceaccount.com")));
+        apply(sa(Some("a@acme-prod.iam.gserviceaccount.com")));
         assert_eq!(changes.changed_at("checkout", "app"), None);
-        changes.observe(&sa(Some("b@acme-prod.iam.gserviceaccount.com")));
+        apply(sa(Some("b@acme-prod.iam.gserviceaccount.com")));
         assert!(changes.changed_at("checkout", "app").is_some());
-        changes.forget(&sa(None));
+        changes.observe(&watcher::Event::Delete(sa(None)));
         assert_eq!(changes.changed_at("checkout", "app"), None);
+    }
+
+    #[test]
+    fn a_relist_forgets_service_accounts_it_no_longer_shows() {
+        let changes = AnnotationChanges::default();
+        changes.observe(&watcher::Event::Apply(sa(Some("a@acme-prod.iam.gserviceaccount.com"))));
+        changes.observe(&watcher::Event::Apply(sa(Some("b@acme-prod.iam.gserviceaccount.com"))));
+        assert!(changes.changed_at("checkout", "app").is_some());
+        // The watch was down (410) while checkout/app was deleted: the re-list does not show it.
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitDone);
+        assert_eq!(changes.changed_at("checkout", "app"), None);
+        assert!(changes.with(|s| s.seen.is_empty()), "nothing of a deleted ServiceAccount is kept");
     }
 }

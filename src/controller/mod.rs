@@ -102,7 +102,20 @@ pub const CALL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 impl Clients {
     /// Clients for the current kubeconfig or in-cluster configuration.
     pub async fn connect() -> anyhow::Result<Self> {
-        let config = kube::Config::infer().await.context("connecting to Kubernetes")?;
+        Self::from_config(kube::Config::infer().await.context("connecting to Kubernetes")?)
+    }
+
+    /// Clients for `config`. Requests carry `authprobe/VERSION (POD_NAME)` as their user agent,
+    /// so the API server's audit log tells the replicas apart.
+    pub fn from_config(mut config: kube::Config) -> anyhow::Result<Self> {
+        let agent = format!(
+            "authprobe/{} ({})",
+            env!("CARGO_PKG_VERSION"),
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid {}", std::process::id()))
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&agent) {
+            config.headers.push((http::header::USER_AGENT, value));
+        }
         let watch = kube::Client::try_from(config.clone()).context("connecting to Kubernetes")?;
         let mut call = config;
         call.read_timeout = Some(CALL_READ_TIMEOUT);
@@ -332,11 +345,7 @@ pub async fn run(
         .backoff(watch_backoff())
         .inspect(observe(&progress, "ServiceAccount"))
         .modify(inventory::prune_service_account)
-        .inspect_ok(move |event| match event {
-            watcher::Event::Apply(sa) | watcher::Event::InitApply(sa) => changes.observe(sa),
-            watcher::Event::Delete(sa) => changes.forget(sa),
-            watcher::Event::Init | watcher::Event::InitDone => {}
-        })
+        .inspect_ok(move |event| changes.observe(event))
         .reflect(sa_writer)
         .touched_objects()
         .filter(objects_only);

@@ -30,7 +30,6 @@ use crate::{
         report::Report,
     },
     probe::{self, Pass, Services},
-    redact,
 };
 
 pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -223,8 +222,7 @@ fn event(a: &Announcement) -> Event {
             Severity::Warning => EventType::Warning,
         },
         reason: a.reason.as_str().to_string(),
-        // Event notes are limited to 1 KiB.
-        note: Some(redact::cut(&a.note, 1024)),
+        note: Some(a.note.clone()),
         action: "Probe".into(),
         secondary: None,
     }

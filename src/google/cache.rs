@@ -12,6 +12,9 @@ use tokio::sync::OnceCell;
 
 /// By default entries older than this are dropped when new ones arrive (longer than the longest interval).
 const EVICT_AFTER: Duration = Duration::from_secs(25 * 3600);
+/// Keys come from untrusted input (annotations name GSAs): beyond this many entries the older
+/// half is dropped, whatever their age (far above 10,000 namespaces × 3 KSAs).
+const MAX_ENTRIES: usize = 1 << 17;
 
 #[derive(Debug)]
 struct Slot<V> {
@@ -24,6 +27,7 @@ struct Slot<V> {
 pub struct FetchCache<K, V> {
     slots: Mutex<HashMap<K, Arc<Slot<V>>>>,
     evict_after: Duration,
+    max_entries: usize,
 }
 
 impl<K, V> Default for FetchCache<K, V> {
@@ -35,7 +39,7 @@ impl<K, V> Default for FetchCache<K, V> {
 impl<K, V> FetchCache<K, V> {
     /// A cache that drops entries older than `evict_after` whenever it is used.
     pub fn evicting_after(evict_after: Duration) -> Self {
-        Self { slots: Mutex::new(HashMap::new()), evict_after }
+        Self { slots: Mutex::new(HashMap::new()), evict_after, max_entries: MAX_ENTRIES }
     }
 }
 
@@ -75,6 +79,12 @@ impl<K: Eq + Hash + Clone, V: Clone> FetchCache<K, V> {
                     let previous = existing.and_then(|s| s.value.get().cloned());
                     let evict_after = self.evict_after;
                     slots.retain(|_, s| s.started.elapsed() < evict_after);
+                    if slots.len() >= self.max_entries {
+                        let mut ages: Vec<Instant> = slots.values().map(|s| s.started).collect();
+                        ages.sort_unstable();
+                        let cutoff = ages[ages.len() / 2];
+                        slots.retain(|_, s| s.started > cutoff);
+                    }
                     let slot = Arc::new(Slot { started: Instant::now(), value: OnceCell::new() });
                     slots.insert(key.clone(), slot.clone());
                     (slot, previous)
@@ -114,5 +124,18 @@ mod tests {
         assert_eq!(cache.get(&"gsa", Duration::ZERO, async { 8 }).await, (8, Some(7)));
         assert_eq!(cache.get(&"other", hour, fetch()).await.0, 7);
         assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn untrusted_keys_cannot_grow_the_cache_without_bound() {
+        let mut cache: FetchCache<u32, u32> = FetchCache::default();
+        cache.max_entries = 100;
+        let hour = Duration::from_secs(3600);
+        for key in 0..1000 {
+            cache.get(&key, hour, async { 1 }).await;
+        }
+        let kept = cache.slots.lock().unwrap().len();
+        assert!(kept <= 100, "{kept} entries kept");
+        assert!(cache.slots.lock().unwrap().contains_key(&999), "the newest stay");
     }
 }

@@ -225,13 +225,15 @@ impl GoogleClient {
             }
             let outcome = self.attempt(api, method.clone(), url.clone(), body, auth).await;
             let wait = match &outcome {
+                // Google's Retry-After, but never sooner than our own backoff (a 0 or a past
+                // date would otherwise retry at once).
                 Ok(answer) if retryable(answer.status) => {
-                    answer.retry_after.unwrap_or_else(|| self.backoff(attempt))
+                    answer.retry_after.map_or(self.backoff(attempt), |r| r.max(self.backoff(attempt)))
                 }
                 Err(SendError::Transport { .. }) => self.backoff(attempt),
                 _ => break outcome,
             };
-            if Instant::now() + wait > deadline {
+            if Instant::now().checked_add(wait).is_none_or(|at| at > deadline) {
                 break outcome;
             }
             tracing::debug!(
@@ -314,8 +316,8 @@ impl GoogleClient {
     }
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
+/// `Retry-After` as delay-seconds or an HTTP date (a past date is zero).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.trim().parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }

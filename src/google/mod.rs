@@ -7,7 +7,6 @@ pub mod credentials;
 pub mod endpoints;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,6 +24,7 @@ use crate::engine::{
     FederationPlan, GsaFacts, ProviderFacts,
     annotation::GsaEmail,
     facts::{FailureKind, FetchFailure, Fetched},
+    grace::Changes,
 };
 
 /// Google as the operator sees it.
@@ -34,7 +34,7 @@ pub struct Google {
     endpoints: Endpoints,
     gsas: FetchCache<GsaEmail, Arc<GsaFacts>>,
     providers: FetchCache<String, Arc<ProviderFacts>>,
-    policy_changes: Mutex<HashMap<GsaEmail, Timestamp>>,
+    policy_changes: Mutex<Changes<GsaEmail>>,
 }
 
 impl Google {
@@ -45,7 +45,7 @@ impl Google {
             endpoints,
             gsas: FetchCache::default(),
             providers: FetchCache::default(),
-            policy_changes: Mutex::new(HashMap::new()),
+            policy_changes: Mutex::new(Changes::default()),
         }
     }
 
@@ -69,14 +69,14 @@ impl Google {
             && before != now
             && let Ok(mut changes) = self.policy_changes.lock()
         {
-            changes.insert(gsa.clone(), Timestamp::now());
+            changes.record(gsa.clone(), Timestamp::now());
         }
         facts
     }
 
     /// When authprobe last saw the GSA's policy etag change (never for the first read).
     pub fn policy_changed_at(&self, gsa: &GsaEmail) -> Option<Timestamp> {
-        self.policy_changes.lock().ok().and_then(|c| c.get(gsa).copied())
+        self.policy_changes.lock().ok().and_then(|c| c.get(gsa, Timestamp::now()))
     }
 
     /// The Federation pool and provider, read at most once per `max_age` for all probes.
@@ -127,10 +127,11 @@ pub fn classify_read<T: DeserializeOwned>(api: Api, answer: Result<Answer, SendE
     })?;
     let kind = match answer.status {
         s if s.is_success() => {
+            // serde quotes the offending value: redacted and bounded like any upstream text.
             return serde_json::from_slice(&answer.body).map(Some).map_err(|e| {
                 FetchFailure::new(
                     FailureKind::Unavailable,
-                    format!("{}: malformed response ({e})", api.as_str()),
+                    crate::redact::upstream(&format!("{}: malformed response ({e})", api.as_str())),
                 )
             });
         }
@@ -222,6 +223,14 @@ mod tests {
             assert_eq!(failure.kind, FailureKind::Unavailable);
             assert!(failure.detail.contains("malformed response"), "{}", failure.detail);
         }
+        let token = format!("ya29.{}", "x".repeat(40));
+        let quoted = format!(r#"{{"bindings": "{token}{}"}}"#, "y".repeat(1 << 20));
+        let failure = classify_read::<Policy>(Api::GetIamPolicy, answer(200, &quoted)).unwrap_err();
+        assert!(
+            failure.detail.len() <= crate::redact::MAX_UPSTREAM_BYTES && !failure.detail.contains("ya29."),
+            "a quoted field is redacted and bounded: {} bytes",
+            failure.detail.len()
+        );
         let too_large: Fetched<Policy> =
             classify_read(Api::GetIamPolicy, Err(SendError::TooLarge { api: "iam.getIamPolicy" }));
         assert_eq!(too_large.unwrap_err().kind, FailureKind::Unavailable);

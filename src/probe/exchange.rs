@@ -30,7 +30,7 @@ use crate::{
         Finding, Ksa, Plan, TokenClaims,
         annotation::GsaEmail,
         principal::KsaIdentity,
-        stage::chain::{self as classify, TokenRequestFailure, Upstream},
+        stage::chain::{self as classify, Issued, TokenRequestFailure, Upstream},
         target::TargetKind,
     },
     fence::Fence,
@@ -196,7 +196,10 @@ impl Chain {
             _ => None,
         };
         let federated = Some(match answer {
-            Ok(a) if a.status.is_success() => sts_credential(&a),
+            Ok(a) if a.status.is_success() => credential(
+                Stage::TokenExchange,
+                classify::exchanged_token(&a.body, Duration::from_secs(KSA_TOKEN_SECONDS.unsigned_abs())),
+            ),
             Ok(a) => {
                 Err(read_upstream(&a, |upstream| classify::exchange(upstream, &who(ksa), &url_target, skew)))
             }
@@ -330,7 +333,9 @@ impl Chain {
             .post(Api::GenerateAccessToken, "iamcredentials", &path, &body, Auth::Bearer(&federated.token))
             .await
         {
-            Ok(a) if a.status.is_success() => gsa_credential(&a),
+            Ok(a) if a.status.is_success() => {
+                credential(Stage::Impersonation, classify::generated_token(&a.body, Timestamp::now()))
+            }
             Ok(a) => Err(read_upstream(&a, |upstream| {
                 classify::impersonation(upstream, &who(ksa), principal, gsa.as_str())
             })),
@@ -367,12 +372,10 @@ impl Chain {
         };
         let answer = answer.map_err(|e| unreachable(Stage::Target, &e))?;
         let missing: Vec<String> = if answer.status == StatusCode::OK {
-            let held: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
-            let held: Vec<&str> = held["permissions"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            permissions.iter().filter(|p| !held.contains(&p.as_str())).cloned().collect()
+            let held = classify::held_permissions(&answer.body).map_err(|e| {
+                Finding::unknown(Stage::Target, Reason::GoogleUnavailable, format!("{resource}: {e}"))
+            })?;
+            permissions.iter().filter(|p| !held.contains(p)).cloned().collect()
         } else {
             vec![]
         };
@@ -397,40 +400,12 @@ fn read_upstream<T>(answer: &Answer, classify: impl FnOnce(&Upstream<'_>) -> T) 
     })
 }
 
-/// STS and securetoken: `access_token`, valid for `expires_in` seconds (a number, or a string as
-/// google-auth also accepts; absent means as long as the subject token).
-fn sts_credential(answer: &Answer) -> Result<Credential, Finding> {
-    let body: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
-    let expires_in = match &body["expires_in"] {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
-    .unwrap_or(KSA_TOKEN_SECONDS.unsigned_abs());
-    bearer_from(&body, "access_token", Duration::from_secs(expires_in))
-}
-
-/// generateAccessToken: `accessToken`, valid until `expireTime`.
-fn gsa_credential(answer: &Answer) -> Result<Credential, Finding> {
-    let body: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
-    let expires = body["expireTime"].as_str().and_then(|t| t.parse::<Timestamp>().ok());
-    let lifetime = expires.map_or(Duration::ZERO, |t| {
-        Duration::try_from(t.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO)
-    });
-    bearer_from(&body, "accessToken", lifetime)
-}
-
-fn bearer_from(body: &Value, field: &str, lifetime: Duration) -> Result<Credential, Finding> {
-    let Some(token) = body[field].as_str().filter(|t| !t.is_empty()) else {
-        return Err(Finding::unknown(
-            Stage::TokenExchange,
-            Reason::GoogleUnavailable,
-            format!("Google's answer holds no {field}"),
-        ));
-    };
+/// A credential from a token Google issued; a malformed answer is Unknown, never a verdict.
+fn credential(stage: Stage, issued: Result<Issued, String>) -> Result<Credential, Finding> {
+    let issued = issued.map_err(|e| Finding::unknown(stage, Reason::GoogleUnavailable, e))?;
     Ok(Credential {
-        token: SecretString::from(token.to_string()),
-        usable_until: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
+        token: SecretString::from(issued.token),
+        usable_until: Instant::now() + issued.lifetime.saturating_sub(EXPIRY_MARGIN),
     })
 }
 

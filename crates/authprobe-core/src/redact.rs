@@ -37,6 +37,28 @@ fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | '+' | '/')
 }
 
+/// A message as it may leave the process in status or an Event: token-like text redacted and
+/// at most `max` bytes. When it must be shortened, the middle goes and the fix at the end (from
+/// its last " Fix: ") stays whole, since the fix is what the reader acts on.
+pub fn message(text: &str, max: usize) -> String {
+    let text = tokens(text);
+    if text.len() <= max {
+        return text;
+    }
+    let ellipsis = '…'.len_utf8();
+    match text.rfind(" Fix: ") {
+        Some(at) if text.len() - at + ellipsis < max / 4 * 3 => {
+            let (head, fix) = text.split_at(at);
+            let mut end = max - fix.len() - ellipsis;
+            while !head.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…{fix}", &head[..end])
+        }
+        _ => cut(&text, max),
+    }
+}
+
 /// The longest prefix of `s` of at most `max` bytes on a character boundary, with `…` when cut.
 pub fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -62,6 +84,25 @@ mod tests {
         assert!(!out.contains("eyJ") && !out.contains("ya29."));
         assert_eq!(tokens("no secrets here"), "no secrets here");
         assert_eq!(tokens("eyJ"), "[REDACTED]");
+    }
+
+    #[test]
+    fn messages_keep_their_fix_whole_and_lose_the_middle() {
+        let fix = " Fix: gcloud iam service-accounts add-iam-policy-binding payments@acme-prod.iam.gserviceaccount.com --project=acme-prod --role=roles/iam.workloadIdentityUser --member=\"principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/subject/ns/checkout/sa/app\"";
+        let long =
+            format!("ServiceAccount checkout/app is not granted it; {}.{fix}", "near miss, ".repeat(200));
+        let m = message(&long, 1024);
+        assert!(m.len() <= 1024, "{}", m.len());
+        assert!(m.ends_with(fix), "the fix is whole: {m}");
+        assert!(m.starts_with("ServiceAccount checkout/app") && m.contains('…'));
+        // Short messages pass, redacted.
+        assert_eq!(message("token eyJabc.def in it", 1024), "token [REDACTED] in it");
+        // A fix longer than the room falls back to a plain cut.
+        let m = message(&format!("x Fix: {}", "y".repeat(2000)), 1024);
+        assert!(m.len() <= 1024 && m.ends_with('…'));
+        // Multi-byte text is cut on character boundaries.
+        let m = message(&format!("{}{fix}", "é".repeat(2000)), 1024);
+        assert!(m.len() <= 1024 && m.ends_with(fix));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 mod pki;
 mod process;
+mod stall;
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +35,7 @@ use kube::{
 };
 
 pub use process::{at_exit, free_port, kill, spawn, stop};
+pub use stall::StallProxy;
 
 /// How long the API server may take to turn ready; generous because two cores are shared with the build.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -355,18 +357,34 @@ impl ControlPlane {
     }
 
     fn write_kubeconfig(&self) -> Result<()> {
+        self.write_kubeconfig_to(&self.kubeconfig_path(), &self.server_url())
+    }
+
+    /// An admin kubeconfig whose server is `addr` (a proxy in front of the API server, whose
+    /// certificate names 127.0.0.1); returns its path.
+    pub fn kubeconfig_via(&self, addr: std::net::SocketAddr) -> Result<PathBuf> {
+        let path = self.dir.join(format!("kubeconfig-via-{}", addr.port()));
+        self.write_kubeconfig_to(&path, &format!("https://127.0.0.1:{}", addr.port()))?;
+        Ok(path)
+    }
+
+    /// The API server's address.
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.api_port))
+    }
+
+    fn write_kubeconfig_to(&self, path: &Path, server: &str) -> Result<()> {
         use base64::Engine as _;
         let b64 = |file: &str| -> Result<String> {
             Ok(base64::engine::general_purpose::STANDARD.encode(fs::read(self.pki().join(file))?))
         };
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: authprobe-local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: authprobe-local\n  context:\n    cluster: authprobe-local\n    user: admin\ncurrent-context: authprobe-local\n",
-            server = self.server_url(),
             ca = b64(pki::CA_CERT)?,
             cert = b64(pki::ADMIN_CERT)?,
             key = b64(pki::ADMIN_KEY)?,
         );
-        fs::write(self.kubeconfig_path(), kubeconfig)?;
+        fs::write(path, kubeconfig)?;
         Ok(())
     }
 }

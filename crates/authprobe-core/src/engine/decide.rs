@@ -11,7 +11,10 @@ use super::{
     report::{KsaOutcome, Report, Status, same_verdict, to_status},
     workload::WorkloadKind,
 };
-use crate::api::{AuthProbeStatus, Reason, condition};
+use crate::{
+    api::{AuthProbeStatus, Reason, condition},
+    redact,
+};
 
 /// Periodic passes come `interval` plus up to this fraction later, so probes created together
 /// spread out, and never earlier, so every pass finds the last pass's Google reads expired.
@@ -19,6 +22,9 @@ pub const JITTER: f64 = 0.1;
 
 /// The interval of a probe whose spec cannot be checked: it is looked at again when it changes.
 pub const INVALID_SPEC_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Event notes are limited to 1 KiB by the API server.
+pub const MAX_NOTE_BYTES: usize = 1024;
 
 /// A requeue never comes sooner than this.
 const MIN_REQUEUE: Duration = Duration::from_secs(1);
@@ -189,7 +195,7 @@ pub fn decide(mut memory: Memory, pass: PassResult<'_>) -> Decision {
                 regarding: Regarding::Probe,
                 severity,
                 reason,
-                note: ready.message.clone(),
+                note: redact::message(&ready.message, MAX_NOTE_BYTES),
                 kind: Announced::Ready,
             });
             history.ready_announced = Some(verdict);
@@ -203,7 +209,7 @@ pub fn decide(mut memory: Memory, pass: PassResult<'_>) -> Decision {
                 regarding: Regarding::Probe,
                 severity: Severity::Warning,
                 reason: checker.reason,
-                note: checker.message.clone(),
+                note: redact::message(&checker.message, MAX_NOTE_BYTES),
                 kind: Announced::CheckerFailure,
             });
             history.checker_failure_announced = true;
@@ -252,7 +258,13 @@ fn ksa_announcement(transition: Transition, probe: &str) -> Announcement {
         }
         None => Regarding::ServiceAccount { namespace: namespace.clone(), name: name.clone() },
     };
-    Announcement { regarding, severity, reason, note, kind: Announced::Ksa(transition) }
+    Announcement {
+        regarding,
+        severity,
+        reason,
+        note: redact::message(&note, MAX_NOTE_BYTES),
+        kind: Announced::Ksa(transition),
+    }
 }
 
 /// The more recent of the cached status and the one this replica last wrote.
@@ -449,6 +461,44 @@ mod tests {
                 .announcements
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_long_warning_keeps_its_fix_whole_and_fits_an_event() {
+        let principal = format!(
+            "principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/subject/ns/{}/sa/app",
+            "checkout-".repeat(6)
+        );
+        let near_misses: Vec<String> = (0..3)
+            .map(|i| format!("principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/acme-prod.svc.id.goog/subject/ns/team-{i}-{}/sa/app (the same ServiceAccount name in another namespace)", "x".repeat(60)))
+            .collect();
+        let fix = format!(
+            " Fix: gcloud iam service-accounts add-iam-policy-binding payments@acme-prod.iam.gserviceaccount.com --project=acme-prod --role=roles/iam.workloadIdentityUser --member=\"{principal}\""
+        );
+        let message = format!(
+            "ServiceAccount a/app ({principal}) is not granted roles/iam.workloadIdentityUser on payments@acme-prod.iam.gserviceaccount.com; the policy grants it to {} instead.{fix}",
+            near_misses.join(", ")
+        );
+        assert!(message.len() > MAX_NOTE_BYTES);
+        let outcomes = vec![KsaOutcome {
+            namespace: "a".into(),
+            name: "app".into(),
+            mapping: Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, message)),
+            chain: None,
+        }];
+        let run = Run {
+            report: Report::build(&outcomes, 1, false),
+            outcomes,
+            cached: None,
+            probe_now: None,
+            now: at("2026-01-01T00:00:00Z"),
+        };
+        for a in run.decide(Memory::default()).announcements {
+            assert!(a.note.len() <= MAX_NOTE_BYTES, "{}", a.note.len());
+            if a.regarding != Regarding::Probe {
+                assert!(a.note.ends_with(&fix), "the Warning keeps the fix whole: {}", a.note);
+            }
+        }
     }
 
     #[test]

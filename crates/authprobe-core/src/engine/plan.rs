@@ -10,13 +10,85 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::{
     Candidate, Ksa,
-    annotation::{GsaEmail, quote},
+    annotation::{GsaEmail, is_project_id, quote},
     principal::{KsaIdentity, PoolRef},
     selector::{Labels, Selector},
     stage::provider::Mapped,
     target::{self, TargetKind},
 };
 use crate::api::{Access, AuthProbeSpec, Platform};
+
+/// `projects/N/locations/global/workloadIdentityPools/POOL/providers/PROVIDER` split into N, POOL
+/// and PROVIDER, or `None` if it is not exactly that shape (it becomes part of a URL).
+fn provider_parts(provider: &str) -> Option<(&str, &str, &str)> {
+    let id = |s: &str| {
+        (1..=32).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    match provider.split('/').collect::<Vec<_>>().as_slice() {
+        ["projects", n, "locations", "global", "workloadIdentityPools", pool, "providers", p]
+            if is_project_number(n) && id(pool) && id(p) =>
+        {
+            Some((n, pool, p))
+        }
+        _ => None,
+    }
+}
+
+fn is_project_number(s: &str) -> bool {
+    (1..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Admission's schema and CEL rules, judged again: `authprobe check -f` reads specs no API server
+/// has admitted, and these values end up in URLs and commands.
+fn validate(spec: &AuthProbeSpec) -> Result<(), String> {
+    let identity = &spec.identity;
+    if let Some(p) = identity.project_id.as_deref().filter(|p| !is_project_id(p)) {
+        return Err(format!("identity.projectId {} is not a Google Cloud project ID", quote(p)));
+    }
+    if let Some(n) = identity.project_number.as_deref().filter(|n| !is_project_number(n)) {
+        return Err(format!("identity.projectNumber {} must be digits only", quote(n)));
+    }
+    if let Some(p) = identity.service_account_projects.iter().find(|p| !is_project_id(p)) {
+        return Err(format!("identity.serviceAccountProjects: {} is not a project ID", quote(p)));
+    }
+    let name_part = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if let Some(gke) = &identity.gke
+        && !(name_part(&gke.cluster_location) && name_part(&gke.cluster_name))
+    {
+        return Err(
+            "identity.gke clusterLocation and clusterName must be lowercase letters, digits and '-'".into()
+        );
+    }
+    if let Some(f) = &identity.federation
+        && (f.audience.len() > 256 || f.audience.chars().any(char::is_control))
+    {
+        return Err("identity.federation.audience must be at most 256 printable characters".into());
+    }
+    let ksa_name = |n: &String| {
+        (1..=253).contains(&n.len())
+            && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    if let Some(n) = spec.service_accounts.iter().flat_map(|s| &s.names).find(|n| !ksa_name(n)) {
+        return Err(format!("serviceAccounts.names: {} is not a ServiceAccount name", quote(n)));
+    }
+    let permission = |p: &String| {
+        let parts: Vec<&str> = p.split('.').collect();
+        p.len() <= 128
+            && parts.len() == 3
+            && parts.iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+            && p.starts_with(|c: char| c.is_ascii_lowercase())
+    };
+    if let Some(p) = spec.targets.iter().flat_map(|t| &t.permissions).find(|p| !permission(p)) {
+        return Err(format!("targets: permission {} must look like service.resource.verb", quote(p)));
+    }
+    Ok(())
+}
 
 /// A ServiceAccount as selection reads it, borrowed from whatever holds it.
 #[derive(Clone, Copy, Debug)]
@@ -148,15 +220,20 @@ impl Plan {
             .transpose()
             .map_err(|e| format!("serviceAccounts.selector: {e}"))?;
         let identity = &spec.identity;
+        validate(spec)?;
         let federation = match (identity.platform, &identity.federation) {
             (Platform::Federation, Some(f)) => {
-                let (pool, _) =
-                    f.provider.split_once("/providers/").ok_or("federation.provider is malformed")?;
-                let project_number = pool
-                    .strip_prefix("projects/")
-                    .and_then(|r| r.split('/').next())
-                    .ok_or("federation.provider is malformed")?;
-                let pool_id = pool.rsplit('/').next().unwrap_or_default();
+                let (project_number, pool_id, _) = provider_parts(&f.provider).ok_or_else(|| {
+                    format!(
+                        "identity.federation.provider {} must look like projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER",
+                        quote(&f.provider)
+                    )
+                })?;
+                if identity.project_number.as_deref().is_some_and(|n| n != project_number) {
+                    return Err("identity.federation.provider must belong to identity.projectNumber".into());
+                }
+                let pool =
+                    format!("projects/{project_number}/locations/global/workloadIdentityPools/{pool_id}");
                 let audience = if f.audience.is_empty() {
                     format!("//iam.googleapis.com/{}", f.provider)
                 } else {
@@ -164,7 +241,7 @@ impl Plan {
                 };
                 Some(FederationPlan {
                     provider: f.provider.clone(),
-                    pool: pool.to_string(),
+                    pool,
                     pool_id: pool_id.to_string(),
                     project_number: project_number.to_string(),
                     audience,

@@ -9,7 +9,16 @@ use k8s_openapi::{
 };
 
 use super::{Finding, Verdict};
-use crate::api::{AuthProbeStatus, Failure, MAX_FAILURES, Reason, Summary, condition};
+use crate::{
+    api::{AuthProbeStatus, Failure, MAX_FAILURES, Reason, Summary, condition},
+    redact,
+};
+
+/// A condition's message is at most this long, however long the upstream answers were.
+pub const MAX_CONDITION_MESSAGE_BYTES: usize = 4096;
+/// A failure's message is at most this long: with at most 20 failures and four conditions, a
+/// status stays under 64 KiB.
+pub const MAX_FAILURE_MESSAGE_BYTES: usize = 2048;
 
 /// What happened to one KSA.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -317,7 +326,7 @@ pub fn to_status(
                 type_: c.type_.to_string(),
                 status: c.status.as_str().to_string(),
                 reason: c.reason.as_str().to_string(),
-                message: super::annotation::truncate(&c.message, 4096),
+                message: redact::message(&c.message, MAX_CONDITION_MESSAGE_BYTES),
                 observed_generation: generation,
                 last_transition_time: unchanged.map_or(Time(now), |p| p.last_transition_time.clone()),
             }
@@ -332,7 +341,7 @@ pub fn to_status(
             service_account: e.name.clone(),
             stage: e.finding.stage,
             reason: e.finding.reason,
-            message: e.finding.message.clone(),
+            message: redact::message(&e.finding.message, MAX_FAILURE_MESSAGE_BYTES),
             since: Time(
                 since
                     .get(&(e.namespace.clone(), e.name.clone()))

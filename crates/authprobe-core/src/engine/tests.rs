@@ -417,6 +417,27 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
         (json!({"probe": {"interval": "forever"}}), "probe.interval"),
         (json!({"probe": {"interval": "5s"}}), "probe.interval"),
         (json!({"probe": {"tokenExchange": true}}), "identity.gke is required"),
+        // What admission refuses, refused again: `authprobe check -f` bypasses admission.
+        (json!({"identity": {"projectId": "Acme Prod"}}), "identity.projectId"),
+        (json!({"identity": {"projectNumber": "12ab"}}), "identity.projectNumber"),
+        (json!({"identity": {"serviceAccountProjects": ["../x"]}}), "serviceAccountProjects"),
+        (
+            json!({"identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "a/../../b"}}}),
+            "identity.gke",
+        ),
+        (json!({"serviceAccounts": {"names": ["App Name"]}}), "serviceAccounts.names"),
+        (
+            json!({"targets": [{"resource": "//storage.googleapis.com/projects/_/buckets/b", "permissions": ["storage.objects.get?x=1"]}]}),
+            "permission",
+        ),
+        (
+            json!({"identity": {"platform": "Federation", "federation": {"provider": "projects/123456789012/locations/global/workloadIdentityPools/p/providers/k8s/../../../../evil?x=1"}}}),
+            "identity.federation.provider",
+        ),
+        (
+            json!({"identity": {"platform": "Federation", "federation": {"provider": "projects/999/locations/global/workloadIdentityPools/p/providers/k8s"}}}),
+            "must belong to identity.projectNumber",
+        ),
     ] {
         let err = Plan::parse(&spec(extra.clone())).unwrap_err();
         assert!(err.contains(expected), "{extra}: {err}");
@@ -626,4 +647,23 @@ fn an_undecided_workload_finding_yields_to_a_later_failing_one() {
     let ready = r.condition(condition::READY).unwrap();
     assert_eq!((ready.status, ready.reason), (Status::Unknown, Reason::CredentialConfigUnreadable));
     assert_eq!(r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap().status, Status::True);
+}
+
+#[test]
+fn a_status_stays_small_however_large_the_upstream_answers() {
+    let huge = format!("upstream said: {} and a token ya29.{}", "x".repeat(1 << 20), "y".repeat(64));
+    let outcomes: Vec<KsaOutcome> = (0..25)
+        .map(|i| KsaOutcome {
+            namespace: format!("ns-{i:02}"),
+            name: "app".into(),
+            mapping: Some(Finding::unknown(Stage::IamPolicy, Reason::GoogleUnavailable, huge.clone())),
+            chain: None,
+        })
+        .collect();
+    let report = Report::build(&outcomes, 25, false);
+    let status = to_status(&report, None, Some(1), Timestamp::UNIX_EPOCH, &Default::default());
+    let bytes = serde_json::to_vec(&status).unwrap().len();
+    assert_eq!(status.failures.len(), 20);
+    assert!(bytes < 64 * 1024, "status is {bytes} bytes");
+    assert!(!serde_json::to_string(&status).unwrap().contains("ya29."));
 }

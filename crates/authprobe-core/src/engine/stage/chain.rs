@@ -1,8 +1,95 @@
 //! Classifying the live chain's answers (STS or securetoken, IAM Credentials, testIamPermissions)
 //! into the design's reasons, each message carrying the upstream text (redacted, ≤ 1 KiB) and the fix.
 
-use crate::api::{Reason, Stage};
-use crate::engine::Finding;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use serde::Deserialize;
+
+use crate::{
+    api::{Reason, Stage},
+    engine::Finding,
+    redact,
+};
+
+/// No Google token lives longer (12 h with the lifetime-extension org policy); longer claims are
+/// clamped, so a hostile or broken number cannot overflow a clock.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+/// A token Google issued and how long it is valid. The token text goes straight into a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The bearer token.
+    pub token: String,
+    /// How long it is valid from now, at most [`MAX_TOKEN_LIFETIME`].
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("lifetime", &self.lifetime).finish_non_exhaustive()
+    }
+}
+
+/// Why a 200 from Google could not be used: the redacted, bounded parse error.
+fn malformed(what: &str, e: &serde_json::Error) -> String {
+    redact::upstream(&format!("{what} answered 200 with a malformed body ({e})"))
+}
+
+/// STS and securetoken: `access_token`, valid for `expires_in` seconds (a number, or a string as
+/// google-auth also accepts; absent: `default_lifetime`, as long as the subject token).
+pub fn exchanged_token(body: &[u8], default_lifetime: Duration) -> Result<Issued, String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        access_token: String,
+        #[serde(default)]
+        expires_in: Option<serde_json::Value>,
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| malformed("the token exchange", &e))?;
+    let seconds = match &answer.expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    let lifetime = seconds.map_or(default_lifetime, Duration::from_secs);
+    issued(answer.access_token, lifetime, "access_token")
+}
+
+/// generateAccessToken: `accessToken`, valid until `expireTime`.
+pub fn generated_token(body: &[u8], now: Timestamp) -> Result<Issued, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Answer {
+        access_token: String,
+        expire_time: String,
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| malformed("generateAccessToken", &e))?;
+    let expires: Timestamp = answer
+        .expire_time
+        .parse()
+        .map_err(|_| "generateAccessToken answered 200 with an expireTime that is not a time".to_string())?;
+    let lifetime = Duration::try_from(expires.duration_since(now)).unwrap_or(Duration::ZERO);
+    issued(answer.access_token, lifetime, "accessToken")
+}
+
+fn issued(token: String, lifetime: Duration, field: &str) -> Result<Issued, String> {
+    if token.is_empty() {
+        return Err(format!("Google's answer holds an empty {field}"));
+    }
+    Ok(Issued { token, lifetime: lifetime.min(MAX_TOKEN_LIFETIME) })
+}
+
+/// testIamPermissions: the requested permissions the caller holds (`{}`: none of them).
+pub fn held_permissions(body: &[u8]) -> Result<Vec<String>, String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        permissions: Vec<String>,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .map(|a| a.permissions)
+        .map_err(|e| malformed("testIamPermissions", &e))
+}
 
 /// Relative clock difference between Google and the cluster beyond which tokens are refused.
 pub const CLOCK_SKEW_LIMIT_SECONDS: i64 = 60;
@@ -390,6 +477,58 @@ mod tests {
                 "only 401 and 403 blame the checker: {failure:?}"
             );
             assert!(!f.message.contains("RBAC") || reason == Reason::TokenRequestDenied, "{}", f.message);
+        }
+    }
+
+    #[test]
+    fn google_answers_parse_strictly_and_clamp_their_numbers() {
+        let day = Duration::from_secs(86_400);
+        let ok = exchanged_token(br#"{"access_token":"t","expires_in":3599}"#, day).unwrap();
+        assert_eq!(ok.lifetime, Duration::from_secs(3599));
+        let as_string = exchanged_token(br#"{"access_token":"t","expires_in":"120"}"#, day).unwrap();
+        assert_eq!(as_string.lifetime, Duration::from_secs(120));
+        let huge =
+            exchanged_token(br#"{"access_token":"t","expires_in":18446744073709551615}"#, day).unwrap();
+        assert_eq!(huge.lifetime, MAX_TOKEN_LIFETIME, "clamped, never an overflow");
+        assert_eq!(
+            exchanged_token(br#"{"access_token":"t"}"#, day).unwrap().lifetime,
+            MAX_TOKEN_LIFETIME.min(day)
+        );
+        for broken in [
+            &b"{\"access_token\": "[..],
+            b"<html>502</html>",
+            br#"{"access_token":7}"#,
+            br#"{"access_token":""}"#,
+        ] {
+            assert!(exchanged_token(broken, day).is_err(), "{}", String::from_utf8_lossy(broken));
+        }
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let g = generated_token(br#"{"accessToken":"t","expireTime":"2026-01-01T01:00:00Z"}"#, now).unwrap();
+        assert_eq!(g.lifetime, Duration::from_secs(3600));
+        let far =
+            generated_token(br#"{"accessToken":"t","expireTime":"9999-01-01T00:00:00Z"}"#, now).unwrap();
+        assert_eq!(far.lifetime, MAX_TOKEN_LIFETIME);
+        let past =
+            generated_token(br#"{"accessToken":"t","expireTime":"2000-01-01T00:00:00Z"}"#, now).unwrap();
+        assert_eq!(past.lifetime, Duration::ZERO);
+        assert!(generated_token(br#"{"accessToken":"t","expireTime":"soon"}"#, now).is_err());
+        assert!(!format!("{g:?}").contains('t') || !format!("{g:?}").contains("\"t\""), "no token in Debug");
+    }
+
+    #[test]
+    fn malformed_permission_answers_are_errors_and_their_text_is_redacted_and_bounded() {
+        assert_eq!(held_permissions(br#"{"permissions":["a.b.c"]}"#).unwrap(), vec!["a.b.c".to_string()]);
+        assert_eq!(held_permissions(b"{}").unwrap(), Vec::<String>::new());
+        let token = format!("ya29.{}", "x".repeat(40));
+        let huge = format!("{{\"permissions\": \"{token}{}\"}}", "y".repeat(1 << 20));
+        for broken in [
+            b"{\"permissions\": [".to_vec(),
+            b"<html></html>".to_vec(),
+            br#"{"permissions":[1]}"#.to_vec(),
+            huge.into_bytes(),
+        ] {
+            let e = held_permissions(&broken).unwrap_err();
+            assert!(e.len() <= redact::MAX_UPSTREAM_BYTES && !e.contains("ya29."), "{e}");
         }
     }
 
