@@ -177,9 +177,14 @@ pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
                 )));
             }
             let mut unknown = Vec::new();
-            let probe: AuthProbe =
-                serde_ignored::deserialize(document, |path| unknown.push(path.to_string()))
-                    .map_err(|e| at(format!("not an AuthProbe: {e}")))?;
+            // The derived AuthProbe has no apiVersion and kind fields: checked above, not unknown.
+            let probe: AuthProbe = serde_ignored::deserialize(document, |path| {
+                let path = path.to_string();
+                if path != "apiVersion" && path != "kind" {
+                    unknown.push(path);
+                }
+            })
+            .map_err(|e| at(format!("not an AuthProbe: {e}")))?;
             match unknown.first() {
                 Some(field) => Err(at(format!("unknown field \"{field}\""))),
                 None => Ok(probe),
