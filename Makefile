@@ -11,8 +11,16 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Build kube-apiserver, kubectl, etcd and helm from the Go module proxy into .tools/bin (only when missing)
+tools: node-deps ## Build the control plane, node and promtool binaries into .tools/bin (only when missing); install the node's Debian packages
 	tools/build.sh
+
+.PHONY: node-deps
+node-deps: ## Install containerd, runc and the CNI plugins from Debian when missing (the node's runtime)
+	tools/ensure-node.sh
+
+.PHONY: node-test
+node-test: tools static ## Only the node tests: pods on a real node in the run's own namespaces (needs root)
+	$(CARGO) test --locked -p authprobe-harness --test node --test node_cleanup
 
 .PHONY: crd
 crd: ## Regenerate crds/authprobe.yaml and the chart's copy from the Rust types
@@ -32,10 +40,13 @@ audit: ## Dependency licences, bans and sources (cargo-deny; advisories when the
 test: tools static lint audit ## Format, lint, audit dependencies and run every test against a real local control plane
 	$(CARGO) test --workspace --locked
 
+NODE ?=
+
 .PHONY: cluster
-cluster: ## Run the local control plane until Ctrl-C; prints `export KUBECONFIG=...`
+cluster: ## Run the local control plane until Ctrl-C (NODE=1: with a node that runs pods); prints `export KUBECONFIG=...`
 	@tools/build.sh
-	@$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster
+	@$(if $(NODE),tools/ensure-node.sh,true)
+	@$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster -- $(if $(NODE),--node)
 
 .PHONY: demo
 demo: ## The operator on a local control plane against a fake Google: a broken namespace, its fix, Ready

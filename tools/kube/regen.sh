@@ -22,8 +22,9 @@ godebug=$(awk '$1 == "godebug" {print $2; exit}' "$upstream_mod")
   [ -n "$godebug" ] && { echo; echo "godebug ${godebug}"; }
   echo
   echo "tool ("
-  echo "	k8s.io/kubernetes/cmd/kube-apiserver"
-  echo "	k8s.io/kubernetes/cmd/kubectl"
+  for t in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
+    echo "	k8s.io/kubernetes/cmd/$t"
+  done
   echo ")"
   echo
   echo "require k8s.io/kubernetes ${K8S_VERSION}"

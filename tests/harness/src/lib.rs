@@ -6,9 +6,16 @@
 //! One control plane per test binary ([`ControlPlane::shared`]), one namespace per test
 //! ([`ControlPlane::namespace`]). Everything is torn down when the value is dropped or, for the
 //! shared instance, when the process exits; children are killed even if the process is.
+//!
+//! Tests that need pods to run use [`node::Node`] instead: the same control plane plus
+//! containerd, a kubelet, kube-controller-manager and kube-scheduler, all inside a network, mount
+//! and PID namespace the test binary re-executes itself into (see the module's documentation).
 
+pub mod image;
+pub mod node;
 mod pki;
 mod process;
+mod sandbox;
 mod stall;
 
 use std::{
@@ -77,6 +84,8 @@ pub struct ControlPlane {
     etcd_port: u16,
     etcd_peer_port: u16,
     options: Options,
+    /// Set for the control plane of a [`node::Node`].
+    node: Option<pki::NodeIdentity>,
     procs: Mutex<Procs>,
     signing_generation: AtomicU32,
 }
@@ -121,14 +130,21 @@ impl ControlPlane {
     pub fn start(options: Options) -> Result<ControlPlane> {
         remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!("authprobe-cp-{}-{}", std::process::id(), free_port()?));
+        Self::start_in(dir, options, None)
+    }
+
+    /// Starts the control plane in `dir`; with `node`, set up for that node's kubelet (see
+    /// [`ControlPlane::start_apiserver`]).
+    fn start_in(dir: PathBuf, options: Options, node: Option<pki::NodeIdentity>) -> Result<ControlPlane> {
         fs::create_dir_all(dir.join("pki"))?;
-        pki::write_certificates(&dir.join("pki"))?;
+        pki::write_certificates(&dir.join("pki"), node.as_ref())?;
         let cp = ControlPlane {
             api_port: free_port()?,
             etcd_port: free_port()?,
             etcd_peer_port: free_port()?,
             dir,
             options,
+            node,
             procs: Mutex::new(Procs::default()),
             signing_generation: AtomicU32::new(0),
         };
@@ -159,6 +175,11 @@ impl ControlPlane {
 
     fn pki(&self) -> PathBuf {
         self.dir.join("pki")
+    }
+
+    /// The API server's port (on 127.0.0.1; with a node also on the node's address).
+    pub fn api_port(&self) -> u16 {
+        self.api_port
     }
 
     /// The admin kubeconfig.
@@ -247,21 +268,39 @@ impl ControlPlane {
         let signer = procs.verify_keys.last().ok_or_else(|| anyhow!("no signing key"))?.clone();
         let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
-            "--bind-address=127.0.0.1".to_string(),
-            "--advertise-address=127.0.0.1".to_string(),
             format!("--secure-port={}", self.api_port),
             format!("--cert-dir={}", pki.display()),
             format!("--client-ca-file={}", pki.join(pki::CA_CERT).display()),
-            "--authorization-mode=RBAC".to_string(),
             format!("--service-account-issuer={}", self.issuer()),
             format!("--service-account-signing-key-file={}", signer.display()),
             "--service-cluster-ip-range=10.0.0.0/24".to_string(),
-            // No controller-manager runs here to create the "default" ServiceAccounts.
-            "--disable-admission-plugins=ServiceAccount".to_string(),
             "--endpoint-reconciler-type=none".to_string(),
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
         ];
+        match &self.node {
+            None => args.extend(
+                [
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    "--authorization-mode=RBAC",
+                    // No controller-manager runs here to create the "default" ServiceAccounts.
+                    "--disable-admission-plugins=ServiceAccount",
+                ]
+                .map(String::from),
+            ),
+            Some(node) => args.extend([
+                // Inside the node's own network namespace, whose only interfaces are loopback and
+                // the pods' bridge: pods reach the API server on the node's address.
+                "--bind-address=0.0.0.0".to_string(),
+                format!("--advertise-address={}", node.ip),
+                "--authorization-mode=Node,RBAC".to_string(),
+                "--enable-admission-plugins=NodeRestriction".to_string(),
+                format!("--kubelet-client-certificate={}", pki.join(pki::KUBELET_CLIENT_CERT).display()),
+                format!("--kubelet-client-key={}", pki.join(pki::KUBELET_CLIENT_KEY).display()),
+                "--kubelet-preferred-address-types=InternalIP".to_string(),
+            ]),
+        }
         args.extend(procs.verify_keys.iter().map(|k| format!("--service-account-key-file={}", k.display())));
         if self.options.audit_log {
             let policy = self.dir.join("audit-policy.yaml");
@@ -357,14 +396,15 @@ impl ControlPlane {
     }
 
     fn write_kubeconfig(&self) -> Result<()> {
-        self.write_kubeconfig_to(&self.kubeconfig_path(), &self.server_url())
+        self.write_kubeconfig_as(&self.kubeconfig_path(), &self.server_url(), pki::ADMIN_CERT, pki::ADMIN_KEY)
     }
 
     /// An admin kubeconfig whose server is `addr` (a proxy in front of the API server, whose
     /// certificate names 127.0.0.1); returns its path.
     pub fn kubeconfig_via(&self, addr: std::net::SocketAddr) -> Result<PathBuf> {
         let path = self.dir.join(format!("kubeconfig-via-{}", addr.port()));
-        self.write_kubeconfig_to(&path, &format!("https://127.0.0.1:{}", addr.port()))?;
+        let server = format!("https://127.0.0.1:{}", addr.port());
+        self.write_kubeconfig_as(&path, &server, pki::ADMIN_CERT, pki::ADMIN_KEY)?;
         Ok(path)
     }
 
@@ -373,7 +413,8 @@ impl ControlPlane {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.api_port))
     }
 
-    fn write_kubeconfig_to(&self, path: &Path, server: &str) -> Result<()> {
+    /// Writes a kubeconfig for `server` with the client certificate and key files `cert` and `key` of the PKI directory.
+    fn write_kubeconfig_as(&self, path: &Path, server: &str, cert: &str, key: &str) -> Result<()> {
         use base64::Engine as _;
         let b64 = |file: &str| -> Result<String> {
             Ok(base64::engine::general_purpose::STANDARD.encode(fs::read(self.pki().join(file))?))
@@ -381,8 +422,8 @@ impl ControlPlane {
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: authprobe-local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: authprobe-local\n  context:\n    cluster: authprobe-local\n    user: admin\ncurrent-context: authprobe-local\n",
             ca = b64(pki::CA_CERT)?,
-            cert = b64(pki::ADMIN_CERT)?,
-            key = b64(pki::ADMIN_KEY)?,
+            cert = b64(cert)?,
+            key = b64(key)?,
         );
         fs::write(path, kubeconfig)?;
         Ok(())
@@ -398,7 +439,7 @@ impl Drop for ControlPlane {
 fn binary(name: &str) -> Result<PathBuf> {
     let path = tools_bin().join(name);
     if !path.is_file() {
-        bail!("{} is missing: run `make tools` to build the local control plane", path.display());
+        bail!("{} is missing: run `make tools` to build the local control plane and node", path.display());
     }
     Ok(path)
 }

@@ -48,6 +48,11 @@ pub fn spawn(program: &Path, args: &[String], envs: &[(&str, String)], log: &Pat
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
+    spawn_command(command).with_context(|| format!("starting {}", program.display()))
+}
+
+/// Spawns a prepared command from the supervisor thread, killed when this process dies.
+pub(crate) fn spawn_command(mut command: Command) -> Result<Child> {
     die_with_parent(&mut command);
     let (tx, rx) = mpsc::channel();
     supervisor()
@@ -55,9 +60,7 @@ pub fn spawn(program: &Path, args: &[String], envs: &[(&str, String)], log: &Pat
         .map_err(|_| anyhow!("supervisor lock poisoned"))?
         .send((command, tx))
         .map_err(|_| anyhow!("supervisor thread is gone"))?;
-    rx.recv()
-        .map_err(|_| anyhow!("supervisor thread is gone"))?
-        .with_context(|| format!("starting {}", program.display()))
+    Ok(rx.recv().map_err(|_| anyhow!("supervisor thread is gone"))??)
 }
 
 #[allow(unsafe_code)]

@@ -1,0 +1,3 @@
+module authprobe.io/tools/podutil
+
+go 1.26.0
