@@ -49,7 +49,7 @@ cluster: ## Run the local control plane until Ctrl-C (NODE=1: with a node that r
 	@$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster -- $(if $(NODE),--node)
 
 .PHONY: demo
-demo: ## The operator on a local control plane against a fake Google: a broken namespace, its fix, Ready
+demo: ## The operator on a local control plane against a fake Google: a broken mapping and a workload loading a key file, their fixes, Ready
 	tools/demo.sh
 
 MUSL := x86_64-unknown-linux-musl
