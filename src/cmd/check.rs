@@ -255,6 +255,7 @@ where
 {
     let api = Api::<K>::all(client.clone());
     let mut params = ListParams::default().limit(PAGE);
+    into.begin_listing(K::WORKLOAD);
     for _ in 0..MAX_PAGES {
         let page = api.list(&params).await?;
         for object in &page.items {
@@ -267,6 +268,7 @@ where
             None => break,
         }
     }
+    into.end_listing(K::WORKLOAD);
     Ok(())
 }
 

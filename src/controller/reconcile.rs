@@ -61,8 +61,9 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
         Ok(plan) => {
             if plan.inspect_workloads {
-                // A pass before every workload was listed would miss them and read as passing.
-                ctx.workloads.wait_until_ready().await;
+                // A pass before every workload was listed would miss them and read as passing;
+                // one whose watches keep failing reports that instead (Unknown), after a while.
+                let _ = tokio::time::timeout(WORKLOAD_LIST_WAIT, ctx.workloads.wait_until_listed()).await;
             }
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
@@ -138,6 +139,9 @@ fn changed_at(ctx: &Context, probe: &AuthProbe, c: &Candidate) -> Option<Timesta
     let entered = ctx.states.entered(probe, inventory::key(&[&c.namespace]));
     [created, annotated, entered].into_iter().flatten().max()
 }
+
+/// How long a pass waits for the workload watches' first lists before judging without them.
+const WORKLOAD_LIST_WAIT: Duration = Duration::from_secs(30);
 
 /// A write is started only while the fence holds for longer than the write may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -20,16 +20,19 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::{
-    engine::workload::{Workload, WorkloadKind, WorkloadObject, WorkloadView, prune},
+    api::Reason,
+    engine::workload::{Unavailable, Workload, WorkloadKind, WorkloadObject, WorkloadView, prune},
     probe::config_maps::ConfigMaps,
+    redact,
 };
 
 /// A cached ConfigMap's metadata.
 pub type ConfigMapMeta = PartialObjectMeta<ConfigMap>;
 
-/// One bit per watch that must have listed once before workloads can be judged: each kind's
-/// (its declaration index) and the ConfigMaps'.
+/// One bit per watch that has listed once: each kind's (its declaration index) and the
+/// ConfigMaps'. Workloads can be judged once every kind listed; the operator is ready once all did.
 const CONFIG_MAP_BIT: u8 = 1 << WorkloadKind::ALL.len();
+const KINDS_SYNCED: u8 = CONFIG_MAP_BIT - 1;
 const ALL_SYNCED: u8 = (CONFIG_MAP_BIT << 1) - 1;
 
 fn bit(kind: WorkloadKind) -> u8 {
@@ -45,11 +48,18 @@ pub struct Workloads {
     /// Per kind during a (re-)list: the objects listed so far, so those gone are dropped at its end.
     listing: Mutex<HashMap<WorkloadKind, HashSet<(String, String)>>>,
     synced: watch::Sender<u8>,
+    /// Per kind never listed yet: its last watch error, and whether the API server refused it.
+    failing: Mutex<BTreeMap<WorkloadKind, (String, bool)>>,
 }
 
 impl Default for Workloads {
     fn default() -> Self {
-        Self { by_namespace: RwLock::default(), listing: Mutex::default(), synced: watch::Sender::new(0) }
+        Self {
+            by_namespace: RwLock::default(),
+            listing: Mutex::default(),
+            synced: watch::Sender::new(0),
+            failing: Mutex::default(),
+        }
     }
 }
 
@@ -92,12 +102,13 @@ impl Workloads {
         self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn begin_listing(&self, kind: WorkloadKind) {
+    /// A (re-)list of `kind` starts.
+    pub fn begin_listing(&self, kind: WorkloadKind) {
         self.listing().insert(kind, HashSet::new());
     }
 
     /// Ends a (re-)list of `kind`: drops what it did not show; returns their namespaces.
-    fn end_listing(&self, kind: WorkloadKind) -> Vec<String> {
+    pub fn end_listing(&self, kind: WorkloadKind) -> Vec<String> {
         let seen = self.listing().remove(&kind).unwrap_or_default();
         let mut all = self.write();
         let mut touched = Vec::new();
@@ -111,7 +122,25 @@ impl Workloads {
         all.retain(|_, names| !names.is_empty());
         drop(all);
         self.synced.send_modify(|s| *s |= bit(kind));
+        self.failing_kinds().remove(&kind);
         touched
+    }
+
+    fn failing_kinds(&self) -> MutexGuard<'_, BTreeMap<WorkloadKind, (String, bool)>> {
+        self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A watch of `kind` failed (it retries); remembered until the kind has listed once.
+    fn watch_failed(&self, kind: WorkloadKind, error: &watcher::Error) {
+        if *self.synced.borrow() & bit(kind) != 0 {
+            return;
+        }
+        let forbidden = matches!(
+            error,
+            watcher::Error::InitialListFailed(kube::Error::Api(s))
+                | watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 403
+        ) || matches!(error, watcher::Error::WatchError(s) if s.code == 403);
+        self.failing_kinds().insert(kind, (redact::upstream(&error.to_string()), forbidden));
     }
 
     /// Whether any workload in `namespace` mounts ConfigMap `name`.
@@ -136,9 +165,18 @@ impl Workloads {
 
     /// Waits until every workload kind and the ConfigMaps have been listed once.
     pub async fn wait_until_ready(&self) {
+        self.wait_for(ALL_SYNCED).await;
+    }
+
+    /// Waits until every workload kind has been listed once, so a pass sees them all.
+    pub async fn wait_until_listed(&self) {
+        self.wait_for(KINDS_SYNCED).await;
+    }
+
+    async fn wait_for(&self, bits: u8) {
         let mut synced = self.synced.subscribe();
         // The sender lives as long as `self`, so this cannot fail while it is borrowed.
-        let _ = synced.wait_for(|s| *s == ALL_SYNCED).await;
+        let _ = synced.wait_for(|s| *s & bits == bits).await;
     }
 }
 
@@ -147,6 +185,27 @@ impl WorkloadView for Workloads {
         if let Some(names) = self.read().get(namespace) {
             names.values().for_each(f);
         }
+    }
+
+    fn unavailable(&self) -> Option<Unavailable> {
+        let synced = *self.synced.borrow();
+        let missing: Vec<WorkloadKind> =
+            WorkloadKind::ALL.iter().copied().filter(|k| synced & bit(*k) == 0).collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let failing = self.failing_kinds();
+        let forbidden = missing.iter().any(|k| failing.get(k).is_some_and(|(_, f)| *f));
+        let last = missing.iter().find_map(|k| failing.get(k)).map_or("no answer yet", |(e, _)| e.as_str());
+        let kinds: Vec<&str> = missing.iter().map(|k| k.into()).collect();
+        Some(Unavailable {
+            reason: if forbidden { Reason::CheckerForbidden } else { Reason::KubernetesUnavailable },
+            detail: format!(
+                "authprobe could not list {} ({last}){}",
+                kinds.join(", "),
+                if forbidden { "; its RBAC needs list and watch on them (the chart grants it)" } else { "" }
+            ),
+        })
     }
 }
 
@@ -174,7 +233,10 @@ where
     events
         .map(move |event| {
             let namespaces: Vec<String> = match event {
-                Err(e) => return stream::iter(vec![Err(e)]),
+                Err(e) => {
+                    workloads.watch_failed(kind, &e);
+                    return stream::iter(vec![Err(e)]);
+                }
                 Ok(Event::Init) => {
                     workloads.begin_listing(kind);
                     vec![]
@@ -300,5 +362,27 @@ mod tests {
         assert_eq!(workloads.len(), 1);
         assert_eq!(run(vec![Event::Delete(deployment("a", "n1", 3, "other"))], &workloads).await, ["n1"]);
         assert!(workloads.is_empty());
+    }
+
+    #[test]
+    fn kinds_never_listed_make_the_view_unavailable_until_they_are() {
+        let workloads = Workloads::default();
+        let status: kube::core::Status =
+            serde_json::from_value(json!({"code": 403, "message": "pods is forbidden", "status": "Failure"}))
+                .unwrap();
+        workloads.watch_failed(
+            WorkloadKind::Pod,
+            &watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status))),
+        );
+        for kind in WorkloadKind::ALL.iter().filter(|k| **k != WorkloadKind::Pod) {
+            workloads.begin_listing(*kind);
+            workloads.end_listing(*kind);
+        }
+        let why = workloads.unavailable().expect("Pods were never listed");
+        assert_eq!(why.reason, Reason::CheckerForbidden);
+        assert!(why.detail.contains("Pod") && why.detail.contains("forbidden"), "{}", why.detail);
+        workloads.begin_listing(WorkloadKind::Pod);
+        workloads.end_listing(WorkloadKind::Pod);
+        assert_eq!(workloads.unavailable(), None);
     }
 }

@@ -89,6 +89,7 @@ pub async fn evaluate(
         prepared.iter().filter_map(|(_, p)| p.as_ref().ok()?.gsa.clone()).collect();
     wanted.sort();
     wanted.dedup();
+    let unavailable = services.workloads.unavailable().filter(|_| plan.inspect_workloads);
     let workloads = workloads_of(plan, services.workloads, &prepared);
     let mut mounted: Vec<(String, String)> =
         workloads.iter().flat_map(|((_, name), w)| plan.config_maps_to_read(name, w)).collect();
@@ -124,7 +125,11 @@ pub async fn evaluate(
         .map(|(candidate, prepared)| {
             let Ok(p) = prepared else { return (candidate, prepared, None) };
             let key = (candidate.namespace.clone(), candidate.name.clone());
-            let found = workloads.get(&key).and_then(|w| plan.workload_stage(&p, w, &config_maps, &facts));
+            let listed = match &unavailable {
+                Some(why) => Err(why),
+                None => Ok(workloads.get(&key).map_or(&[][..], Vec::as_slice)),
+            };
+            let found = plan.workload_stage(&p, listed, &config_maps, &facts);
             match found {
                 Some(f) if f.verdict == Verdict::Fail => (candidate, Err(f), None),
                 undecided => (candidate, Ok(p), undecided),

@@ -505,11 +505,23 @@ pub enum ConfigMapRead {
 /// Mounted ConfigMaps read for a pass, by (namespace, name).
 pub type ConfigMaps = BTreeMap<(String, String), ConfigMapRead>;
 
+/// Why the workloads cannot be judged: some kind was never listed (the operator's RBAC, or the
+/// API server). Never the namespace's fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unavailable {
+    /// `CheckerForbidden` when the API server refused the operator, else `KubernetesUnavailable`.
+    pub reason: Reason,
+    /// Which kinds, and the last error.
+    pub detail: String,
+}
+
 /// Whatever holds the workloads (the operator's inventory, the lists `authprobe check` makes),
 /// lent to the stage.
 pub trait WorkloadView {
     /// Calls `f` with at least every workload in `namespace`.
     fn each_workload(&self, namespace: &str, f: &mut dyn FnMut(&Arc<Workload>));
+    /// Why the view cannot be trusted to hold every workload, if so.
+    fn unavailable(&self) -> Option<Unavailable>;
 }
 
 #[cfg(test)]

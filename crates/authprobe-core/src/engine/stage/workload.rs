@@ -16,7 +16,7 @@ use super::super::{
     stage::provider::default_audiences,
     workload::{
         CLOUDSDK_CONFIG_VAR, CREDENTIALS_VAR, ConfigMapRead, ConfigMaps, ConfigValue, Container, EnvValue,
-        Projection, VolumeSource, Workload,
+        Projection, Unavailable, VolumeSource, Workload,
     },
 };
 use crate::api::{Access, Platform, Reason, Stage};
@@ -868,12 +868,13 @@ impl Plan {
     }
 
     /// The Workload stage for a KSA that passed the static checks, over the workloads of its
-    /// namespace (those running as another KSA are skipped). One finding: a failing reason before
-    /// an undecided one, then the design's table order, listing the workloads that have it.
+    /// namespace (those running as another KSA are skipped), or why they could not be listed.
+    /// One finding: a failing reason before an undecided one, then the design's table order,
+    /// listing the workloads that have it.
     pub fn workload_stage(
         &self,
         prepared: &Prepared,
-        workloads: &[Arc<Workload>],
+        workloads: Result<&[Arc<Workload>], &Unavailable>,
         config_maps: &ConfigMaps,
         facts: &Facts<'_>,
     ) -> Option<Finding> {
@@ -881,6 +882,19 @@ impl Plan {
             return None;
         }
         let ksa = &prepared.ksa;
+        let workloads = match workloads {
+            Ok(workloads) => workloads,
+            Err(why) => {
+                return Some(Finding::unknown(
+                    Stage::Workload,
+                    why.reason,
+                    format!(
+                        "cannot tell which credential the workloads of ServiceAccount {}/{} load: {}",
+                        ksa.namespace, ksa.name, why.detail
+                    ),
+                ));
+            }
+        };
         let provider = facts.provider.and_then(|p| p.provider.as_ref().ok()).and_then(Option::as_ref);
         let allowed = provider.and_then(|p| {
             let oidc = p.oidc.as_ref()?;

@@ -144,7 +144,7 @@ impl Run {
         let gsas = BTreeMap::new();
         let cluster = Ok(ClusterIssuer { issuer: ISSUER.into(), keys: vec![] });
         let facts = Facts { gsas: &gsas, provider: Some(&self.provider), cluster: Some(&cluster), now: 0 };
-        self.plan.workload_stage(&self.prepared, workloads, &self.config_maps, &facts)
+        self.plan.workload_stage(&self.prepared, Ok(workloads), &self.config_maps, &facts)
     }
 
     /// The finding for one Deployment `api`, which must have `reason` and name it.
@@ -526,6 +526,17 @@ fn workloads_are_listed_sorted_at_most_five_and_others_ignored() {
     let mut off = Run::gke();
     off.plan.inspect_workloads = false;
     assert_eq!(off.check(&workloads), None, "inspectWorkloads: false turns the stage off");
+}
+
+#[test]
+fn workloads_that_could_not_be_listed_are_unknown_never_failing() {
+    let run = Run::gke();
+    let gsas = BTreeMap::new();
+    let facts = Facts { gsas: &gsas, provider: None, cluster: None, now: 0 };
+    let why = Unavailable { reason: Reason::CheckerForbidden, detail: "the Pod watch: 403 forbidden".into() };
+    let f = run.plan.workload_stage(&run.prepared, Err(&why), &BTreeMap::new(), &facts).unwrap();
+    assert_eq!((f.stage, f.reason, f.verdict), (Stage::Workload, Reason::CheckerForbidden, Verdict::Unknown));
+    assert!(f.message.contains("ServiceAccount checkout/app") && f.message.contains("403"), "{}", f.message);
 }
 
 #[test]
