@@ -12,10 +12,10 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, ResourceExt,
     api::{ListParams, ObjectList},
 };
-use serde::{Serialize, de::DeserializeOwned};
+use serde::Serialize;
 
 use super::GoogleArgs;
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     engine::{
         Plan, Selection, Verdict,
         report::{KsaOutcome, Report, Status},
-        workload::{WorkloadObject, prune},
+        workload::{Lean, LeanKind, prune},
     },
     fence::Fence,
     google::Google,
@@ -251,9 +251,9 @@ pub async fn check(
 /// Lists every object of kind `K`, page by page, keeping each workload's pruned view.
 async fn list_workloads<K>(client: &Client, into: &Workloads) -> Result<(), kube::Error>
 where
-    K: WorkloadObject + Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: LeanKind,
 {
-    let api = Api::<K>::all(client.clone());
+    let api = Api::<Lean<K>>::all(client.clone());
     let mut params = ListParams::default().limit(PAGE);
     into.begin_listing(K::WORKLOAD);
     for _ in 0..MAX_PAGES {

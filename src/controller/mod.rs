@@ -45,6 +45,7 @@ use crate::{
     engine::{
         Plan,
         selector::{Labels, NO_LABELS},
+        workload::Lean,
     },
     fence::Fence,
     google::Google,
@@ -356,7 +357,7 @@ pub async fn run(
     macro_rules! workload_events {
         ($kind:ty, $name:literal) => {
             workloads::watch_kind(
-                watcher(Api::<$kind>::all(client.clone()), watch_config.clone())
+                watcher(Api::<Lean<$kind>>::all(client.clone()), watch_config.clone())
                     .backoff(watch_backoff())
                     .inspect(observe(&progress, $name)),
                 workloads.clone(),

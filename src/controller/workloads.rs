@@ -5,7 +5,7 @@
 //! view unchanged (a rollout's status, replicas, labels) triggers nothing.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
@@ -16,12 +16,11 @@ use kube::{
     core::PartialObjectMeta,
     runtime::watcher::{self, Event},
 };
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::{
     api::Reason,
-    engine::workload::{Unavailable, Workload, WorkloadKind, WorkloadObject, WorkloadView, prune},
+    engine::workload::{Lean, LeanKind, Unavailable, Workload, WorkloadKind, WorkloadView, prune},
     probe::config_maps::ConfigMaps,
     redact,
 };
@@ -39,14 +38,28 @@ fn bit(kind: WorkloadKind) -> u8 {
     1 << (kind as u8)
 }
 
-type ByName = BTreeMap<(WorkloadKind, String), Arc<Workload>>;
+/// A stored workload and the list (epoch of its kind) that last showed it.
+#[derive(Debug)]
+struct Entry {
+    workload: Arc<Workload>,
+    epoch: u32,
+}
+
+/// A namespace's workloads, sorted by kind and name: a few per namespace, so a sorted vector holds
+/// them in a fraction of a map's memory.
+type InNamespace = Vec<Entry>;
+
+fn find(entries: &InNamespace, kind: WorkloadKind, name: &str) -> Result<usize, usize> {
+    entries.binary_search_by(|e| (e.workload.kind, e.workload.name.as_str()).cmp(&(kind, name)))
+}
 
 /// Every workload, pruned, by namespace.
 #[derive(Debug)]
 pub struct Workloads {
-    by_namespace: RwLock<HashMap<String, ByName>>,
-    /// Per kind during a (re-)list: the objects listed so far, so those gone are dropped at its end.
-    listing: Mutex<HashMap<WorkloadKind, HashSet<(String, String)>>>,
+    by_namespace: RwLock<HashMap<String, InNamespace>>,
+    /// Per kind, the current list's epoch: a re-list drops what it did not show by comparing
+    /// epochs, with no set of listed names held meanwhile.
+    epochs: Mutex<[u32; WorkloadKind::ALL.len()]>,
     synced: watch::Sender<u8>,
     /// Per kind never listed yet: its last watch error, and whether the API server refused it.
     failing: Mutex<BTreeMap<WorkloadKind, (String, bool)>>,
@@ -56,7 +69,7 @@ impl Default for Workloads {
     fn default() -> Self {
         Self {
             by_namespace: RwLock::default(),
-            listing: Mutex::default(),
+            epochs: Mutex::default(),
             synced: watch::Sender::new(0),
             failing: Mutex::default(),
         }
@@ -64,62 +77,70 @@ impl Default for Workloads {
 }
 
 impl Workloads {
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, ByName>> {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, InNamespace>> {
         self.by_namespace.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, ByName>> {
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, InNamespace>> {
         self.by_namespace.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn epochs(&self) -> MutexGuard<'_, [u32; WorkloadKind::ALL.len()]> {
+        self.epochs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Stores a workload; returns whether its view changed.
     pub fn apply(&self, workload: Workload) -> bool {
-        if let Some(seen) = self.listing().get_mut(&workload.kind) {
-            seen.insert((workload.namespace.clone(), workload.name.clone()));
-        }
+        let epoch = self.epochs()[workload.kind as usize];
         let mut all = self.write();
-        let names = all.entry(workload.namespace.clone()).or_default();
-        let key = (workload.kind, workload.name.clone());
-        if names.get(&key).is_some_and(|w| **w == workload) {
-            return false;
+        let entries = match all.get_mut(workload.namespace.as_str()) {
+            Some(entries) => entries,
+            None => all.entry(workload.namespace.clone()).or_default(),
+        };
+        match find(entries, workload.kind, &workload.name) {
+            Ok(i) => {
+                entries[i].epoch = epoch;
+                if *entries[i].workload == workload {
+                    return false;
+                }
+                entries[i].workload = Arc::new(workload);
+            }
+            Err(i) => entries.insert(i, Entry { workload: Arc::new(workload), epoch }),
         }
-        names.insert(key, Arc::new(workload));
         true
     }
 
     /// Drops a workload; returns whether it was stored.
     pub fn remove(&self, kind: WorkloadKind, namespace: &str, name: &str) -> bool {
         let mut all = self.write();
-        let Some(names) = all.get_mut(namespace) else { return false };
-        let removed = names.remove(&(kind, name.to_string())).is_some();
-        if names.is_empty() {
+        let Some(entries) = all.get_mut(namespace) else { return false };
+        let Ok(i) = find(entries, kind, name) else { return false };
+        entries.remove(i);
+        if entries.is_empty() {
             all.remove(namespace);
         }
-        removed
-    }
-
-    fn listing(&self) -> MutexGuard<'_, HashMap<WorkloadKind, HashSet<(String, String)>>> {
-        self.listing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        true
     }
 
     /// A (re-)list of `kind` starts.
     pub fn begin_listing(&self, kind: WorkloadKind) {
-        self.listing().insert(kind, HashSet::new());
+        let mut epochs = self.epochs();
+        epochs[kind as usize] = epochs[kind as usize].wrapping_add(1);
     }
 
     /// Ends a (re-)list of `kind`: drops what it did not show; returns their namespaces.
     pub fn end_listing(&self, kind: WorkloadKind) -> Vec<String> {
-        let seen = self.listing().remove(&kind).unwrap_or_default();
+        let epoch = self.epochs()[kind as usize];
         let mut all = self.write();
         let mut touched = Vec::new();
-        for (namespace, names) in all.iter_mut() {
-            let before = names.len();
-            names.retain(|(k, name), _| *k != kind || seen.contains(&(namespace.clone(), name.clone())));
-            if names.len() != before {
+        for (namespace, entries) in all.iter_mut() {
+            let before = entries.len();
+            entries.retain(|e| e.workload.kind != kind || e.epoch == epoch);
+            if entries.len() != before {
                 touched.push(namespace.clone());
             }
         }
-        all.retain(|_, names| !names.is_empty());
+        all.retain(|_, entries| !entries.is_empty());
         drop(all);
         self.synced.send_modify(|s| *s |= bit(kind));
         self.failing_kinds().remove(&kind);
@@ -145,17 +166,21 @@ impl Workloads {
 
     /// Whether any workload in `namespace` mounts ConfigMap `name`.
     pub fn mounts_config_map(&self, namespace: &str, name: &str) -> bool {
-        self.read().get(namespace).is_some_and(|names| names.values().any(|w| w.mounts_config_map(name)))
+        self.read()
+            .get(namespace)
+            .is_some_and(|entries| entries.iter().any(|e| e.workload.mounts_config_map(name)))
     }
 
     /// The UID of a workload, for Events about it.
     pub fn uid(&self, namespace: &str, kind: WorkloadKind, name: &str) -> Option<String> {
-        self.read().get(namespace)?.get(&(kind, name.to_string())).map(|w| w.uid.clone())
+        let all = self.read();
+        let entries = all.get(namespace)?;
+        find(entries, kind, name).ok().map(|i| entries[i].workload.uid.clone())
     }
 
     /// How many workloads are stored.
     pub fn len(&self) -> usize {
-        self.read().values().map(BTreeMap::len).sum()
+        self.read().values().map(Vec::len).sum()
     }
 
     /// Whether none is.
@@ -182,8 +207,8 @@ impl Workloads {
 
 impl WorkloadView for Workloads {
     fn each_workload(&self, namespace: &str, f: &mut dyn FnMut(&Arc<Workload>)) {
-        if let Some(names) = self.read().get(namespace) {
-            names.values().for_each(f);
+        if let Some(entries) = self.read().get(namespace) {
+            entries.iter().for_each(|e| f(&e.workload));
         }
     }
 
@@ -223,11 +248,11 @@ fn touched(namespace: String) -> Touched {
 /// Watches every object of kind `K`, keeps `workloads` up to date, and yields the namespace of each
 /// change to a pruned view (an object appearing, changing what the stage reads, or going).
 pub fn watch_kind<K>(
-    events: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    events: impl Stream<Item = Result<Event<Lean<K>>, watcher::Error>> + Send + 'static,
     workloads: Arc<Workloads>,
 ) -> impl Stream<Item = Result<Touched, watcher::Error>> + Send + 'static
 where
-    K: WorkloadObject + Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: LeanKind,
 {
     let kind = K::WORKLOAD;
     events
@@ -309,7 +334,7 @@ mod tests {
 
     use super::*;
 
-    fn deployment(name: &str, namespace: &str, replicas: i32, config_map: &str) -> Deployment {
+    fn deployment(name: &str, namespace: &str, replicas: i32, config_map: &str) -> Lean<Deployment> {
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
             "spec": {"replicas": replicas, "selector": {}, "template": {"spec": {
@@ -321,7 +346,7 @@ mod tests {
         .unwrap()
     }
 
-    async fn run(events: Vec<Event<Deployment>>, workloads: &Arc<Workloads>) -> Vec<String> {
+    async fn run(events: Vec<Event<Lean<Deployment>>>, workloads: &Arc<Workloads>) -> Vec<String> {
         let stream = futures::stream::iter(events.into_iter().map(Ok));
         watch_kind(stream, workloads.clone()).map(|t| t.unwrap().metadata.name.unwrap()).collect().await
     }

@@ -3,17 +3,17 @@
 //! templates mount. Pruning happens here, once per watched object, so the operator caches only
 //! this and `authprobe check` prunes the same way.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
-    Metadata,
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
         batch::v1::{CronJob, Job},
-        core::v1::{self as core, ConfigMap, Pod, PodSpec},
+        core::v1::{ConfigMap, Pod},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
+use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::api::Reason;
 
@@ -216,7 +216,8 @@ pub enum Projection {
 }
 
 /// A key projected to a path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
 pub struct KeyToPath {
     /// The key.
     pub key: String,
@@ -247,78 +248,276 @@ impl Workload {
     }
 }
 
-/// An object that runs pods: where its pod spec is and whether it is a workload of its own.
-pub trait WorkloadObject: Metadata<Ty = ObjectMeta> {
+/// An object that runs pods, decoded lean for the watches and lists: metadata without labels,
+/// annotations or managedFields, and of the spec only the pod spec's fields this stage reads.
+/// Every other field is skipped while parsing, never allocated, so a large object costs no more
+/// than its pruned view, even while a page of a list is in flight.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(bound(deserialize = ""))]
+pub struct Lean<K: LeanKind> {
+    /// Identity, version and owners.
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: K::Spec,
+}
+
+/// A kind of object that runs pods: where its pod spec is and whether it is a workload of its own.
+pub trait LeanKind: k8s_openapi::Resource + Clone + std::fmt::Debug + Send + Sync + 'static {
     /// Its kind.
     const WORKLOAD: WorkloadKind;
+    /// Its spec, as far as the way to the pod spec.
+    type Spec: DeserializeOwned + Clone + std::fmt::Debug + Default + Send + Sync;
     /// Its pod spec.
-    fn pod_spec(&self) -> Option<&PodSpec>;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec>;
     /// Whether it counts on its own: a CronJob's Job and an owned Pod are counted through their owner.
-    fn is_own(&self) -> bool {
+    fn counted(_owners: &[OwnerReference]) -> bool {
         true
     }
 }
 
-impl WorkloadObject for Deployment {
+impl<K: LeanKind> kube::Resource for Lean<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        K::KIND.into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        K::GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        K::VERSION.into()
+    }
+    fn api_version(_: &()) -> Cow<'_, str> {
+        K::API_VERSION.into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        K::URL_PATH_SEGMENT.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The metadata a lean object keeps: what names it, its version (where a watch resumes) and owners.
+fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        owner_references: Option<Vec<OwnerReference>>,
+    }
+    let m = Meta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        owner_references: m.owner_references,
+        ..Default::default()
+    })
+}
+
+/// The parts of Kubernetes' pod spec (and the specs around it) the stage reads; unknown fields are
+/// skipped.
+pub mod lean {
+    use serde::{Deserialize, de::IgnoredAny};
+
+    use super::KeyToPath;
+
+    /// `spec.template` of a Deployment, StatefulSet, DaemonSet or Job.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct TemplateSpec {
+        pub(super) template: Template,
+    }
+
+    /// A pod template.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Template {
+        pub(super) spec: Option<PodSpec>,
+    }
+
+    /// A CronJob's spec.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct CronJobSpec {
+        pub(super) job_template: JobTemplate,
+    }
+
+    /// A CronJob's job template.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct JobTemplate {
+        pub(super) spec: Option<TemplateSpec>,
+    }
+
+    /// A pod spec.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct PodSpec {
+        pub(super) service_account_name: Option<String>,
+        pub(super) service_account: Option<String>,
+        pub(super) host_network: Option<bool>,
+        pub(super) init_containers: Vec<Container>,
+        pub(super) containers: Vec<Container>,
+        pub(super) volumes: Vec<Volume>,
+    }
+
+    /// A container.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct Container {
+        pub(super) name: String,
+        pub(super) env: Vec<EnvVar>,
+        pub(super) env_from: Vec<IgnoredAny>,
+        pub(super) volume_mounts: Vec<VolumeMount>,
+    }
+
+    /// An environment variable.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct EnvVar {
+        pub(super) name: String,
+        pub(super) value: Option<String>,
+        pub(super) value_from: Option<IgnoredAny>,
+    }
+
+    /// A volume mount.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct VolumeMount {
+        pub(super) name: String,
+        pub(super) mount_path: String,
+        pub(super) sub_path: Option<String>,
+        pub(super) sub_path_expr: Option<String>,
+    }
+
+    /// A volume: the sources the stage follows, and which other kind it is.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct Volume {
+        pub(super) name: String,
+        pub(super) config_map: Option<Keys>,
+        pub(super) secret: Option<Keys>,
+        pub(super) projected: Option<Projected>,
+        pub(super) empty_dir: Option<IgnoredAny>,
+        pub(super) host_path: Option<IgnoredAny>,
+        pub(super) csi: Option<IgnoredAny>,
+        pub(super) persistent_volume_claim: Option<IgnoredAny>,
+        pub(super) downward_api: Option<IgnoredAny>,
+        pub(super) ephemeral: Option<IgnoredAny>,
+        pub(super) image: Option<IgnoredAny>,
+    }
+
+    /// A ConfigMap or Secret source (a Secret volume names it `secretName`).
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct Keys {
+        pub(super) name: Option<String>,
+        pub(super) secret_name: Option<String>,
+        pub(super) items: Vec<KeyToPath>,
+    }
+
+    /// A projected volume.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Projected {
+        pub(super) sources: Vec<Projection>,
+    }
+
+    /// A projected source.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default, rename_all = "camelCase")]
+    pub struct Projection {
+        pub(super) service_account_token: Option<Token>,
+        pub(super) config_map: Option<Keys>,
+        pub(super) secret: Option<Keys>,
+    }
+
+    /// A projected ServiceAccount token.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Token {
+        pub(super) audience: Option<String>,
+        pub(super) path: String,
+    }
+}
+
+impl LeanKind for Deployment {
     const WORKLOAD: WorkloadKind = WorkloadKind::Deployment;
-    fn pod_spec(&self) -> Option<&PodSpec> {
-        self.spec.as_ref()?.template.spec.as_ref()
+    type Spec = lean::TemplateSpec;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
+        spec.template.spec.as_ref()
     }
 }
 
-impl WorkloadObject for StatefulSet {
+impl LeanKind for StatefulSet {
     const WORKLOAD: WorkloadKind = WorkloadKind::StatefulSet;
-    fn pod_spec(&self) -> Option<&PodSpec> {
-        self.spec.as_ref()?.template.spec.as_ref()
+    type Spec = lean::TemplateSpec;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
+        spec.template.spec.as_ref()
     }
 }
 
-impl WorkloadObject for DaemonSet {
+impl LeanKind for DaemonSet {
     const WORKLOAD: WorkloadKind = WorkloadKind::DaemonSet;
-    fn pod_spec(&self) -> Option<&PodSpec> {
-        self.spec.as_ref()?.template.spec.as_ref()
+    type Spec = lean::TemplateSpec;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
+        spec.template.spec.as_ref()
     }
 }
 
-impl WorkloadObject for Job {
+impl LeanKind for Job {
     const WORKLOAD: WorkloadKind = WorkloadKind::Job;
-    fn pod_spec(&self) -> Option<&PodSpec> {
-        self.spec.as_ref()?.template.spec.as_ref()
+    type Spec = lean::TemplateSpec;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
+        spec.template.spec.as_ref()
     }
-    fn is_own(&self) -> bool {
-        !self.metadata.owner_references.iter().flatten().any(|o| o.kind == "CronJob")
+    fn counted(owners: &[OwnerReference]) -> bool {
+        !owners.iter().any(|o| o.kind == "CronJob")
     }
 }
 
-impl WorkloadObject for CronJob {
+impl LeanKind for CronJob {
     const WORKLOAD: WorkloadKind = WorkloadKind::CronJob;
-    fn pod_spec(&self) -> Option<&PodSpec> {
-        self.spec.job_template.spec.as_ref()?.template.spec.as_ref()
+    type Spec = lean::CronJobSpec;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
+        spec.job_template.spec.as_ref()?.template.spec.as_ref()
     }
 }
 
-impl WorkloadObject for Pod {
+impl LeanKind for Pod {
     const WORKLOAD: WorkloadKind = WorkloadKind::Pod;
-    fn pod_spec(&self) -> Option<&PodSpec> {
-        self.spec.as_ref()
+    type Spec = lean::PodSpec;
+    fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
+        Some(spec)
     }
-    fn is_own(&self) -> bool {
-        self.metadata.owner_references.as_ref().is_none_or(Vec::is_empty)
+    fn counted(owners: &[OwnerReference]) -> bool {
+        owners.is_empty()
     }
 }
 
 /// The pruned view of `object`, or `None` when it is not a workload of its own.
-pub fn prune<K: WorkloadObject>(object: &K) -> Option<Workload> {
-    if !object.is_own() {
+pub fn prune<K: LeanKind>(object: &Lean<K>) -> Option<Workload> {
+    let meta = &object.metadata;
+    if !K::counted(meta.owner_references.as_deref().unwrap_or_default()) {
         return None;
     }
-    let meta = object.metadata();
-    let spec = object.pod_spec();
+    let spec = K::pod_spec(&object.spec);
     let service_account = spec
         .and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref()))
         .filter(|s| !s.is_empty())
         .unwrap_or("default");
-    let init = spec.and_then(|s| s.init_containers.as_deref()).unwrap_or_default();
+    let init = spec.map(|s| s.init_containers.as_slice()).unwrap_or_default();
     let regular = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
     let containers = init
         .iter()
@@ -334,15 +533,15 @@ pub fn prune<K: WorkloadObject>(object: &K) -> Option<Workload> {
         service_account: service_account.to_string(),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         containers,
-        volumes: spec.and_then(|s| s.volumes.as_deref()).unwrap_or_default().iter().map(volume).collect(),
+        volumes: spec.map(|s| s.volumes.as_slice()).unwrap_or_default().iter().map(volume).collect(),
     })
 }
 
-fn container(c: &core::Container, init: bool, index: usize) -> Container {
+fn container(c: &lean::Container, init: bool, index: usize) -> Container {
     // Later entries of the same name win, and `$(VAR)` refers to entries before it, as the kubelet
     // resolves them.
     let mut seen: BTreeMap<&str, EnvValue> = BTreeMap::new();
-    for e in c.env.iter().flatten() {
+    for e in &c.env {
         let value = match (&e.value_from, &e.value) {
             (Some(_), _) => EnvValue::ValueFrom,
             (None, value) => expand(value.as_deref().unwrap_or_default(), &seen),
@@ -355,11 +554,10 @@ fn container(c: &core::Container, init: bool, index: usize) -> Container {
         index,
         credentials: seen.remove(CREDENTIALS_VAR),
         cloudsdk_config: seen.remove(CLOUDSDK_CONFIG_VAR),
-        env_from: c.env_from.as_ref().is_some_and(|e| !e.is_empty()),
+        env_from: !c.env_from.is_empty(),
         mounts: c
             .volume_mounts
             .iter()
-            .flatten()
             .map(|m| Mount {
                 volume: m.name.clone(),
                 path: m.mount_path.clone(),
@@ -400,56 +598,52 @@ fn expand(value: &str, earlier: &BTreeMap<&str, EnvValue>) -> EnvValue {
     EnvValue::Value(out)
 }
 
-fn items(items: Option<&Vec<core::KeyToPath>>) -> Vec<KeyToPath> {
-    items.into_iter().flatten().map(|i| KeyToPath { key: i.key.clone(), path: i.path.clone() }).collect()
+fn keys(k: &lean::Keys) -> (String, Vec<KeyToPath>) {
+    (k.name.clone().or_else(|| k.secret_name.clone()).unwrap_or_default(), k.items.clone())
 }
 
-fn volume(v: &core::Volume) -> Volume {
+fn volume(v: &lean::Volume) -> Volume {
     let source = if let Some(c) = &v.config_map {
-        VolumeSource::ConfigMap { name: c.name.clone(), items: items(c.items.as_ref()) }
+        let (name, items) = keys(c);
+        VolumeSource::ConfigMap { name, items }
     } else if let Some(s) = &v.secret {
-        VolumeSource::Secret {
-            name: s.secret_name.clone().unwrap_or_default(),
-            items: items(s.items.as_ref()),
-        }
+        let (name, items) = keys(s);
+        VolumeSource::Secret { name, items }
     } else if let Some(p) = &v.projected {
-        VolumeSource::Projected(p.sources.iter().flatten().map(projection).collect())
+        VolumeSource::Projected(p.sources.iter().map(projection).collect())
     } else {
         VolumeSource::Other(other_kind(v))
     };
     Volume { name: v.name.clone(), source }
 }
 
-fn projection(p: &core::VolumeProjection) -> Projection {
+fn projection(p: &lean::Projection) -> Projection {
     if let Some(t) = &p.service_account_token {
         Projection::ServiceAccountToken { audience: t.audience.clone(), path: t.path.clone() }
     } else if let Some(c) = &p.config_map {
-        Projection::ConfigMap { name: c.name.clone(), items: items(c.items.as_ref()) }
+        let (name, items) = keys(c);
+        Projection::ConfigMap { name, items }
     } else if let Some(s) = &p.secret {
-        Projection::Secret { name: s.name.clone(), items: items(s.items.as_ref()) }
+        let (name, items) = keys(s);
+        Projection::Secret { name, items }
     } else {
         Projection::Other
     }
 }
 
-fn other_kind(v: &core::Volume) -> &'static str {
-    if v.empty_dir.is_some() {
-        "emptyDir"
-    } else if v.host_path.is_some() {
-        "hostPath"
-    } else if v.csi.is_some() {
-        "csi"
-    } else if v.persistent_volume_claim.is_some() {
-        "persistentVolumeClaim"
-    } else if v.downward_api.is_some() {
-        "downwardAPI"
-    } else if v.ephemeral.is_some() {
-        "ephemeral"
-    } else if v.image.is_some() {
-        "image"
-    } else {
-        "other"
-    }
+fn other_kind(v: &lean::Volume) -> &'static str {
+    [
+        (v.empty_dir.is_some(), "emptyDir"),
+        (v.host_path.is_some(), "hostPath"),
+        (v.csi.is_some(), "csi"),
+        (v.persistent_volume_claim.is_some(), "persistentVolumeClaim"),
+        (v.downward_api.is_some(), "downwardAPI"),
+        (v.ephemeral.is_some(), "ephemeral"),
+        (v.image.is_some(), "image"),
+    ]
+    .into_iter()
+    .find_map(|(present, kind)| present.then_some(kind))
+    .unwrap_or("other")
 }
 
 /// A ConfigMap's keys, as the stage reads them.
@@ -530,7 +724,7 @@ mod tests {
 
     use super::*;
 
-    fn deployment(spec: serde_json::Value) -> Deployment {
+    fn deployment(spec: serde_json::Value) -> Lean<Deployment> {
         serde_json::from_value(json!({
             "metadata": {"name": "api", "namespace": "checkout", "uid": "u1",
                          "managedFields": [{"manager": "kubectl"}], "annotations": {"big": "x"}},
@@ -588,7 +782,7 @@ mod tests {
     fn a_cronjobs_jobs_and_owned_pods_are_not_workloads_of_their_own() {
         let owned = |kind: &str| json!({"name": "x", "namespace": "n", "ownerReferences": [{"apiVersion": "v1", "kind": kind, "name": "o", "uid": "u"}]});
         let job = |meta| {
-            serde_json::from_value::<Job>(
+            serde_json::from_value::<Lean<Job>>(
                 json!({"metadata": meta, "spec": {"template": {"spec": {"containers": []}}}}),
             )
             .unwrap()
@@ -596,7 +790,7 @@ mod tests {
         assert!(prune(&job(owned("CronJob"))).is_none());
         assert!(prune(&job(owned("Workflow"))).is_some(), "only a CronJob's Jobs are counted through it");
         let pod = |meta| {
-            serde_json::from_value::<Pod>(
+            serde_json::from_value::<Lean<Pod>>(
                 json!({"metadata": meta, "spec": {"containers": [], "serviceAccountName": "app"}}),
             )
             .unwrap()

@@ -16,7 +16,7 @@ use super::super::{
     stage::provider::default_audiences,
     workload::{
         CLOUDSDK_CONFIG_VAR, CREDENTIALS_VAR, ConfigMapRead, ConfigMaps, ConfigValue, Container, EnvValue,
-        Projection, Unavailable, VolumeSource, Workload,
+        KeyToPath, Projection, Unavailable, VolumeSource, Workload,
     },
 };
 use crate::api::{Access, Platform, Reason, Stage};
@@ -137,11 +137,10 @@ fn resolve<'a>(w: &'a Workload, c: &Container, path: &str) -> Served<'a> {
     let Some((index, volume)) = w.volumes.iter().enumerate().find(|(_, v)| v.name == mount.volume) else {
         return Served::NotMounted;
     };
-    let by_item = |items: &[super::super::workload::KeyToPath]| {
-        items.iter().find(|i| trimmed(&i.path) == relative).map(|i| i.key.clone())
-    };
+    let by_item =
+        |items: &[KeyToPath]| items.iter().find(|i| trimmed(&i.path) == relative).map(|i| i.key.clone());
     // Without items every key is a file of its own name, so no key is in a subdirectory.
-    let whole = |items: &[super::super::workload::KeyToPath]| {
+    let whole = |items: &[KeyToPath]| {
         if items.is_empty() && !relative.contains('/') { Some(relative.clone()) } else { by_item(items) }
     };
     let no_such_file = Served::NoSuchFile { volume: &volume.name };
@@ -434,7 +433,7 @@ impl Check<'_> {
         for (index, mount) in at.c.mounts.iter().enumerate() {
             let path = trimmed(&mount.path);
             let item_named = at.w.volumes.iter().find(|v| v.name == mount.volume).is_some_and(|v| {
-                let named = |items: &[super::super::workload::KeyToPath]| {
+                let named = |items: &[KeyToPath]| {
                     items.iter().any(|i| file_name(&i.path) == "application_default_credentials.json")
                 };
                 match &v.source {

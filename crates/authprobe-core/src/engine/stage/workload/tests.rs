@@ -13,7 +13,7 @@ use crate::{
         Ksa, ProviderFacts,
         annotation::parse_gsa,
         facts::{ClusterIssuer, Oidc, Pool, Provider, State},
-        workload::{ConfigMapData, prune},
+        workload::{ConfigMapData, Lean, prune},
     },
 };
 
@@ -42,7 +42,7 @@ fn prepared(access_gsa: bool) -> Prepared {
 /// A Deployment `name` in checkout running as `app` with this pod spec.
 fn deployment(name: &str, mut spec: Value) -> Arc<Workload> {
     spec["serviceAccountName"] = json!("app");
-    let d: Deployment = serde_json::from_value(json!({
+    let d: Lean<Deployment> = serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": "checkout", "uid": format!("uid-{name}")},
         "spec": {"selector": {}, "template": {"spec": spec}}
     }))
@@ -191,7 +191,7 @@ fn gke_a_set_credentials_file_overrides_workload_identity() {
         f.message
     );
     // Through valueFrom, in an init container, of a bare Pod: the same, with a fix that recreates.
-    let pod: Pod = serde_json::from_value(json!({
+    let pod: Lean<Pod> = serde_json::from_value(json!({
         "metadata": {"name": "batch", "namespace": "checkout"},
         "spec": {"serviceAccountName": "app", "containers": [{"name": "main"}], "initContainers": [{"name": "setup", "env": [
             {"name": "GOOGLE_APPLICATION_CREDENTIALS", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}
@@ -263,7 +263,7 @@ fn gke_host_network_bypasses_workload_identity() {
     let mut federated = federated(Some(&format!("https://iam.googleapis.com/{PROVIDER}")));
     federated["hostNetwork"] = json!(true);
     assert_eq!(Run::federation(&cred_config()).check(&[deployment("api", federated)]), None);
-    let cron: CronJob = serde_json::from_value(json!({
+    let cron: Lean<CronJob> = serde_json::from_value(json!({
         "metadata": {"name": "nightly", "namespace": "checkout"},
         "spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"serviceAccountName": "app", "hostNetwork": true, "containers": [{"name": "c"}]}}}}}
     }))
