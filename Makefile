@@ -11,8 +11,9 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: node-deps ## Build the control plane, node and promtool binaries into .tools/bin (only when missing); install the node's Debian packages
+tools: node-deps ## Build the control plane, node and promtool binaries into .tools/bin (only when missing); install the node's Debian packages and nginx
 	tools/build.sh
+	tools/ensure-nginx.sh
 
 .PHONY: node-deps
 node-deps: ## Install containerd, runc and the CNI plugins from Debian when missing (the node's runtime)

@@ -55,6 +55,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    probe: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabels {
     api: &'static str,
 }
@@ -91,6 +97,55 @@ impl Outcome {
     }
 }
 
+/// How a request to a `spec.endpoints` URL ended (each redirect hop counts as one request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointOutcome {
+    /// 2xx.
+    Ok,
+    /// 3xx.
+    Redirect,
+    /// 4xx other than 429 (refusals included).
+    ClientError,
+    /// 5xx or 429.
+    ServerError,
+    /// No answer in time.
+    Timeout,
+    /// No connection, or it broke.
+    Unreachable,
+}
+
+impl EndpointOutcome {
+    const ALL: [EndpointOutcome; 6] = [
+        EndpointOutcome::Ok,
+        EndpointOutcome::Redirect,
+        EndpointOutcome::ClientError,
+        EndpointOutcome::ServerError,
+        EndpointOutcome::Timeout,
+        EndpointOutcome::Unreachable,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            EndpointOutcome::Ok => "ok",
+            EndpointOutcome::Redirect => "redirect",
+            EndpointOutcome::ClientError => "client_error",
+            EndpointOutcome::ServerError => "server_error",
+            EndpointOutcome::Timeout => "timeout",
+            EndpointOutcome::Unreachable => "unreachable",
+        }
+    }
+
+    /// The outcome of an answer with this status.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            200..=299 => EndpointOutcome::Ok,
+            300..=399 => EndpointOutcome::Redirect,
+            429 | 500.. => EndpointOutcome::ServerError,
+            _ => EndpointOutcome::ClientError,
+        }
+    }
+}
+
 const CONDITION_STATUSES: [Status; 3] = [Status::True, Status::False, Status::Unknown];
 
 /// Every metric authprobe exports.
@@ -104,6 +159,7 @@ pub struct Metrics {
     interval: Family<ProbeLabels, Gauge<f64, AtomicU64>>,
     google_requests: Family<RequestLabels, Counter>,
     google_duration: Family<ApiLabels, Histogram>,
+    endpoint_requests: Family<EndpointLabels, Counter>,
     tokens_minted: Counter,
     reconcile_duration: Histogram,
     reconcile_errors: Family<CategoryLabels, Counter>,
@@ -161,6 +217,12 @@ impl Metrics {
             "Latency of Google API requests, retries included",
             google_duration.clone(),
         );
+        let endpoint_requests = Family::default();
+        registry.register(
+            "endpoint_requests",
+            "Requests to spec.endpoints URLs (each redirect hop, the origin) by probe and outcome",
+            endpoint_requests.clone(),
+        );
         let tokens_minted = Counter::default();
         registry.register(
             "tokens_minted",
@@ -184,6 +246,7 @@ impl Metrics {
             interval,
             google_requests,
             google_duration,
+            endpoint_requests,
             tokens_minted,
             reconcile_duration,
             reconcile_errors,
@@ -202,6 +265,13 @@ impl Metrics {
     pub fn google_request(&self, api: &'static str, outcome: Outcome, elapsed: Duration) {
         self.google_requests.get_or_create(&RequestLabels { api, outcome: outcome.as_str() }).inc();
         self.google_duration.get_or_create(&ApiLabels { api }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one request to an endpoint for `probe` (the probe whose pass sent it).
+    pub fn endpoint_request(&self, probe: &str, outcome: EndpointOutcome) {
+        self.endpoint_requests
+            .get_or_create(&EndpointLabels { probe: probe.to_string(), outcome: outcome.as_str() })
+            .inc();
     }
 
     /// Counts a successful TokenRequest.
@@ -280,6 +350,10 @@ impl Metrics {
         }
         self.last_probe.remove(&ProbeLabels { probe: probe.to_string() });
         self.interval.remove(&ProbeLabels { probe: probe.to_string() });
+        for outcome in EndpointOutcome::ALL {
+            self.endpoint_requests
+                .remove(&EndpointLabels { probe: probe.to_string(), outcome: outcome.as_str() });
+        }
         if let Ok(mut exported) = self.exported.lock() {
             for labels in exported.remove(probe).into_iter().flatten() {
                 self.failing.remove(&labels);
@@ -334,6 +408,7 @@ mod tests {
         );
         assert!(text.contains(r#"authprobe_condition{probe="payments",type="Ready",status="True"} 1"#));
 
+        m.endpoint_request("payments", EndpointOutcome::Ok);
         m.forget_probe("payments");
         assert!(!m.encode().unwrap().contains(r#"probe="payments""#));
     }
@@ -344,6 +419,9 @@ mod tests {
         m.google_request("iam.getIamPolicy", Outcome::Ok, Duration::from_millis(50));
         m.google_request("sts.token", Outcome::Throttled, Duration::from_millis(5));
         m.token_minted();
+        m.endpoint_request("payments", EndpointOutcome::of_status(401));
+        m.endpoint_request("payments", EndpointOutcome::of_status(307));
+        m.endpoint_request("payments", EndpointOutcome::Timeout);
         m.reconciled(Duration::from_millis(3));
         m.reconcile_error("Kubernetes");
         let text = m.encode().unwrap();
@@ -354,6 +432,9 @@ mod tests {
             "authprobe_tokens_minted_total 1",
             "authprobe_reconcile_duration_seconds_count 1",
             r#"authprobe_reconcile_errors_total{category="Kubernetes"} 1"#,
+            r#"authprobe_endpoint_requests_total{probe="payments",outcome="client_error"} 1"#,
+            r#"authprobe_endpoint_requests_total{probe="payments",outcome="redirect"} 1"#,
+            r#"authprobe_endpoint_requests_total{probe="payments",outcome="timeout"} 1"#,
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

@@ -4,6 +4,10 @@
 //! Deployments decoded lean and pruned into the workload inventory. Fails when any figure grows
 //! more than 10% over `bench/memory-baseline.json`; set
 //! `AUTHPROBE_UPDATE_MEMORY_BASELINE=1` to record a deliberate change.
+//!
+//! A binary of its own, not a module of `tests/it`: the counting allocator is the process's global
+//! allocator, so every other test running alongside (control planes' clients, operators' logs
+//! read back, the fake) would allocate into the figures it measures.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
 

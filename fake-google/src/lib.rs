@@ -102,11 +102,9 @@ pub const SERVICES: [&str; 10] = [
     "www",
 ];
 
-/// The services [`Running::endpoints`] names: those authprobe's `--google-endpoint` knew when
-/// `run` and `www` were added here. authprobe refuses a service it does not know, so naming
-/// `run` before it does would stop every operator the tests start; until then ask for the new
-/// ones with [`Running::endpoints_with`].
-pub const ENDPOINT_SERVICES: [&str; 8] = [
+/// The services [`Running::endpoints`] names: every one authprobe's `--google-endpoint` knows
+/// (all of [`SERVICES`] but `www`, which only relying parties read).
+pub const ENDPOINT_SERVICES: [&str; 9] = [
     "sts",
     "securetoken",
     "iam",
@@ -115,6 +113,7 @@ pub const ENDPOINT_SERVICES: [&str; 8] = [
     "storage",
     "secretmanager",
     "pubsub",
+    "run",
 ];
 
 /// Who an access token the fake issued stands for.
@@ -292,7 +291,7 @@ impl Running {
         self.endpoints_with(&[])
     }
 
-    /// [`Running::endpoints`] plus `extra` services (e.g. `&["run"]`).
+    /// [`Running::endpoints`] plus `extra` services (e.g. `&["www"]`).
     pub fn endpoints_with(&self, extra: &[&str]) -> String {
         ENDPOINT_SERVICES
             .iter()

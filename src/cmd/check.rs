@@ -17,7 +17,7 @@ use kube::{
 };
 use serde::Serialize;
 
-use super::GoogleArgs;
+use super::{EndpointArgs, GoogleArgs};
 use crate::{
     api::{AuthProbe, condition},
     controller::Clients,
@@ -33,7 +33,13 @@ use crate::{
     fence::Fence,
     google::Google,
     metrics::Metrics,
-    probe::{self, Pass, Services, config_maps::ConfigMaps, exchange::Chain, issuer::ClusterIssuers},
+    probe::{
+        self, Pass, Services,
+        config_maps::ConfigMaps,
+        endpoint::{CHECK_DEADLINE, EndpointProber},
+        exchange::Chain,
+        issuer::ClusterIssuers,
+    },
 };
 
 /// Objects listed per request.
@@ -59,6 +65,9 @@ pub struct CheckArgs {
     /// Google access.
     #[command(flatten)]
     pub google: GoogleArgs,
+    /// Where `spec.endpoints` may send tokens.
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
 }
 
 /// Exit codes of `authprobe check`.
@@ -177,7 +186,7 @@ pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
                 )));
             }
             let mut unknown = Vec::new();
-            // The derived AuthProbe has no apiVersion and kind fields: checked above, not unknown.
+            // apiVersion and kind, checked above, are not fields of the derived type.
             let probe: AuthProbe = serde_ignored::deserialize(document, |path| {
                 let path = path.to_string();
                 if path != "apiVersion" && path != "kind" {
@@ -201,11 +210,12 @@ pub fn parse_probes(text: &str) -> Result<Vec<AuthProbe>, String> {
 pub async fn check(
     client: &Client,
     google: Arc<Google>,
+    endpoints: Arc<EndpointProber>,
     metrics: Arc<Metrics>,
     probe: &AuthProbe,
 ) -> Result<Checked, kube::Error> {
     let name = probe.name_any();
-    let plan = match Plan::parse(&probe.spec) {
+    let plan = match Plan::parse_allowing(&probe.spec, endpoints.allow()) {
         Ok(plan) => plan,
         Err(invalid) => return Ok(checked(name, &Report::invalid(&invalid), &[], exit::CANNOT_TELL)),
     };
@@ -228,7 +238,7 @@ pub async fn check(
     }
     let config_maps = ConfigMaps::new(client.clone());
     let issuers = ClusterIssuers::new(client.clone());
-    let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()));
+    let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()), endpoints);
     let services = Services {
         google: &google,
         issuers: &issuers,
@@ -236,7 +246,8 @@ pub async fn check(
         workloads: &workloads,
         config_maps: &config_maps,
     };
-    let pass = Pass { plan: &plan, candidates, max_age: std::time::Duration::ZERO, now: Timestamp::now() };
+    let max_age = std::time::Duration::ZERO;
+    let pass = Pass { probe: &name, plan: &plan, candidates, max_age, now: Timestamp::now() };
     // No history here: only a KSA's creation opens the propagation grace.
     let evaluated = probe::evaluate(services, pass, |c| c.ksa.as_ref().and_then(|k| k.created)).await;
     let report = Report::build(
@@ -478,10 +489,12 @@ pub async fn run(args: CheckArgs) -> Result<u8, CheckError> {
     let client = Clients::from_config(config)?.call;
     let metrics = Arc::new(Metrics::new());
     let google = Arc::new(args.google.connect(metrics.clone())?);
+    // No pass follows this one: it waits for every endpoint's verdict.
+    let endpoints = Arc::new(args.endpoints.prober(metrics.clone(), CHECK_DEADLINE)?);
     let mut results = Vec::new();
     for probe in &probes {
-        results
-            .push(check(&client, google.clone(), metrics.clone(), probe).await.map_err(anyhow::Error::from)?);
+        let checked = check(&client, google.clone(), endpoints.clone(), metrics.clone(), probe).await;
+        results.push(checked.map_err(anyhow::Error::from)?);
     }
     print!("{}", render(&results, args.output));
     Ok(overall(&results))
@@ -506,5 +519,19 @@ async fn kube_config(
         (None, Some(_)) => kube::Config::from_kubeconfig(&options)
             .await
             .map_err(|e| CheckError::Input(format!("--context: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_parse_and_only_fields_of_the_type_are_refused() {
+        let probe = "apiVersion: authprobe.io/v1alpha1\nkind: AuthProbe\nmetadata: {name: x}\n\
+                     spec: {namespaceSelector: {}, identity: {platform: GKE, projectId: acme-prod}}\n";
+        assert_eq!(parse_probes(probe).map(|p| p.len()), Ok(1));
+        let typo = probe.replace("projectId", "projectID");
+        assert!(parse_probes(&typo).unwrap_err().contains("unknown field \"spec.identity.projectID\""));
     }
 }

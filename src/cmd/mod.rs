@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     controller,
+    engine::stage::endpoint::{AllowedHost, EndpointAllow},
     google::{
         Google,
         client::{Api, GoogleClient, RetryPolicy},
@@ -17,6 +18,7 @@ use crate::{
         endpoints::{Endpoints, Override},
     },
     metrics::Metrics,
+    probe::endpoint::{EndpointProber, PASS_WAIT},
     runtime::{
         self,
         leader::{DEFAULT_LEASE_NAME, LeaseRef},
@@ -81,6 +83,9 @@ pub struct RunArgs {
     /// Google access.
     #[command(flatten)]
     pub google: GoogleArgs,
+    /// Where `spec.endpoints` may send tokens.
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -116,13 +121,33 @@ impl GoogleArgs {
             Api::StsToken,
             Api::IdentityBindingToken,
             Api::GenerateAccessToken,
+            Api::GenerateIdToken,
+            Api::GetRunService,
             Api::TestIamPermissions("iam"),
             Api::TestIamPermissions("storage"),
             Api::TestIamPermissions("secretmanager"),
             Api::TestIamPermissions("pubsub"),
             Api::TestIamPermissions("cloudresourcemanager"),
+            Api::TestIamPermissions("run"),
         ]);
         Ok(Google::new(client, Endpoints::new(&self.endpoints)))
+    }
+}
+
+/// Where `spec.endpoints` may send tokens; the same for `run` and `check`.
+#[derive(Debug, Args)]
+pub struct EndpointArgs {
+    /// HOST, HOST:PORT, or http://HOST[:PORT] to allow plain http, that spec.endpoints may send a
+    /// workload's token to (repeatable; none by default: a spec naming another host is InvalidSpec).
+    /// Plain http is allowed to loopback hosts without the http:// form.
+    #[arg(long = "endpoint-allow", env = "AUTHPROBE_ENDPOINT_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<AllowedHost>,
+}
+
+impl EndpointArgs {
+    /// A prober sending tokens only to the allowed hosts; passes wait `wait` for each endpoint.
+    pub fn prober(&self, metrics: Arc<Metrics>, wait: Duration) -> anyhow::Result<EndpointProber> {
+        Ok(EndpointProber::new(EndpointAllow::new(self.allow.clone()), metrics, wait)?)
     }
 }
 
@@ -222,7 +247,8 @@ fn run(args: &RunArgs) -> ExitCode {
         tokio_runtime()?.block_on(async {
             let metrics = Arc::new(Metrics::new());
             let google = Arc::new(args.google.connect(metrics.clone())?);
-            runtime::run(settings, google, metrics).await
+            let endpoints = args.endpoints.prober(metrics.clone(), PASS_WAIT)?;
+            runtime::run(settings, google, endpoints, metrics).await
         })
     });
     match started {

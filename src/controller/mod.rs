@@ -50,7 +50,7 @@ use crate::{
     fence::Fence,
     google::Google,
     metrics::Metrics,
-    probe::{config_maps::ConfigMaps, exchange::Chain, issuer::ClusterIssuers},
+    probe::{config_maps::ConfigMaps, endpoint::EndpointProber, exchange::Chain, issuer::ClusterIssuers},
 };
 
 /// The field manager of every status write.
@@ -319,9 +319,11 @@ fn objects_only<T, E>(item: &Result<T, E>) -> futures::future::Ready<bool> {
 
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. It acts
 /// only while `fence` holds; each new term re-reads every probe and what others wrote.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     clients: Clients,
     google: Arc<Google>,
+    endpoints: EndpointProber,
     metrics: Arc<Metrics>,
     tuning: Tuning,
     progress: Arc<Progress>,
@@ -384,7 +386,8 @@ pub async fn run(
     .filter(objects_only);
 
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
-    let states = Arc::new(States::default());
+    // Specs naming a host the prober may not call are invalid before anything is sent.
+    let states = Arc::new(States::new(endpoints.allow().clone()));
     let (probes, probe_writer) = reflector::store::<AuthProbe>();
     let probe_events = watcher(Api::<AuthProbe>::all(client.clone()), watcher::Config::default())
         .backoff(watch_backoff())
@@ -403,7 +406,7 @@ pub async fn run(
         fence: fence.clone(),
         progress: progress.clone(),
         pass_deadline: tuning.pass_deadline,
-        chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone()),
+        chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone(), Arc::new(endpoints)),
         google,
         issuers: ClusterIssuers::new(call.clone()),
         metrics,

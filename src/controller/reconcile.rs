@@ -67,8 +67,8 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             }
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
-            let pass =
-                Pass { plan, candidates, max_age: if forced { Duration::ZERO } else { plan.interval }, now };
+            let max_age = if forced { Duration::ZERO } else { plan.interval };
+            let pass = Pass { probe: &name, plan, candidates, max_age, now };
             let services = Services {
                 google: &ctx.google,
                 issuers: &ctx.issuers,

@@ -13,7 +13,7 @@ use kube::ResourceExt;
 
 use crate::{
     api::AuthProbe,
-    engine::{Plan, decide::Memory},
+    engine::{Plan, decide::Memory, stage::endpoint::EndpointAllow},
 };
 
 /// How long a namespace's entry into a probe's scope keeps opening the propagation grace (longer
@@ -42,6 +42,8 @@ struct ProbeState {
 #[derive(Debug, Default)]
 pub struct States {
     by_uid: Mutex<HashMap<String, ProbeState>>,
+    /// The hosts endpoints may name; a plan naming another is `InvalidSpec`.
+    endpoint_allow: EndpointAllow,
 }
 
 fn uid(probe: &AuthProbe) -> String {
@@ -49,6 +51,11 @@ fn uid(probe: &AuthProbe) -> String {
 }
 
 impl States {
+    /// No probe's state yet; plans admit endpoints on the hosts of `endpoint_allow` only.
+    pub fn new(endpoint_allow: EndpointAllow) -> Self {
+        Self { by_uid: Mutex::default(), endpoint_allow }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, ProbeState>> {
         self.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -72,7 +79,7 @@ impl States {
         self.with(probe, |s| match &s.plan {
             Some((g, plan)) if *g == generation => plan.clone(),
             _ => {
-                let plan = Arc::new(Plan::parse(&probe.spec));
+                let plan = Arc::new(Plan::parse_allowing(&probe.spec, &self.endpoint_allow));
                 s.plan = Some((generation, plan.clone()));
                 plan
             }

@@ -128,8 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn untrusted_keys_cannot_grow_the_cache_without_bound() {
-        let mut cache: FetchCache<u32, u32> = FetchCache::default();
-        cache.max_entries = 100;
+        let cache: FetchCache<u32, u32> = FetchCache { max_entries: 100, ..FetchCache::default() };
         let hour = Duration::from_secs(3600);
         for key in 0..1000 {
             cache.get(&key, hour, async { 1 }).await;

@@ -37,6 +37,10 @@ pub enum Api {
     IdentityBindingToken,
     /// IAM Credentials `generateAccessToken`.
     GenerateAccessToken,
+    /// IAM Credentials `generateIdToken` (Cloud Run targets, ID-token endpoints).
+    GenerateIdToken,
+    /// Cloud Run Admin v2 `services.get`: a Cloud Run target's URLs and audiences.
+    GetRunService,
     /// `testIamPermissions` on a target, by the service that answers it.
     TestIamPermissions(&'static str),
 }
@@ -52,11 +56,14 @@ impl Api {
             Api::StsToken => "sts.token",
             Api::IdentityBindingToken => "securetoken.identitybindingtoken",
             Api::GenerateAccessToken => "iamcredentials.generateAccessToken",
+            Api::GenerateIdToken => "iamcredentials.generateIdToken",
+            Api::GetRunService => "run.services.get",
             Api::TestIamPermissions(service) => match service {
                 "iam" => "iam.testIamPermissions",
                 "storage" => "storage.testIamPermissions",
                 "secretmanager" => "secretmanager.testIamPermissions",
                 "pubsub" => "pubsub.testIamPermissions",
+                "run" => "run.testIamPermissions",
                 _ => "cloudresourcemanager.testIamPermissions",
             },
         }
@@ -72,7 +79,9 @@ impl Api {
             // STS: 6,000/min.
             Api::StsToken | Api::IdentityBindingToken => 50,
             // IAM Credentials: 60,000/min.
-            Api::GenerateAccessToken => 500,
+            Api::GenerateAccessToken | Api::GenerateIdToken => 500,
+            // Cloud Run Admin reads: assumed 1,000/min per region like its other read quotas.
+            Api::GetRunService => 8,
             Api::TestIamPermissions(_) => 50,
         }
     }
@@ -326,7 +335,8 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

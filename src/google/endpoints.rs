@@ -2,12 +2,14 @@
 //! `--google-endpoint SERVICE=URL` / `AUTHPROBE_GOOGLE_ENDPOINTS`. These are the only hosts a
 //! token is ever sent to; nothing in an AuthProbe can add one.
 
-use std::{collections::BTreeMap, net::IpAddr, str::FromStr};
+use std::{collections::BTreeMap, str::FromStr};
 
 use reqwest::Url;
 
+use crate::engine::stage::endpoint::is_loopback;
+
 /// The services authprobe talks to, by host prefix.
-pub const SERVICES: [&str; 8] = [
+pub const SERVICES: [&str; 9] = [
     "sts",
     "securetoken",
     "iam",
@@ -16,6 +18,7 @@ pub const SERVICES: [&str; 8] = [
     "storage",
     "secretmanager",
     "pubsub",
+    "run",
 ];
 
 /// A `SERVICE=URL` override.
@@ -47,17 +50,6 @@ impl FromStr for Override {
             return Err(format!("{service}: {url:?} must not carry a query, fragment or credentials"));
         }
         Ok(Override { service, base })
-    }
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => {
-            d == "localhost" || d.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-        }
-        None => false,
     }
 }
 

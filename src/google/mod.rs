@@ -1,5 +1,6 @@
-//! Google IO: the operator's own reads (service accounts, allow policies, pools and providers),
-//! shared by every probe through a per-interval cache, classified into facts for the engine.
+//! Google IO: the operator's own reads (service accounts, allow policies, pools and providers,
+//! Cloud Run services), shared by every probe through a per-interval cache, classified into facts
+//! for the engine.
 
 pub mod cache;
 pub mod client;
@@ -23,7 +24,7 @@ use self::{
 use crate::engine::{
     FederationPlan, GsaFacts, ProviderFacts,
     annotation::GsaEmail,
-    facts::{FailureKind, FetchFailure, Fetched},
+    facts::{FailureKind, FetchFailure, Fetched, RunService},
     grace::Changes,
 };
 
@@ -34,6 +35,7 @@ pub struct Google {
     endpoints: Endpoints,
     gsas: FetchCache<GsaEmail, Arc<GsaFacts>>,
     providers: FetchCache<String, Arc<ProviderFacts>>,
+    run_services: FetchCache<String, Arc<Fetched<RunService>>>,
     policy_changes: Mutex<Changes<GsaEmail>>,
 }
 
@@ -45,6 +47,7 @@ impl Google {
             endpoints,
             gsas: FetchCache::default(),
             providers: FetchCache::default(),
+            run_services: FetchCache::default(),
             policy_changes: Mutex::new(Changes::default()),
         }
     }
@@ -93,13 +96,23 @@ impl Google {
         self.providers.get(&federation.provider, max_age, fetch).await.0
     }
 
+    /// A Cloud Run service (`projects/P/locations/L/services/S`), read at most once per `max_age`
+    /// for all probes.
+    pub async fn run_service(&self, name: &str, max_age: Duration) -> Arc<Fetched<RunService>> {
+        let fetch = async {
+            let path = format!("/v2/{name}");
+            Arc::new(self.call("run", Api::GetRunService, Method::GET, &path).await)
+        };
+        self.run_services.get(&name.to_string(), max_age, fetch).await.0
+    }
+
     async fn fetch_gsa(&self, gsa: &GsaEmail) -> GsaFacts {
         let path = format!("/v1/projects/{}/serviceAccounts/{gsa}", gsa.url_project());
         let account = self.read(Api::GetServiceAccount, &path).await;
         let policy = match &account {
             Ok(Some(_)) => {
                 let path = format!("{path}:getIamPolicy?options.requestedPolicyVersion=3");
-                self.call(Api::GetIamPolicy, Method::POST, &path).await
+                self.call("iam", Api::GetIamPolicy, Method::POST, &path).await
             }
             // Not found, or unreadable: the policy would say nothing more.
             _ => Ok(None),
@@ -108,12 +121,18 @@ impl Google {
     }
 
     async fn read<T: DeserializeOwned>(&self, api: Api, path: &str) -> Fetched<T> {
-        self.call(api, Method::GET, path).await
+        self.call("iam", api, Method::GET, path).await
     }
 
-    async fn call<T: DeserializeOwned>(&self, api: Api, method: Method, path: &str) -> Fetched<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        api: Api,
+        method: Method,
+        path: &str,
+    ) -> Fetched<T> {
         let url =
-            self.endpoints.url("iam", path).map_err(|e| FetchFailure::new(FailureKind::Unavailable, e))?;
+            self.endpoints.url(service, path).map_err(|e| FetchFailure::new(FailureKind::Unavailable, e))?;
         let answer = self.client.send(api, method, url, &Body::Empty, Auth::Operator).await;
         classify_read(api, answer)
     }

@@ -1,16 +1,21 @@
 //! The live chain, run from the controller without a pod: TokenRequest for the KSA (one audience,
 //! 600 s) → GKE identity-binding token or Federation STS exchange → `generateAccessToken` on the
-//! GSA → `testIamPermissions` on each target.
+//! GSA → `testIamPermissions` on each target (and, for a Cloud Run target, `generateIdToken` on
+//! the GSA for its audience, with the token's claims checked) → each of `spec.endpoints`, sent the
+//! declared token through the real path (see [`super::endpoint`]), concurrently with the targets.
 //!
-//! Tokens exist only in memory: the KSA token only until it is exchanged, the federated and GSA
+//! Tokens exist only in memory: the KSA token only until it is exchanged, the federated, GSA and ID
 //! tokens in a cache (so that probes sharing a KSA and audience share one exchange per interval)
 //! until the earlier of their expiry and the interval. They are sent only to the configured
-//! Google endpoints and never logged, returned in messages, or written anywhere.
+//! Google endpoints and the allowed `spec.endpoints` hosts, and never logged, returned in
+//! messages, or written anywhere.
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use futures::future::join_all;
 
 use k8s_openapi::{
     api::{
@@ -24,13 +29,18 @@ use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
+use super::endpoint::{Checked, EndpointProber, Tokens};
 use crate::{
-    api::{Access, Reason, Stage},
+    api::{Access, Reason, Stage, TokenType},
     engine::{
         Finding, Ksa, Plan, TokenClaims,
         annotation::GsaEmail,
         principal::KsaIdentity,
-        stage::chain::{self as classify, Issued, TokenRequestFailure, Upstream},
+        stage::{
+            chain::{self as classify, Issued, TokenRequestFailure, Upstream},
+            cloud_run::{self, RunServices},
+            endpoint::{self as endpoint_stage, EndpointPlan},
+        },
         target::TargetKind,
     },
     fence::Fence,
@@ -94,9 +104,57 @@ pub struct Chain {
     metrics: Arc<Metrics>,
     exchanges: crate::google::cache::FetchCache<ExchangeKey, Arc<Exchange>>,
     impersonations: crate::google::cache::FetchCache<(ExchangeKey, String), Result<Credential, Finding>>,
+    /// ID tokens by KSA, GSA and audience.
+    id_tokens: crate::google::cache::FetchCache<(ExchangeKey, String, String), Result<Credential, Finding>>,
+    endpoints: Arc<EndpointProber>,
 }
 
-fn who(ksa: &Ksa) -> String {
+/// One KSA's part of a pass, for [`Chain::verify`].
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    /// The probe whose pass this is (endpoint requests are counted for it).
+    pub probe: &'a str,
+    /// Its plan.
+    pub plan: &'a Plan,
+    /// The KSA.
+    pub ksa: &'a Ksa,
+    /// The GSA it impersonates (`access: Impersonation`).
+    pub gsa: Option<&'a GsaEmail>,
+    /// The principal it maps to.
+    pub identity: &'a KsaIdentity,
+    /// Its minted and exchanged token.
+    pub exchange: &'a Exchange,
+    /// The Cloud Run services the targets name, as the operator read them.
+    pub run_services: &'a RunServices,
+    /// Results older than this are fetched again.
+    pub max_age: Duration,
+    /// When the pass started: an endpoint request any KSA sent since is reused, whatever `max_age`.
+    pub pass_started: Instant,
+}
+
+/// What [`Chain::verify`] found.
+#[derive(Debug)]
+pub struct Verified {
+    /// The chain's verdict, the endpoints' merged in.
+    pub result: Result<(), Finding>,
+    /// An endpoint's answer is still on its way: it has one by then.
+    pub pending_until: Option<Instant>,
+}
+
+/// The identity's tokens once exchange and impersonation succeeded.
+struct Granted {
+    /// The federated token.
+    federated: Credential,
+    /// The access token the targets are tested with: the GSA's, or (Direct) the federated one.
+    access: Credential,
+    /// Whose it is: `serviceAccount:GSA` or the principal.
+    as_who: String,
+    /// Whether `access` is the federated token.
+    federated_only: bool,
+}
+
+/// `ServiceAccount NS/NAME`, as every message names a KSA.
+pub(crate) fn who(ksa: &Ksa) -> String {
     format!("ServiceAccount {}/{}", ksa.namespace, ksa.name)
 }
 
@@ -105,8 +163,14 @@ fn usable(credential: &Result<Credential, Finding>) -> bool {
 }
 
 impl Chain {
-    /// A chain minting through `kube` and exchanging through `google`.
-    pub fn new(kube: kube::Client, google: Arc<Google>, metrics: Arc<Metrics>, fence: Arc<Fence>) -> Self {
+    /// A chain minting through `kube`, exchanging through `google` and probing `endpoints`.
+    pub fn new(
+        kube: kube::Client,
+        google: Arc<Google>,
+        metrics: Arc<Metrics>,
+        fence: Arc<Fence>,
+        endpoints: Arc<EndpointProber>,
+    ) -> Self {
         Self {
             kube,
             fence,
@@ -114,6 +178,17 @@ impl Chain {
             metrics,
             exchanges: crate::google::cache::FetchCache::evicting_after(TOKEN_CACHE_EVICTION),
             impersonations: crate::google::cache::FetchCache::evicting_after(TOKEN_CACHE_EVICTION),
+            id_tokens: crate::google::cache::FetchCache::evicting_after(TOKEN_CACHE_EVICTION),
+            endpoints,
+        }
+    }
+
+    fn key(plan: &Plan, ksa: &Ksa) -> ExchangeKey {
+        ExchangeKey {
+            namespace: ksa.namespace.clone(),
+            name: ksa.name.clone(),
+            uid: ksa.uid.clone(),
+            audience: Self::token_audience(plan),
         }
     }
 
@@ -127,12 +202,7 @@ impl Chain {
 
     /// Mints and exchanges the KSA's token, at most once per `max_age` for all probes.
     pub async fn exchange(&self, plan: &Plan, ksa: &Ksa, max_age: Duration) -> Arc<Exchange> {
-        let key = ExchangeKey {
-            namespace: ksa.namespace.clone(),
-            name: ksa.name.clone(),
-            uid: ksa.uid.clone(),
-            audience: Self::token_audience(plan),
-        };
+        let key = Self::key(plan, ksa);
         let fresh = |e: &Arc<Exchange>| e.federated.as_ref().is_none_or(|f| f.is_err() || usable(f));
         self.exchanges
             .get_fresh(&key, max_age, fresh, async {
@@ -206,7 +276,13 @@ impl Chain {
             Err(e) => Err(unreachable(Stage::TokenExchange, &e)),
         });
         Exchange {
-            minted: claims.map_err(|e| Finding::unknown(Stage::TokenExchange, Reason::GoogleUnavailable, e)),
+            minted: claims.map_err(|e| {
+                Finding::unknown(
+                    Stage::TokenExchange,
+                    Reason::GoogleUnavailable,
+                    format!("the minted token does not decode: {e}"),
+                )
+            }),
             federated,
             skew,
         }
@@ -261,16 +337,25 @@ impl Chain {
     }
 
     /// The rest of the chain for a KSA whose mapping checks passed: clock skew, the exchange's
-    /// outcome, impersonation and the targets.
-    pub async fn verify(
-        &self,
-        plan: &Plan,
-        ksa: &Ksa,
-        gsa: Option<&GsaEmail>,
-        identity: &KsaIdentity,
-        exchange: &Exchange,
-        max_age: Duration,
-    ) -> Result<(), Finding> {
+    /// outcome, impersonation, then the targets and the endpoints side by side.
+    pub async fn verify(&self, job: &Job<'_>) -> Verified {
+        let granted = match self.grant(job).await {
+            Ok(granted) => granted,
+            Err(finding) => return Verified { result: Err(finding), pending_until: None },
+        };
+        let (targets, endpoints) = tokio::join!(self.targets(job, &granted), self.endpoints(job, &granted));
+        Verified {
+            result: endpoint_stage::merge(
+                targets,
+                endpoints.iter().filter_map(|c| c.finding.clone()).collect(),
+            ),
+            pending_until: endpoints.iter().filter_map(|c| c.pending_until).min(),
+        }
+    }
+
+    /// Clock skew, the exchange's outcome and impersonation.
+    async fn grant(&self, job: &Job<'_>) -> Result<Granted, Finding> {
+        let (ksa, exchange) = (job.ksa, job.exchange);
         exchange.minted.as_ref().map_err(Clone::clone)?;
         if let Some(finding) = exchange.skew.and_then(|s| classify::clock_skew(&who(ksa), s)) {
             return Err(finding);
@@ -286,37 +371,133 @@ impl Chain {
                 ));
             }
         };
-        let principal = identity.principal();
-        let (token, as_who, federated_only) = match (plan.access, gsa) {
+        let principal = job.identity.principal();
+        match (job.plan.access, job.gsa) {
             (Access::Impersonation, Some(gsa)) => {
-                let key = (
-                    ExchangeKey {
-                        namespace: ksa.namespace.clone(),
-                        name: ksa.name.clone(),
-                        uid: ksa.uid.clone(),
-                        audience: Self::token_audience(plan),
-                    },
-                    gsa.to_string(),
-                );
+                let key = (Self::key(job.plan, ksa), gsa.to_string());
                 let fetch = self.impersonate(ksa, gsa, &principal, &federated);
-                let credential = self.impersonations.get_fresh(&key, max_age, usable, fetch).await.0?;
-                (credential, format!("serviceAccount:{gsa}"), false)
+                let access = self.impersonations.get_fresh(&key, job.max_age, usable, fetch).await.0?;
+                Ok(Granted {
+                    federated,
+                    access,
+                    as_who: format!("serviceAccount:{gsa}"),
+                    federated_only: false,
+                })
             }
-            _ => (federated, principal, true),
-        };
-        for target in &plan.targets {
-            self.test_target(
-                ksa,
-                &as_who,
-                &target.kind,
-                &target.resource,
-                &target.permissions,
-                &token.token,
-                federated_only,
-            )
-            .await?;
+            _ => {
+                Ok(Granted { access: federated.clone(), federated, as_who: principal, federated_only: true })
+            }
+        }
+    }
+
+    /// The targets, in spec order; a Cloud Run target's service must accept its audience, and
+    /// the GSA must get an ID token for it.
+    async fn targets(&self, job: &Job<'_>, granted: &Granted) -> Result<(), Finding> {
+        for target in &job.plan.targets {
+            let Some(invocation) = cloud_run::check_target(&who(job.ksa), target, job.run_services) else {
+                self.test_target(job.ksa, granted, &target.kind, &target.resource, &target.permissions)
+                    .await?;
+                continue;
+            };
+            let invocation = invocation?;
+            if !invocation.permissions.is_empty() {
+                self.test_target(job.ksa, granted, &target.kind, &target.resource, &invocation.permissions)
+                    .await?;
+            }
+            // Only a service account gets an ID token; the plan refuses Cloud Run under Direct.
+            if let Some(gsa) = job.gsa {
+                self.id_token(job, gsa, &granted.federated, &invocation.audience).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Every endpoint, concurrently: the declared token and the other type's, minted only if the
+    /// endpoint's verdict for this identity must be renewed.
+    async fn endpoints(&self, job: &Job<'_>, granted: &Granted) -> Vec<Checked> {
+        let max_age = job.max_age.max(job.pass_started.elapsed());
+        let who = who(job.ksa);
+        join_all(job.plan.endpoints.iter().map(|endpoint| {
+            let tokens = self.endpoint_tokens(job, granted, endpoint);
+            self.endpoints.check(job.probe, &who, endpoint, &granted.as_who, max_age, tokens)
+        }))
+        .await
+    }
+
+    async fn endpoint_tokens(
+        &self,
+        job: &Job<'_>,
+        granted: &Granted,
+        endpoint: &EndpointPlan,
+    ) -> Result<Tokens, Finding> {
+        let access = granted.access.token.clone();
+        let id = match job.gsa {
+            Some(gsa) => Some(self.id_token(job, gsa, &granted.federated, &endpoint.audience).await),
+            None => None,
+        };
+        match (endpoint.token_type, id) {
+            (TokenType::AccessToken, id) => {
+                Ok(Tokens { declared: access, other: id.and_then(Result::ok).map(|c| c.token) })
+            }
+            (TokenType::IdToken, Some(id)) => Ok(Tokens { declared: id?.token, other: Some(access) }),
+            // The plan refuses IDToken endpoints under Direct, where no service account mints one.
+            (TokenType::IdToken, None) => Err(Finding::unknown(
+                Stage::Endpoint,
+                Reason::EndpointUnavailable,
+                format!(
+                    "{}: {} needs an ID token, which only a Google service account gets",
+                    who(job.ksa),
+                    endpoint.name()
+                ),
+            )),
+        }
+    }
+
+    /// An ID token of `gsa` for `audience`, minted with the KSA's federated token at most once per
+    /// interval, its claims checked.
+    async fn id_token(
+        &self,
+        job: &Job<'_>,
+        gsa: &GsaEmail,
+        federated: &Credential,
+        audience: &str,
+    ) -> Result<Credential, Finding> {
+        let key = (Self::key(job.plan, job.ksa), gsa.to_string(), audience.to_string());
+        let principal = job.identity.principal();
+        let fetch = self.mint_id_token(job.ksa, gsa, &principal, federated, audience);
+        self.id_tokens.get_fresh(&key, job.max_age, usable, fetch).await.0
+    }
+
+    async fn mint_id_token(
+        &self,
+        ksa: &Ksa,
+        gsa: &GsaEmail,
+        principal: &str,
+        federated: &Credential,
+        audience: &str,
+    ) -> Result<Credential, Finding> {
+        let body = Body::Json(json!({"audience": audience, "includeEmail": true}));
+        let path = format!("/v1/projects/-/serviceAccounts/{gsa}:generateIdToken");
+        let answer = match self
+            .post(Api::GenerateIdToken, "iamcredentials", &path, &body, Auth::Bearer(&federated.token))
+            .await
+        {
+            Ok(a) if a.status.is_success() => a,
+            Ok(a) => {
+                return Err(read_upstream(&a, |upstream| {
+                    classify::id_token_denied(upstream, &who(ksa), principal, gsa.as_str())
+                }));
+            }
+            Err(e) => return Err(unreachable(Stage::Impersonation, &e)),
+        };
+        let token = classify::generated_id_token(&answer.body)
+            .map_err(|e| Finding::unknown(Stage::Target, Reason::GoogleUnavailable, e))?;
+        let token = SecretString::from(token);
+        let claims = decode_claims(&token).map(|(claims, _)| claims);
+        let claims = claims.as_ref().map_err(String::as_str);
+        let lifetime =
+            cloud_run::id_token(&who(ksa), gsa.as_str(), audience, claims, Timestamp::now().as_second())?;
+        Ok(Credential { token, usable_until: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN) })
     }
 
     async fn impersonate(
@@ -343,17 +524,15 @@ impl Chain {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn test_target(
         &self,
         ksa: &Ksa,
-        as_who: &str,
+        granted: &Granted,
         kind: &TargetKind,
         resource: &str,
         permissions: &[String],
-        token: &SecretString,
-        federated: bool,
     ) -> Result<(), Finding> {
+        let (as_who, token, federated) = (&granted.as_who, &granted.access.token, granted.federated_only);
         let api = Api::TestIamPermissions(kind.service());
         let path = kind.test_permissions_path();
         let answer = if matches!(kind, TargetKind::Bucket { .. }) {
@@ -416,9 +595,10 @@ fn unreachable(stage: Stage, e: &SendError) -> Finding {
     }
 }
 
-/// The unverified payload and `kid` of a JWT (the token is the API server's own, just minted).
+/// The unverified payload and `kid` of a JWT just minted by the API server or Google, which
+/// this process received itself over the connection it opened.
 fn decode_claims(token: &SecretString) -> Result<(Value, Option<String>), String> {
     jsonwebtoken::dangerous::insecure_decode::<Value>(token.expose_secret())
         .map(|data| (data.claims, data.header.kid))
-        .map_err(|e| format!("the minted token does not decode: {e}"))
+        .map_err(|e| e.to_string())
 }

@@ -1,23 +1,24 @@
 //! One probe pass, shared by the operator and `authprobe check`: static checks, the Google reads
-//! they call for (once per GSA, however many KSAs name it) and the ConfigMaps the KSAs' workloads
-//! mount, then the engine's verdict per KSA.
+//! they call for (once per GSA and Cloud Run service, however many KSAs name it) and the
+//! ConfigMaps the KSAs' workloads mount, then the engine's verdict per KSA.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 
 pub mod config_maps;
+pub mod endpoint;
 pub mod exchange;
 pub mod issuer;
 
 use self::{
     config_maps::ConfigMaps,
-    exchange::{Chain, Exchange},
+    exchange::{Chain, Exchange, Job, Verified},
     issuer::ClusterIssuers,
 };
 use crate::{
@@ -27,6 +28,7 @@ use crate::{
         grace::Grace,
         principal::KsaIdentity,
         report::KsaOutcome,
+        stage::cloud_run::{self, RunServices},
         workload::{Workload, WorkloadView},
     },
     google::Google,
@@ -53,6 +55,8 @@ pub struct Services<'a> {
 /// One pass over a probe's KSAs.
 #[derive(Debug)]
 pub struct Pass<'a> {
+    /// The probe's name.
+    pub probe: &'a str,
     /// The checked spec.
     pub plan: &'a Plan,
     /// The selected KSAs (required names included).
@@ -71,7 +75,8 @@ type Mapped = Result<(Prepared, KsaIdentity), Finding>;
 pub struct Evaluated {
     /// One per candidate.
     pub outcomes: Vec<KsaOutcome>,
-    /// The earliest end of a grace that turned a failure into PropagationPending.
+    /// The earliest end of a grace that turned a failure into PropagationPending, or of an
+    /// endpoint request whose answer this pass did not wait for.
     pub recheck_at: Option<Timestamp>,
 }
 
@@ -82,7 +87,8 @@ pub async fn evaluate(
     pass: Pass<'_>,
     changed_at: impl Fn(&Candidate) -> Option<Timestamp>,
 ) -> Evaluated {
-    let Pass { plan, candidates, max_age, now } = pass;
+    let Pass { probe, plan, candidates, max_age, now } = pass;
+    let pass_started = Instant::now();
     let prepared = plan.static_stage(candidates);
 
     let mut wanted: Vec<GsaEmail> =
@@ -117,6 +123,20 @@ pub async fn evaluate(
         tokio::join!(gsa_reads, federation_reads, services.config_maps.read(mounted));
     let facts =
         Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
+    let mut run_names: Vec<String> = plan.targets.iter().filter_map(|t| t.kind.cloud_run_service()).collect();
+    run_names.sort();
+    run_names.dedup();
+    if !prepared.iter().any(|(_, p)| p.is_ok()) {
+        run_names.clear();
+    }
+    let run_services: RunServices = stream::iter(run_names)
+        .map(|name: String| async move {
+            let service = google.run_service(&name, max_age).await;
+            (name, service)
+        })
+        .buffer_unordered(READ_CONCURRENCY)
+        .collect()
+        .await;
 
     // Stage Workload: a failing finding stops the KSA there; an undecided one lets the later
     // stages run and is kept for the verdict.
@@ -166,7 +186,7 @@ pub async fn evaluate(
             (candidate, checked, undecided)
         })
         .collect();
-    let verified: HashMap<(String, String), Result<(), Finding>> = match chain {
+    let verified: HashMap<(String, String), Verified> = match chain {
         Some(chain) => {
             let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>)> = mapped
                 .iter()
@@ -176,18 +196,41 @@ pub async fn evaluate(
                     Some((p.clone(), identity.clone(), exchange.clone()))
                 })
                 .collect();
+            let run_services = &run_services;
             stream::iter(work)
                 .map(|(p, identity, exchange): (Prepared, KsaIdentity, Arc<Exchange>)| async move {
-                    let result =
-                        chain.verify(plan, &p.ksa, p.gsa.as_ref(), &identity, &exchange, max_age).await;
-                    ((p.ksa.namespace, p.ksa.name), result)
+                    let job = Job {
+                        probe,
+                        plan,
+                        ksa: &p.ksa,
+                        gsa: p.gsa.as_ref(),
+                        identity: &identity,
+                        exchange: &exchange,
+                        run_services,
+                        max_age,
+                        pass_started,
+                    };
+                    let verified = chain.verify(&job).await;
+                    ((p.ksa.namespace, p.ksa.name), verified)
                 })
                 .buffer_unordered(READ_CONCURRENCY)
                 .collect()
                 .await
         }
-        None => HashMap::new(),
+        // Without the live chain, a Cloud Run target is still judged as far as no token is needed.
+        None => mapped
+            .iter()
+            .filter_map(|(c, m, _)| {
+                let (p, _) = m.as_ref().ok()?;
+                let finding = cloud_run::without_token(&exchange::who(&p.ksa), &plan.targets, &run_services)?;
+                Some((
+                    (c.namespace.clone(), c.name.clone()),
+                    Verified { result: Err(finding), pending_until: None },
+                ))
+            })
+            .collect(),
     };
+    let pending_until = verified.values().filter_map(|v| v.pending_until).min();
 
     let policy_changes: HashMap<&str, Timestamp> =
         gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g.as_str(), t))).collect();
@@ -203,15 +246,18 @@ pub async fn evaluate(
             let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
             let chain = verified
                 .get(&(candidate.namespace.clone(), candidate.name.clone()))
-                .cloned()
-                .map(|r| r.map_err(|f| grace.judge(f, changed)));
+                .map(|v| v.result.clone().map_err(|f| grace.judge(f, changed)));
             let mapping = Finding::decisive(undecided.as_ref(), mapped.as_ref().err())
                 .cloned()
                 .map(|f| grace.judge(f, changed));
             KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain }
         })
         .collect();
-    Evaluated { outcomes, recheck_at: grace.recheck_at() }
+    let endpoints_answered = pending_until.map(|until| {
+        let at = Timestamp::now();
+        at.checked_add(until.saturating_duration_since(Instant::now())).unwrap_or(at)
+    });
+    Evaluated { outcomes, recheck_at: [grace.recheck_at(), endpoints_answered].into_iter().flatten().min() }
 }
 
 /// Each static-passed KSA's workloads (those of its namespace running as it), when the probe

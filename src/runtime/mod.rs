@@ -16,6 +16,7 @@ use crate::{
     fence::Fence,
     google::Google,
     metrics::Metrics,
+    probe::endpoint::EndpointProber,
 };
 
 /// How the operator runs.
@@ -39,7 +40,12 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 /// Runs the operator until SIGTERM or Ctrl-C. With leader election the controller runs from the
 /// start (its caches warm) but acts only while this replica leads; a term that ends (lost, or
 /// expired while the API server was away) makes it a standby again, never stops the process.
-pub async fn run(settings: Settings, google: Arc<Google>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    google: Arc<Google>,
+    endpoints: EndpointProber,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let Settings { http_addr, controller: tuning, lease, shutdown_timeout } = settings;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -63,6 +69,7 @@ pub async fn run(settings: Settings, google: Arc<Google>, metrics: Arc<Metrics>)
     let controller = controller::run(
         clients.clone(),
         google,
+        endpoints,
         metrics,
         tuning,
         progress,

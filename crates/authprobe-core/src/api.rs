@@ -14,6 +14,8 @@ pub const GSA_ANNOTATION: &str = "iam.gke.io/gcp-service-account";
 pub const PROBE_NOW_ANNOTATION: &str = "authprobe.io/probe-now";
 /// At most this many entries are kept in `status.failures`.
 pub const MAX_FAILURES: usize = 20;
+/// At most this many `spec.endpoints` (the schema's bound, checked again for `authprobe check`).
+pub const MAX_ENDPOINTS: usize = 10;
 
 /// What the namespaces and ServiceAccounts selected here must be able to become in Google Cloud.
 // Each printcolumn repeats the same keys, which this lint mistakes for duplicated attributes.
@@ -46,6 +48,8 @@ pub const MAX_FAILURES: usize = 20;
 #[x_kube(validation = Rule::new(
     "!(self.identity.platform == 'GKE' && self.probe.tokenExchange) || has(self.identity.gke)"
 ).message("identity.gke (clusterLocation, clusterName) is required when platform is GKE and probe.tokenExchange is true"))]
+#[x_kube(validation = Rule::new("!has(self.endpoints) || size(self.endpoints) == 0 || self.probe.tokenExchange")
+    .message("endpoints need probe.tokenExchange: true: the tokens they are sent are minted by the live chain"))]
 #[serde(rename_all = "camelCase")]
 pub struct AuthProbeSpec {
     /// Which namespaces to check; `{}` selects every namespace.
@@ -64,6 +68,12 @@ pub struct AuthProbeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub targets: Vec<Target>,
+
+    /// URLs the workloads call with a Google token, each probed through the real path as a client
+    /// would call it; only hosts in the operator's `--endpoint-allow` list are ever called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub endpoints: Vec<Endpoint>,
 
     /// How and how often to probe.
     #[serde(default)]
@@ -195,20 +205,86 @@ pub struct Federation {
 
 /// A Google resource the identity must be able to act on.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(format!("{CLOUD_RUN_RULE} || has(self.permissions)"))
+    .message("permissions are required, except for Cloud Run services (default [run.routes.invoke])"))]
+#[x_kube(validation = Rule::new(format!("{CLOUD_RUN_RULE} || !has(self.audience)"))
+    .message("audience applies to Cloud Run services only"))]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
-    /// A full resource name, e.g. `//storage.googleapis.com/projects/_/buckets/NAME`.
+    /// A full resource name, e.g. `//storage.googleapis.com/projects/_/buckets/NAME` or
+    /// `//run.googleapis.com/projects/P/locations/L/services/S`.
     #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('//')")
         .message("target resource must be a full resource name like //storage.googleapis.com/projects/_/buckets/NAME"))]
     pub resource: String,
 
-    /// IAM permissions the identity needs there, e.g. `storage.objects.get`.
+    /// IAM permissions the identity needs there, e.g. `storage.objects.get`; for a Cloud Run
+    /// service `[run.routes.invoke]` when left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1, max = 32), inner(length(max = 128)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     #[x_kube(validation = Rule::new("self.all(p, p.matches('^[a-z][a-zA-Z0-9]*([.][a-zA-Z0-9]+){2}$'))")
         .message("permissions must look like service.resource.verb, e.g. storage.objects.get"))]
     pub permissions: Vec<String>,
+
+    /// Cloud Run only: the audience the workloads mint their ID tokens for; it must be one of the
+    /// service's URLs or custom audiences. Left out: the service's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+}
+
+const CLOUD_RUN_RULE: &str = "self.resource.startsWith('//run.googleapis.com/')";
+
+/// A URL a workload calls with a Google token, probed the way a client calls it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.tokenType == 'IDToken' || !has(self.audience)")
+    .message("audience applies to IDToken endpoints only: an access token has no audience"))]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// The URL the workload calls (`https://`; plain `http://` only for loopback hosts or hosts
+    /// allowed as `http://HOST`). Requested with GET; no redirect is followed to another host.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new(URL_RULE).message("url must be an http(s) URL, like https://api.example.com/healthz"))]
+    pub url: String,
+
+    /// The token the workload sends: a Google-signed `IDToken` or an OAuth `AccessToken`.
+    pub token_type: TokenType,
+
+    /// IDToken only: the audience the workload mints for; left out: the URL's origin
+    /// (`https://HOST[:PORT]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+
+    /// The service behind the proxy, called directly with the same token to tell a proxy that
+    /// drops `Authorization` (`AuthorizationStripped`) from an endpoint that refuses the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new(URL_RULE).message("origin must be an http(s) URL, like http://api.payments.svc:8080/healthz"))]
+    pub origin: Option<String>,
+}
+
+const URL_RULE: &str = "self.startsWith('https://') || self.startsWith('http://')";
+
+/// Which Google token an endpoint is sent.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenType {
+    /// An ID token from `generateIdToken` on the GSA: Cloud Run, IAP, services verifying Google OIDC.
+    #[serde(rename = "IDToken")]
+    IdToken,
+    /// An OAuth access token (`generateAccessToken`): Google APIs and services that introspect it.
+    AccessToken,
+}
+
+impl TokenType {
+    /// As written in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenType::IdToken => "IDToken",
+            TokenType::AccessToken => "AccessToken",
+        }
+    }
 }
 
 /// How and how often to probe.
@@ -372,8 +448,10 @@ pub enum Stage {
     TokenExchange,
     /// `generateAccessToken` on the GSA.
     Impersonation,
-    /// `testIamPermissions` on a target.
+    /// `testIamPermissions` on a target; a Cloud Run service's audiences and ID token.
     Target,
+    /// `spec.endpoints`: the token sent through the real path to a URL.
+    Endpoint,
 }
 
 impl Stage {
@@ -464,6 +542,18 @@ pub enum Reason {
     FederatedTokenUnsupported,
     /// The cluster's clock and Google's disagree.
     ClockSkew,
+    /// A Cloud Run service accepts no ID token for the target's audience.
+    AudienceNotAccepted,
+    /// An endpoint redirects to another host, where clients drop `Authorization`.
+    CrossHostRedirect,
+    /// The origin accepts the token, but through the endpoint's path it is refused: a proxy drops it.
+    AuthorizationStripped,
+    /// The endpoint refuses the declared token type and accepts the other one.
+    TokenTypeMismatch,
+    /// The endpoint refuses the token of both types.
+    EndpointRejected,
+    /// The endpoint could not be reached, timed out or failed (5xx).
+    EndpointUnavailable,
     /// A recent change may not have propagated yet.
     PropagationPending,
     /// Google could not be reached or kept failing.
@@ -502,6 +592,7 @@ impl Reason {
                 | Reason::TokenRequestDenied
                 | Reason::KubernetesUnavailable
                 | Reason::CredentialConfigUnreadable
+                | Reason::EndpointUnavailable
         )
     }
 

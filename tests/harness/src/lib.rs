@@ -12,6 +12,7 @@
 //! and PID namespace the test binary re-executes itself into (see the module's documentation).
 
 pub mod image;
+mod nginx;
 pub mod node;
 mod pki;
 mod process;
@@ -41,6 +42,7 @@ use kube::{
     runtime::wait::{await_condition, conditions},
 };
 
+pub use nginx::Nginx;
 pub use process::{at_exit, free_port, kill, spawn, stop};
 pub use stall::StallProxy;
 

@@ -64,6 +64,23 @@ pub struct GoogleServiceAccount {
     pub disabled: bool,
 }
 
+/// A Cloud Run service (`GET run.googleapis.com/v2/projects/P/locations/L/services/S`), as far as
+/// ID tokens go: proto3 JSON leaves empty lists and `false` out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RunService {
+    /// `projects/P/locations/L/services/S`.
+    pub name: String,
+    /// The main URL.
+    pub uri: String,
+    /// Every URL the service answers at; an ID token for any of them is accepted.
+    pub urls: Vec<String>,
+    /// Further audiences its ID tokens may carry.
+    pub custom_audiences: Vec<String>,
+    /// Anyone may invoke it: `run.routes.invoke` is not checked.
+    pub invoker_iam_disabled: bool,
+}
+
 /// An IAM allow policy (`getIamPolicy`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]

@@ -13,10 +13,13 @@ use super::{
     annotation::{GsaEmail, is_project_id, quote},
     principal::{KsaIdentity, PoolRef},
     selector::{Labels, Selector},
-    stage::provider::Mapped,
+    stage::{
+        endpoint::{AUDIENCE_SHAPE, EndpointAllow, EndpointPlan, is_audience},
+        provider::Mapped,
+    },
     target::{self, TargetKind},
 };
-use crate::api::{Access, AuthProbeSpec, Platform};
+use crate::api::{Access, AuthProbeSpec, MAX_ENDPOINTS, Platform};
 
 /// `projects/N/locations/global/workloadIdentityPools/POOL/providers/PROVIDER` split into N, POOL
 /// and PROVIDER, or `None` if it is not exactly that shape (it becomes part of a URL).
@@ -161,8 +164,10 @@ pub struct TargetPlan {
     pub resource: String,
     /// What it is.
     pub kind: TargetKind,
-    /// Permissions the identity needs there.
+    /// Permissions the identity needs there (the kind's default when the spec names none).
     pub permissions: Vec<String>,
+    /// Cloud Run: the audience the workloads mint their ID tokens for.
+    pub audience: Option<String>,
 }
 
 /// A spec, checked once: everything admission could not judge is judged here.
@@ -184,6 +189,8 @@ pub struct Plan {
     pub federation: Option<FederationPlan>,
     /// Live chain targets.
     pub targets: Vec<TargetPlan>,
+    /// URLs the workloads call, probed through the real path.
+    pub endpoints: Vec<EndpointPlan>,
     /// Periodic re-check.
     pub interval: Duration,
     /// Propagation grace.
@@ -272,12 +279,41 @@ impl Plan {
             .targets
             .iter()
             .map(|t| {
-                Ok(TargetPlan {
-                    resource: t.resource.clone(),
-                    kind: target::parse_target(&t.resource)?,
-                    permissions: t.permissions.clone(),
-                })
+                let kind = target::parse_target(&t.resource)?;
+                let cloud_run = matches!(kind, TargetKind::CloudRun { .. });
+                let permissions = match kind.default_permissions() {
+                    _ if !t.permissions.is_empty() => t.permissions.clone(),
+                    Some(defaults) => defaults,
+                    None => return Err(format!("target {} needs permissions", quote(&t.resource))),
+                };
+                if let Some(a) = t.audience.as_deref().filter(|a| !is_audience(a)) {
+                    return Err(format!("target {} audience {}: {AUDIENCE_SHAPE}", quote(&t.resource), quote(a)));
+                }
+                if t.audience.is_some() && !cloud_run {
+                    return Err(format!(
+                        "target {}: audience applies to Cloud Run services only",
+                        quote(&t.resource)
+                    ));
+                }
+                if cloud_run && identity.access == Access::Direct {
+                    return Err(format!(
+                        "target {} is a Cloud Run service, invoked with an ID token, which a federated principal cannot get (access: Direct); use access: Impersonation",
+                        quote(&t.resource)
+                    ));
+                }
+                Ok(TargetPlan { resource: t.resource.clone(), kind, permissions, audience: t.audience.clone() })
             })
+            .collect::<Result<Vec<_>, String>>()?;
+        if spec.endpoints.len() > MAX_ENDPOINTS {
+            return Err(format!("at most {MAX_ENDPOINTS} endpoints, not {}", spec.endpoints.len()));
+        }
+        if !spec.endpoints.is_empty() && !spec.probe.token_exchange {
+            return Err("endpoints need probe.tokenExchange: true: the tokens they are sent are minted by the live chain".into());
+        }
+        let endpoints = spec
+            .endpoints
+            .iter()
+            .map(|e| EndpointPlan::parse(e, identity.access))
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Plan {
             platform: identity.platform,
@@ -288,6 +324,7 @@ impl Plan {
             cluster_url,
             federation,
             targets,
+            endpoints,
             interval: duration(
                 "probe.interval",
                 &spec.probe.interval,
@@ -306,6 +343,19 @@ impl Plan {
             names: selection.names,
             ksa_selector,
         })
+    }
+
+    /// [`Plan::parse`], and every endpoint's URL and origin on a host the operator allows: a spec
+    /// naming another host is refused before anything is sent.
+    pub fn parse_allowing(spec: &AuthProbeSpec, allow: &EndpointAllow) -> Result<Self, String> {
+        let plan = Self::parse(spec)?;
+        for endpoint in &plan.endpoints {
+            allow.admits(&endpoint.url)?;
+            if let Some(origin) = &endpoint.origin {
+                allow.admits(origin)?;
+            }
+        }
+        Ok(plan)
     }
 
     /// Whether a namespace with these labels is in scope.

@@ -15,6 +15,8 @@ pub enum TargetKind {
     Topic { project: String, topic: String },
     /// `//pubsub.googleapis.com/projects/P/subscriptions/S`.
     Subscription { project: String, subscription: String },
+    /// `//run.googleapis.com/projects/P/locations/L/services/S`: invoked with an ID token.
+    CloudRun { project: String, location: String, service: String },
 }
 
 impl TargetKind {
@@ -26,7 +28,13 @@ impl TargetKind {
             TargetKind::Bucket { .. } => "storage",
             TargetKind::Secret { .. } => "secretmanager",
             TargetKind::Topic { .. } | TargetKind::Subscription { .. } => "pubsub",
+            TargetKind::CloudRun { .. } => "run",
         }
+    }
+
+    /// The permissions a target of this kind needs when its spec names none.
+    pub fn default_permissions(&self) -> Option<Vec<String>> {
+        matches!(self, TargetKind::CloudRun { .. }).then(|| vec![super::stage::cloud_run::INVOKE.to_string()])
     }
 
     /// The path of this resource's testIamPermissions on [`TargetKind::service`]. Cloud Storage
@@ -47,6 +55,20 @@ impl TargetKind {
             TargetKind::Subscription { project, subscription } => {
                 format!("/v1/projects/{project}/subscriptions/{subscription}:testIamPermissions")
             }
+            TargetKind::CloudRun { project, location, service } => {
+                format!("/v2/projects/{project}/locations/{location}/services/{service}:testIamPermissions")
+            }
+        }
+    }
+
+    /// A Cloud Run service's name, `projects/P/locations/L/services/S`, which the operator reads
+    /// at `GET run.googleapis.com/v2/NAME` for its URLs and audiences.
+    pub fn cloud_run_service(&self) -> Option<String> {
+        match self {
+            TargetKind::CloudRun { project, location, service } => {
+                Some(format!("projects/{project}/locations/{location}/services/{service}"))
+            }
+            _ => None,
         }
     }
 }
@@ -79,10 +101,13 @@ pub fn parse_target(resource: &str) -> Result<TargetKind, String> {
         ["pubsub.googleapis.com", "projects", p, "subscriptions", s] => {
             TargetKind::Subscription { project: (*p).into(), subscription: (*s).into() }
         }
+        ["run.googleapis.com", "projects", p, "locations", l, "services", s] => {
+            TargetKind::CloudRun { project: (*p).into(), location: (*l).into(), service: (*s).into() }
+        }
         _ => {
             return Err(format!(
                 "target {:?} is not a resource the live chain can test: use a project, service account, \
-                 Cloud Storage bucket, Secret Manager secret, or Pub/Sub topic or subscription",
+                 Cloud Storage bucket, Secret Manager secret, Pub/Sub topic or subscription, or Cloud Run service",
                 super::annotation::truncate(resource, 200)
             ));
         }
@@ -94,6 +119,9 @@ pub fn parse_target(resource: &str) -> Result<TargetKind, String> {
         TargetKind::Secret { project, secret } => segment_ok(project) && segment_ok(secret),
         TargetKind::Topic { project, topic } => segment_ok(project) && segment_ok(topic),
         TargetKind::Subscription { project, subscription } => segment_ok(project) && segment_ok(subscription),
+        TargetKind::CloudRun { project, location, service } => {
+            segment_ok(project) && segment_ok(location) && segment_ok(service)
+        }
     };
     if segments_ok {
         Ok(kind)
@@ -137,6 +165,14 @@ mod tests {
             parse_target("//pubsub.googleapis.com/projects/acme-prod/subscriptions/orders-sub"),
             Ok(TargetKind::Subscription { .. })
         ));
+        assert_eq!(
+            parse_target("//run.googleapis.com/projects/acme-prod/locations/us-central1/services/api"),
+            Ok(TargetKind::CloudRun {
+                project: "acme-prod".into(),
+                location: "us-central1".into(),
+                service: "api".into()
+            })
+        );
     }
 
     #[test]
@@ -166,6 +202,15 @@ mod tests {
             path("//pubsub.googleapis.com/projects/p/subscriptions/s"),
             "/v1/projects/p/subscriptions/s:testIamPermissions"
         );
+        let run = parse_target("//run.googleapis.com/projects/p/locations/l/services/s").unwrap();
+        assert_eq!(run.test_permissions_path(), "/v2/projects/p/locations/l/services/s:testIamPermissions");
+        assert_eq!(run.cloud_run_service().as_deref(), Some("projects/p/locations/l/services/s"));
+        assert_eq!(run.service(), "run");
+        assert_eq!(run.default_permissions(), Some(vec!["run.routes.invoke".to_string()]));
+        assert_eq!(
+            parse_target("//storage.googleapis.com/projects/_/buckets/b").unwrap().default_permissions(),
+            None
+        );
     }
 
     #[test]
@@ -181,6 +226,10 @@ mod tests {
             "//storage.googleapis.com/projects/_/buckets/b?x=1",
             "//iam.googleapis.com/projects/p/serviceAccounts/x@127.0.0.1:1#",
             "//iam.googleapis.com/projects/p/serviceAccounts/no-at-sign",
+            "//run.googleapis.com/projects/p/locations/l/services",
+            "//run.googleapis.com/projects/p/locations/l/services/s/revisions/r",
+            "//run.googleapis.com/projects/p/services/s",
+            "//run.googleapis.com/projects/p/locations/../services/s",
             "storage.googleapis.com/projects/_/buckets/b",
             "//evil.example.com/projects/_/buckets/b",
             "",

@@ -454,6 +454,71 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
     assert_eq!((f.pool_id.as_str(), f.project_number.as_str()), ("onprem", "123456789012"));
 }
 
+const RUN: &str = "//run.googleapis.com/projects/acme-prod/locations/us-central1/services/api";
+
+fn live(extra: serde_json::Value) -> AuthProbeSpec {
+    let mut base = json!({
+        "identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "prod-1"}},
+        "probe": {"tokenExchange": true}
+    });
+    merge(&mut base, extra);
+    spec(base)
+}
+
+#[test]
+fn cloud_run_targets_default_their_permission_and_need_a_service_account() {
+    let p =
+        Plan::parse(&live(json!({"targets": [{"resource": RUN, "audience": "https://api.acme.example"}]})))
+            .unwrap();
+    assert_eq!(p.targets[0].permissions, vec!["run.routes.invoke".to_string()]);
+    assert_eq!(p.targets[0].audience.as_deref(), Some("https://api.acme.example"));
+    let named =
+        Plan::parse(&live(json!({"targets": [{"resource": RUN, "permissions": ["run.services.get"]}]})))
+            .unwrap();
+    assert_eq!(named.targets[0].permissions, vec!["run.services.get".to_string()]);
+    for (extra, expected) in [
+        (json!({"identity": {"access": "Direct"}, "targets": [{"resource": RUN}]}), "access: Direct"),
+        (
+            json!({"targets": [{"resource": "//storage.googleapis.com/projects/_/buckets/b"}]}),
+            "needs permissions",
+        ),
+        (
+            json!({"targets": [{"resource": "//storage.googleapis.com/projects/_/buckets/b", "permissions": ["storage.objects.get"], "audience": "x"}]}),
+            "Cloud Run services only",
+        ),
+    ] {
+        let err = Plan::parse(&live(extra.clone())).unwrap_err();
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+}
+
+#[test]
+fn endpoints_go_only_to_allowed_hosts_and_need_the_live_chain() {
+    use super::stage::endpoint::EndpointAllow;
+    let endpoints = json!({"endpoints": [
+        {"url": "https://api.acme.example/healthz", "tokenType": "IDToken", "origin": "http://127.0.0.1:8080/healthz"},
+        {"url": "https://api.acme.example/v1", "tokenType": "AccessToken"}
+    ]});
+    let allow = |hosts: &[&str]| EndpointAllow::new(hosts.iter().map(|h| h.parse().unwrap()).collect());
+    let p =
+        Plan::parse_allowing(&live(endpoints.clone()), &allow(&["api.acme.example", "127.0.0.1"])).unwrap();
+    assert_eq!(p.endpoints.len(), 2);
+    assert_eq!(p.endpoints[0].audience, "https://api.acme.example");
+
+    let refused = Plan::parse_allowing(&live(endpoints.clone()), &EndpointAllow::default()).unwrap_err();
+    assert!(refused.contains("--endpoint-allow") && refused.contains("api.acme.example"), "{refused}");
+    let origin_refused =
+        Plan::parse_allowing(&live(endpoints.clone()), &allow(&["api.acme.example"])).unwrap_err();
+    assert!(origin_refused.contains("127.0.0.1"), "the origin's host is checked too: {origin_refused}");
+
+    let mut off = endpoints.clone();
+    merge(&mut off, json!({"probe": {"tokenExchange": false}}));
+    assert!(Plan::parse(&live(off)).unwrap_err().contains("probe.tokenExchange"));
+    let eleven: Vec<_> =
+        (0..11).map(|i| json!({"url": format!("https://h/{i}"), "tokenType": "AccessToken"})).collect();
+    assert!(Plan::parse(&live(json!({"endpoints": eleven}))).unwrap_err().contains("at most 10"));
+}
+
 #[test]
 fn failures_within_the_grace_are_propagation_pending() {
     let now: Timestamp = "2026-11-27T10:00:00Z".parse().unwrap();

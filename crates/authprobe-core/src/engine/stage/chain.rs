@@ -79,6 +79,20 @@ fn issued(token: String, lifetime: Duration, field: &str) -> Result<Issued, Stri
     Ok(Issued { token, lifetime: lifetime.min(MAX_TOKEN_LIFETIME) })
 }
 
+/// generateIdToken: `token`, a JWT whose claims (its lifetime among them) the caller judges with
+/// [`super::cloud_run::id_token`].
+pub fn generated_id_token(body: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        token: String,
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| malformed("generateIdToken", &e))?;
+    if answer.token.is_empty() {
+        return Err("Google's answer holds an empty token".into());
+    }
+    Ok(answer.token)
+}
+
 /// testIamPermissions: the requested permissions the caller holds (`{}`: none of them).
 pub fn held_permissions(body: &[u8]) -> Result<Vec<String>, String> {
     #[derive(Deserialize)]
@@ -236,8 +250,18 @@ pub fn exchange(upstream: &Upstream<'_>, who: &str, target: &str, skew: Option<i
 
 /// `generateAccessToken` on the GSA with the federated token did not succeed.
 pub fn impersonation(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
+    impersonation_by("generateAccessToken", upstream, who, principal, gsa)
+}
+
+/// `generateIdToken` on the GSA with the federated token did not succeed: the same binding
+/// (`roles/iam.workloadIdentityUser` holds `iam.serviceAccounts.getOpenIdToken` too) fixes it.
+pub fn id_token_denied(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
+    impersonation_by("generateIdToken", upstream, who, principal, gsa)
+}
+
+fn impersonation_by(method: &str, upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &str) -> Finding {
     let stage = Stage::Impersonation;
-    if let Some(f) = undecided(stage, upstream, "generateAccessToken") {
+    if let Some(f) = undecided(stage, upstream, method) {
         return f;
     }
     let project = gsa
@@ -258,7 +282,7 @@ pub fn impersonation(upstream: &Upstream<'_>, who: &str, principal: &str, gsa: &
         stage,
         reason,
         format!(
-            "{who} ({principal}) may not impersonate {gsa}: generateAccessToken answered {}. Fix: {fix}",
+            "{who} ({principal}) may not impersonate {gsa}: {method} answered {}. Fix: {fix}",
             upstream.shown
         ),
     )
@@ -419,6 +443,14 @@ mod tests {
     }
 
     #[test]
+    fn id_token_answers_parse_strictly() {
+        assert_eq!(generated_id_token(br#"{"token": "eyJ.x.y"}"#), Ok("eyJ.x.y".to_string()));
+        for bad in [&br#"{"token": ""}"#[..], br#"{"token": 3}"#, b"<html>", b""] {
+            assert!(generated_id_token(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
     fn impersonation_and_targets() {
         let gsa = "payments@acme-prod.iam.gserviceaccount.com";
         let denied = impersonation(
@@ -436,6 +468,16 @@ mod tests {
             Reason::GoogleServiceAccountDisabled
         );
         assert_eq!(impersonation(&up(503, "UNAVAILABLE", "x"), "w", "p", gsa).verdict, Verdict::Unknown);
+        let id = id_token_denied(
+            &up(403, "PERMISSION_DENIED", "Permission 'iam.serviceAccounts.getOpenIdToken' denied"),
+            "w",
+            "principal://p",
+            gsa,
+        );
+        assert_eq!((id.stage, id.reason), (Stage::Impersonation, Reason::ImpersonationDenied));
+        assert!(
+            id.message.contains("generateIdToken answered") && id.message.contains("add-iam-policy-binding")
+        );
 
         let ok = up(200, "", "");
         assert!(target(&ok, "w", "i", "//r", &[], false).is_none());

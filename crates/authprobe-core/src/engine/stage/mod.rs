@@ -2,6 +2,8 @@
 //! of its findings.
 
 pub mod chain;
+pub mod cloud_run;
+pub mod endpoint;
 mod iam;
 pub mod provider;
 mod static_checks;

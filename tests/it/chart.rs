@@ -1,7 +1,5 @@
 //! The Helm chart lints, and what it renders is accepted by the real API server (server-side dry run).
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
 use std::{
     io::Write as _,
     path::PathBuf,

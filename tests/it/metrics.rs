@@ -1,15 +1,16 @@
 //! `/metrics` in the demo scenario: three payments namespaces, checkout forgotten by the GSA's
 //! policy, the live chain on. Every series the design names, with the values that scenario implies.
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
+//! The figures are the operator's for every probe it sees, and the names (`payments`, `billing`, ...)
+//! are fixed: a control plane, fake and operator of this module's own.
 
 use std::collections::BTreeMap;
 
 use fake_google::scenario::{Binding, Cluster, GkeCluster, GkeProject, ServiceAccount};
 use serde_json::json;
-use support::*;
+
+use crate::support::*;
+
+static ENV: Private = Private::new("metrics", Setup::DEFAULT);
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 
@@ -19,9 +20,9 @@ fn value(metrics: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn the_named_series_carry_the_demo_scenarios_values() {
-    let env = env();
-    let client = client().await;
-    let cp = env.cp;
+    let env = ENV.get();
+    let client = env.client().await;
+    let cp = &env.cp;
     let gsa = "payments@acme-prod.iam.gserviceaccount.com";
     for ns in ["billing", "checkout", "ledger"] {
         let namespaces = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
@@ -53,9 +54,11 @@ async fn the_named_series_carry_the_demo_scenarios_values() {
         std::fs::read_to_string(authprobe_harness::repo_root().join("examples/payments.yaml")).unwrap();
     let probe: serde_json::Value = serde_saphyr::from_str(&example).unwrap();
     apply_probe(&client, "payments", probe["spec"].clone()).await;
-    wait_ready(&client, "payments", "False", "PrincipalNotMapped").await;
+    env.wait_ready(&client, "payments", "False", "PrincipalNotMapped").await;
 
-    let m = env.operator.metrics().await;
+    // The pass's series follow its status: the failing ServiceAccount's is the last it sets.
+    let checkout = r#"authprobe_failing_serviceaccount{probe="payments",namespace="checkout",serviceaccount="app",stage="IAMPolicy",reason="PrincipalNotMapped"}"#;
+    let m = env.operator.wait_metrics("the pass's series", |m| value(m, checkout).is_some()).await;
     let expect = |series: &str, want: f64| assert_eq!(value(&m, series), Some(want), "{series} in:\n{m}");
     expect(r#"authprobe_serviceaccounts{probe="payments",result="passing"}"#, 2.0);
     expect(r#"authprobe_serviceaccounts{probe="payments",result="failing"}"#, 1.0);

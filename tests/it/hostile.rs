@@ -3,10 +3,6 @@
 //! many megabytes) become Unknown with a reason; nothing in an AuthProbe can send a token to a host
 //! other than the configured Google endpoints; plain-http endpoints are refused unless loopback.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
-
 use std::{
     process::Command,
     sync::{
@@ -18,14 +14,20 @@ use std::{
 use authprobe::api::Reason;
 use fake_google::scenario::{Faults, Malformed};
 use serde_json::json;
-use support::*;
+
+use crate::support::{self, *};
+
+/// Malformed answers are the fake's for everyone: a control plane, fake and operator of this
+/// module's own, whose tests run one at a time.
+static ENV: Private = Private::new("hostile", Setup::DEFAULT);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
 async fn hostile_annotations_are_invalid_and_quoted_safely() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("hostile");
     let hostile: Vec<(&str, String)> = vec![
         ("empty", String::new()),
@@ -44,14 +46,15 @@ async fn hostile_annotations_are_invalid_and_quoted_safely() {
         ("null-byte", "pay\u{0}ments@acme-prod.iam.gserviceaccount.com".into()),
     ];
     for (name, value) in &hostile {
-        let ns = namespace(&client, name, &[("team", id.as_str())]).await;
+        let ns = env.namespace(&client, name, &[("team", id.as_str())]).await;
         service_account(&client, &ns, "app", Some(value)).await;
     }
     apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
-    let probe = wait_for(&client, &id, "every hostile annotation judged", |p| {
-        p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.failing as usize == hostile.len())
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "every hostile annotation judged", |p| {
+            p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.failing as usize == hostile.len())
+        })
+        .await;
     let status = probe.status.unwrap();
     assert!(status.failures.iter().all(|f| f.reason == Reason::AnnotationInvalid), "{:?}", status.failures);
     for f in &status.failures {
@@ -65,7 +68,7 @@ async fn hostile_annotations_are_invalid_and_quoted_safely() {
         assert_eq!(events.len(), 1, "{}: one event", f.namespace);
         assert!(events[0].note.as_ref().is_some_and(|n| n.len() <= 1024 && !n.contains('\n')));
     }
-    assert!(!env().operator.log_text().contains("panicked"));
+    assert!(!env.operator.log_text().contains("panicked"));
     report(
         "hostile",
         &format!(
@@ -77,16 +80,17 @@ async fn hostile_annotations_are_invalid_and_quoted_safely() {
 
 #[tokio::test]
 async fn malformed_google_answers_are_unknown_with_a_reason() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     let kinds = [Malformed::TruncatedJson, Malformed::HtmlPage, Malformed::WrongTypes, Malformed::HugeBody];
     for kind in kinds {
         let id = unique("malformed");
         let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("malformed"));
-        let ns = namespace(&client, "malformed", &[("team", id.as_str())]).await;
+        let ns = env.namespace(&client, "malformed", &[("team", id.as_str())]).await;
         service_account(&client, &ns, "app", Some(&gsa)).await;
-        fake_service_account(&gsa, &[]);
-        env().fake.update(|s| {
+        env.fake_service_account(&gsa, &[]);
+        env.fake.update(|s| {
             s.faults = Faults {
                 malformed: Some(kind),
                 apis: vec!["iam.serviceAccounts.get".into()],
@@ -94,8 +98,8 @@ async fn malformed_google_answers_are_unknown_with_a_reason() {
             }
         });
         apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
-        let probe = wait_ready(&client, &id, "Unknown", "GoogleUnavailable").await;
-        env().fake.update(|s| s.faults = Faults::default());
+        let probe = env.wait_ready(&client, &id, "Unknown", "GoogleUnavailable").await;
+        env.fake.update(|s| s.faults = Faults::default());
         let message = probe.status.unwrap().failures[0].message.clone();
         assert!(
             message.contains("malformed response") || message.contains("larger than"),
@@ -103,7 +107,7 @@ async fn malformed_google_answers_are_unknown_with_a_reason() {
         );
         // Once Google answers properly, the real verdict (this KSA is unmapped) appears.
         probe_now(&client, &id).await;
-        wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+        env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
         report(
             "hostile",
             &format!(
@@ -112,13 +116,14 @@ async fn malformed_google_answers_are_unknown_with_a_reason() {
             ),
         );
     }
-    assert!(!env().operator.log_text().contains("panicked"));
+    assert!(!env.operator.log_text().contains("panicked"));
 }
 
 #[tokio::test]
 async fn nothing_in_a_probe_sends_a_token_anywhere_else() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     // An "attacker" endpoint on loopback that records whatever reaches it.
     let hits = Arc::new(AtomicU32::new(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -130,7 +135,7 @@ async fn nothing_in_a_probe_sends_a_token_anywhere_else() {
         }
     });
     let id = unique("exfil");
-    let ns = namespace(&client, "exfil", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "exfil", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&format!("x@{attacker}"))).await;
     let hostile_targets = [
         format!("//{attacker}/projects/_/buckets/b"),
@@ -153,7 +158,7 @@ async fn nothing_in_a_probe_sends_a_token_anywhere_else() {
             }),
         );
         apply_probe(&client, &probe, spec).await;
-        wait_ready(&client, &probe, "False", "InvalidSpec").await;
+        env.wait_ready(&client, &probe, "False", "InvalidSpec").await;
         refused += 1;
     }
     // A federation audience pointing elsewhere only changes the token's aud, never where it goes.
@@ -165,7 +170,7 @@ async fn nothing_in_a_probe_sends_a_token_anywhere_else() {
                                     "audience": format!("http://{attacker}/steal")}},
         "probe": {"tokenExchange": true, "propagationGrace": "0s"}
     })).await;
-    wait_for(&client, &probe, "a verdict", |p| {
+    env.wait_for(&client, &probe, "a verdict", |p| {
         p.status.as_ref().is_some_and(|s| s.last_probe_time.is_some())
     })
     .await;
@@ -183,7 +188,7 @@ fn plain_http_endpoints_are_refused_unless_loopback() {
     // Loopback http is what every other test uses for the fake; these must be refused.
     let refused = ["iam=http://10.0.0.7/iam", "sts=http://metadata.google.internal/", "iam=ftp://127.0.0.1/"];
     for endpoint in refused {
-        let out = Command::new(env!("CARGO_BIN_EXE_authprobe"))
+        let out = Command::new(authprobe_bin())
             .args(["check", "-f", "/nonexistent", "--google-endpoint", endpoint])
             .output()
             .unwrap();

@@ -1,8 +1,6 @@
 //! The Google client against a real HTTP server (the fake, with injected faults): what is retried,
 //! how long it waits, when it gives up, and how much of an answer it reads.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
 use std::{
     net::SocketAddr,
     sync::Arc,

@@ -1,8 +1,6 @@
 //! The binary the image ships (`make static`, run by `make test` before the tests): statically
 //! linked, runnable on distroless-static, and what the Dockerfile copies.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
 use std::process::Command;
 
 use authprobe_harness::repo_root;

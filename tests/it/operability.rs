@@ -1,10 +1,10 @@
 //! Installing and running authprobe as a platform team would: the Helm chart installed for real,
 //! the operator running with nothing but the chart's ServiceAccount and RBAC, and two replicas
 //! electing one leader that hands over, by crash and by graceful stop, without double events.
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
+//!
+//! The operators are these tests' own (under the chart's RBAC, or two replicas): each would
+//! reconcile every probe of its control plane, so this module has a control plane and fake of its
+//! own with no operator of the environment's, and its tests run one at a time.
 
 use std::{
     collections::BTreeMap,
@@ -30,13 +30,19 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use serde_json::json;
-use support::*;
+
+use crate::support::{self, *};
+
+static ENV: Private = Private::new(
+    "operability",
+    Setup { operator_args: SHORT_RETRIES, start_operator: false, ..Setup::DEFAULT },
+);
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn helm(args: &[&str]) -> String {
-    let cp = base().cp;
+fn helm(env: &Env, args: &[&str]) -> String {
+    let cp = &env.cp;
     let out = Command::new(tools_bin().join("helm"))
         .args(args)
         .env("KUBECONFIG", cp.kubeconfig_path())
@@ -55,7 +61,12 @@ fn helm(args: &[&str]) -> String {
 }
 
 /// A kubeconfig that authenticates as `namespace/name` with a fresh token, and a client for it.
-async fn as_service_account(admin: &Client, namespace: &str, name: &str) -> (std::path::PathBuf, Client) {
+async fn as_service_account(
+    env: &Env,
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+) -> (std::path::PathBuf, Client) {
     let request: TokenRequest = serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}})).unwrap();
     let token = Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
         .create_token_request(name, &PostParams::default(), &request)
@@ -64,7 +75,7 @@ async fn as_service_account(admin: &Client, namespace: &str, name: &str) -> (std
         .status
         .and_then(|s| s.token)
         .unwrap();
-    let cp = base().cp;
+    let cp = &env.cp;
     use base64::Engine as _;
     let ca = base64::engine::general_purpose::STANDARD.encode(cp.ca_pem().unwrap());
     let kubeconfig = format!(
@@ -83,17 +94,17 @@ async fn as_service_account(admin: &Client, namespace: &str, name: &str) -> (std
 }
 
 /// A GKE probe over fresh namespaces whose KSA `app` is mapped and may read the bucket.
-async fn healthy_gke_probe(admin: &Client, id: &str, namespaces: usize) -> Vec<String> {
-    let cp = base().cp;
+async fn healthy_gke_probe(env: &Env, admin: &Client, id: &str, namespaces: usize) -> Vec<String> {
+    let cp = &env.cp;
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("ops"));
     let mut made = vec![];
     for _ in 0..namespaces {
-        let ns = namespace(admin, "ops", &[("team", id)]).await;
+        let ns = env.namespace(admin, "ops", &[("team", id)]).await;
         service_account(admin, &ns, "app", Some(&gsa)).await;
         made.push(ns);
     }
     let members = made.iter().map(|ns| member(ns, "app")).collect();
-    base().fake.update(|s| {
+    env.fake.update(|s| {
         if !s.clusters.iter().any(|c| c.issuer == cp.issuer()) {
             s.clusters.push(Cluster { issuer: cp.issuer(), ca_pem: cp.ca_pem().unwrap() });
             s.gke.push(GkeProject {
@@ -127,42 +138,46 @@ async fn healthy_gke_probe(admin: &Client, id: &str, namespaces: usize) -> Vec<S
 
 #[tokio::test]
 async fn the_chart_installs_and_its_rbac_is_enough_and_no_more() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let admin = base_client().await;
-    let release_ns = namespace(&admin, "authprobe-system", &[]).await;
+    let admin = env.client().await;
+    let release_ns = env.namespace(&admin, "authprobe-system", &[]).await;
     let chart = authprobe_harness::repo_root().join("charts/authprobe");
     // The CRD is already there (the harness installed it); the chart adopts it.
-    helm(&[
-        "install",
-        "authprobe",
-        chart.to_str().unwrap(),
-        "--namespace",
-        &release_ns,
-        "--take-ownership",
-        "--set",
-        "tokenExchange.enabled=true",
-        "--set",
-        "metrics.serviceMonitor.enabled=false",
-    ]);
-    let listed = helm(&["list", "--namespace", &release_ns, "--output", "json"]);
+    helm(
+        &env,
+        &[
+            "install",
+            "authprobe",
+            chart.to_str().unwrap(),
+            "--namespace",
+            &release_ns,
+            "--take-ownership",
+            "--set",
+            "tokenExchange.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.enabled=false",
+        ],
+    );
+    let listed = helm(&env, &["list", "--namespace", &release_ns, "--output", "json"]);
     assert!(listed.contains("\"status\":\"deployed\""), "{listed}");
 
     // The operator, as the chart's ServiceAccount and nothing more.
-    let (kubeconfig, as_operator) = as_service_account(&admin, &release_ns, "authprobe").await;
+    let (kubeconfig, as_operator) = as_service_account(&env, &admin, &release_ns, "authprobe").await;
     let forbidden =
         Api::<Secret>::namespaced(as_operator.clone(), &release_ns).list(&ListParams::default()).await;
     assert!(
         matches!(&forbidden, Err(kube::Error::Api(s)) if s.code == 403),
         "reading Secrets must be refused: {forbidden:?}"
     );
-    let operator = Operator::new(base().cp, &base().endpoints, &["--leader-elect"])
+    let operator = Operator::new(&env.cp, &env.endpoints, &["--leader-elect"])
         .with_env("KUBECONFIG", kubeconfig.display().to_string())
         .with_env("POD_NAMESPACE", release_ns.clone())
         .with_env("POD_NAME", "authprobe-chart-0");
     operator.start().unwrap();
     let id = unique("rbac");
-    let namespaces = healthy_gke_probe(&admin, &id, 2).await;
-    let probe = wait_verified(&admin, &id, 2).await;
+    let namespaces = healthy_gke_probe(&env, &admin, &id, 2).await;
+    let probe = env.wait_verified(&admin, &id, 2).await;
     assert_eq!(
         condition_of(&probe, "TokenExchangeVerified").unwrap().0,
         "True",
@@ -181,33 +196,15 @@ async fn the_chart_installs_and_its_rbac_is_enough_and_no_more() {
     drop(namespaces);
 }
 
-fn lease_holder(lease: &Lease) -> Option<String> {
-    lease.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())
-}
-
-/// Waits until the Lease is held by someone other than `not`, and returns the holder and how long it took.
-async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Ok(lease) = leases.get(DEFAULT_LEASE_NAME).await
-            && let Some(holder) = lease_holder(&lease)
-            && Some(holder.as_str()) != not
-        {
-            return (holder, started.elapsed());
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no takeover within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A standby takes a released lease at once whatever the moment of the release during its start:
 /// before its first read of the Lease, between that read and its watch's first list, or after.
 /// The release moment is the variable here, so it is stepped, not awaited.
 #[tokio::test]
 async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let admin = base_client().await;
-    let lease_ns = namespace(&admin, "release", &[]).await;
+    let admin = env.client().await;
+    let lease_ns = env.namespace(&admin, "release", &[]).await;
     let mut slowest = Duration::ZERO;
     let moments = (0..=200).step_by(10).count();
     for release_after_ms in (0..=200).step_by(10) {
@@ -255,11 +252,12 @@ async fn a_release_at_any_moment_of_a_standbys_start_is_taken_at_once() {
 
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let admin = base_client().await;
-    let lease_ns = namespace(&admin, "lease", &[]).await;
+    let admin = env.client().await;
+    let lease_ns = env.namespace(&admin, "lease", &[]).await;
     let replica = |name: &'static str| {
-        Operator::new(base().cp, &base().endpoints, &["--leader-elect", "--google-retry-deadline=8s"])
+        Operator::new(&env.cp, &env.endpoints, &["--leader-elect", "--google-retry-deadline=8s"])
             .with_env("POD_NAMESPACE", lease_ns.clone())
             .with_env("POD_NAME", name)
     };
@@ -272,11 +270,11 @@ async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
     // A broken KSA: exactly one Warning, written by the leader only.
     let id = unique("ha");
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("ha"));
-    let ns = namespace(&admin, "ha", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&admin, "ha", &[("team", id.as_str())]).await;
     service_account(&admin, &ns, "app", Some(&gsa)).await;
-    fake_service_account(&gsa, &[]);
+    env.fake_service_account(&gsa, &[]);
     apply_probe(&admin, &id, gke_spec("team", &id, json!({}))).await;
-    wait_ready(&admin, &id, "False", "PrincipalNotMapped").await;
+    env.wait_ready(&admin, &id, "False", "PrincipalNotMapped").await;
     let (leader, standby) = if first == "replica-a" { (&a, &b) } else { (&b, &a) };
     // Events name the replica that wrote them: only the leader acts.
     let wait_events = tokio::time::timeout(WAIT, async {
@@ -300,7 +298,7 @@ async fn two_replicas_elect_one_leader_and_hand_over_without_double_events() {
     assert!(crash_takeover <= Duration::from_secs(LEASE_SECONDS + 5), "{crash_takeover:?}");
     probe_now(&admin, &id).await;
     let before = standby.log_text().matches("probe pass").count();
-    wait_for(&admin, &id, "a pass by the new leader", |p| ready(p).is_some_and(|r| r.0 == "False")).await;
+    env.wait_for(&admin, &id, "a pass by the new leader", |p| ready(p).is_some_and(|r| r.0 == "False")).await;
     tokio::time::timeout(WAIT, async {
         while standby.log_text().matches("probe pass").count() <= before {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -10,8 +10,6 @@
 //!
 //! promtool is `AUTHPROBE_PROMTOOL` if set, else `.tools/bin/promtool`; helm is `.tools/bin/helm`.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
 use std::{
     fs,
     path::{Path, PathBuf},

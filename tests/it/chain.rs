@@ -3,10 +3,9 @@
 //! (GKE and Federation), pool and provider state, audience, issuer, attribute condition, subject
 //! length, impersonation, target permissions, federated-token refusal, clock skew, and no token
 //! material anywhere a person or a scraper can read.
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
+//!
+//! Clock skew and APIs refusing federated tokens are the fake's for everyone, so this module has a
+//! control plane, fake and operator of its own; within it, `GLOBAL` orders those tests.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +14,10 @@ use fake_google::scenario::{
     Cluster, GkeCluster, GkeProject, Grant, LifeState, Pool, Provider, ServiceAccount,
 };
 use serde_json::{Value, json};
-use support::*;
+
+use crate::support::{self, *};
+
+static ENV: Private = Private::new("chain", Setup::DEFAULT);
 
 const CLUSTER_URL: &str =
     "https://container.googleapis.com/v1/projects/acme-prod/locations/us-central1/clusters/prod-1";
@@ -23,10 +25,10 @@ const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data"
 const PROJECT_NUMBER: &str = "123456789012";
 
 /// Lets the fake reach this cluster's issuer, and trust it as the GKE cluster `prod-1`.
-fn trust_cluster() {
-    let cp = env().cp;
+fn trust_cluster(env: &Env) {
+    let cp = &env.cp;
     let (issuer, ca) = (cp.issuer(), cp.ca_pem().unwrap());
-    env().fake.update(|s| {
+    env.fake.update(|s| {
         if !s.clusters.iter().any(|c| c.issuer == issuer) {
             s.clusters.push(Cluster { issuer: issuer.clone(), ca_pem: ca });
             s.gke.push(GkeProject {
@@ -46,8 +48,8 @@ fn gsa(name: &str) -> String {
     format!("{name}@acme-prod.iam.gserviceaccount.com")
 }
 
-fn add_gsa(sa: ServiceAccount) {
-    env().fake.update(|s| {
+fn add_gsa(env: &Env, sa: ServiceAccount) {
+    env.fake.update(|s| {
         s.service_accounts.retain(|x| x.email != sa.email);
         s.service_accounts.push(sa);
     });
@@ -86,21 +88,22 @@ fn failure_reasons(p: &AuthProbe) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn a_healthy_gke_chain_is_verified_end_to_end() {
+    let env = ENV.get();
     let _shared = GLOBAL.read().await;
-    trust_cluster();
-    let client = client().await;
+    trust_cluster(&env);
+    let client = env.client().await;
     let id = unique("gke");
     let main = gsa(&unique("gke"));
-    let ns = namespace(&client, "gke", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "gke", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
-    add_gsa(bucket_reader(&main, vec![member(&ns, "app")]));
+    add_gsa(&env, bucket_reader(&main, vec![member(&ns, "app")]));
     apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
-    let probe = wait_verified(&client, &id, 1).await;
+    let probe = env.wait_verified(&client, &id, 1).await;
     assert_eq!(
         condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap(),
         ("True".into(), "Verified".into())
     );
-    let counts = env().fake.counts();
+    let counts = env.fake.counts();
     for api in [
         "securetoken.identitybindingtoken",
         "iamcredentials.generateAccessToken",
@@ -111,19 +114,19 @@ async fn a_healthy_gke_chain_is_verified_end_to_end() {
 }
 
 /// A Federation pool and provider trusting this cluster, with the cluster's keys uploaded.
-async fn federation(pool_id: &str, provider: Provider) -> String {
-    trust_cluster();
+async fn federation(env: &Env, pool_id: &str, provider: Provider) -> String {
+    trust_cluster(env);
     let pool = format!("projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}");
-    let provider = Provider { id: "k8s".into(), issuer_uri: env().cp.issuer(), ..provider };
-    env().fake.update(|s| {
+    let provider = Provider { id: "k8s".into(), issuer_uri: env.cp.issuer(), ..provider };
+    env.fake.update(|s| {
         s.pools.retain(|p| p.name != pool);
         s.pools.push(Pool { name: pool.clone(), providers: vec![provider], ..Default::default() });
     });
     format!("{pool}/providers/k8s")
 }
 
-async fn cluster_jwks() -> String {
-    let client = client().await;
+async fn cluster_jwks(env: &Env) -> String {
+    let client = env.client().await;
     client.request_text(http::Request::get("/openid/v1/jwks").body(Vec::new()).unwrap()).await.unwrap()
 }
 
@@ -154,23 +157,25 @@ fn principal(pool: &str, ns: &str) -> String {
 
 #[tokio::test]
 async fn federation_chain_and_the_attribute_condition_per_namespace() {
+    let env = ENV.get();
     let _shared = GLOBAL.read().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("fed");
     let pool_id = unique("pool");
     let main = gsa(&unique("fed"));
     let [billing, ledger, checkout] = [
-        namespace(&client, "billing", &[("team", id.as_str())]).await,
-        namespace(&client, "ledger", &[("team", id.as_str())]).await,
-        namespace(&client, "checkout", &[("team", id.as_str())]).await,
+        env.namespace(&client, "billing", &[("team", id.as_str())]).await,
+        env.namespace(&client, "ledger", &[("team", id.as_str())]).await,
+        env.namespace(&client, "checkout", &[("team", id.as_str())]).await,
     ];
     let condition = format!("assertion['kubernetes.io']['namespace'] in ['{billing}', '{ledger}']");
     let provider = federation(
+        &env,
         &pool_id,
         Provider {
             attribute_mapping: default_mapping(),
             attribute_condition: condition,
-            jwks_json: cluster_jwks().await,
+            jwks_json: cluster_jwks(&env).await,
             ..Default::default()
         },
     )
@@ -178,17 +183,21 @@ async fn federation_chain_and_the_attribute_condition_per_namespace() {
     for ns in [&billing, &ledger, &checkout] {
         service_account(&client, ns, "app", Some(&main)).await;
     }
-    add_gsa(bucket_reader(
-        &main,
-        vec![format!(
-            "principalSet://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}/*"
-        )],
-    ));
+    add_gsa(
+        &env,
+        bucket_reader(
+            &main,
+            vec![format!(
+                "principalSet://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/{pool_id}/*"
+            )],
+        ),
+    );
     apply_probe(&client, &id, federation_spec("team", &id, &provider, json!({}))).await;
-    let probe = wait_for(&client, &id, "one rejected namespace", |p| {
-        p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.passing == 2 && s.failing == 1)
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "one rejected namespace", |p| {
+            p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.passing == 2 && s.failing == 1)
+        })
+        .await;
     let failure = &probe.status.as_ref().unwrap().failures[0];
     assert_eq!(
         (failure.namespace.as_str(), failure.reason.as_str()),
@@ -201,16 +210,16 @@ async fn federation_chain_and_the_attribute_condition_per_namespace() {
     );
     let exchange = condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
     assert_eq!(exchange.0, "Unknown", "the chain did not run for the rejected namespace: {exchange:?}");
-    assert!(env().fake.counts().get("sts.token").copied().unwrap_or_default() >= 2);
+    assert!(env.fake.counts().get("sts.token").copied().unwrap_or_default() >= 2);
 
     // Admit checkout too: the whole probe verifies through STS, impersonation and the bucket.
-    env().fake.update(|s| {
+    env.fake.update(|s| {
         if let Some(p) = s.pools.iter_mut().find(|p| p.name.ends_with(&pool_id)) {
             p.providers[0].attribute_condition.clear();
         }
     });
     probe_now(&client, &id).await;
-    let probe = wait_ready(&client, &id, "True", "Verified").await;
+    let probe = env.wait_ready(&client, &id, "True", "Verified").await;
     assert_eq!(
         condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap(),
         ("True".into(), "Verified".into())
@@ -219,9 +228,10 @@ async fn federation_chain_and_the_attribute_condition_per_namespace() {
 
 #[tokio::test]
 async fn provider_state_audience_issuer_and_subject_length() {
+    let env = ENV.get();
     let _shared = GLOBAL.read().await;
-    let client = client().await;
-    let jwks = cluster_jwks().await;
+    let client = env.client().await;
+    let jwks = cluster_jwks(&env).await;
     let base =
         Provider { attribute_mapping: default_mapping(), jwks_json: jwks.clone(), ..Default::default() };
     type Change = Box<dyn Fn(&mut Pool)>;
@@ -264,18 +274,18 @@ async fn provider_state_audience_issuer_and_subject_length() {
     for (name, change, reason) in cases {
         let id = unique(name);
         let pool_id = unique("pool");
-        let provider = federation(&pool_id, base.clone()).await;
-        env().fake.update(|s| {
+        let provider = federation(&env, &pool_id, base.clone()).await;
+        env.fake.update(|s| {
             if let Some(p) = s.pools.iter_mut().find(|p| p.name.ends_with(&format!("/{pool_id}"))) {
                 change(p);
             }
         });
         let main = gsa(&unique(name));
-        let ns = namespace(&client, name, &[("team", id.as_str())]).await;
+        let ns = env.namespace(&client, name, &[("team", id.as_str())]).await;
         service_account(&client, &ns, "app", Some(&main)).await;
-        fake_service_account(&main, &[(WIU, &[&principal(&pool_id, &ns)])]);
+        env.fake_service_account(&main, &[(WIU, &[&principal(&pool_id, &ns)])]);
         apply_probe(&client, &id, federation_spec("team", &id, &provider, json!({}))).await;
-        let probe = wait_ready(&client, &id, "False", reason).await;
+        let probe = env.wait_ready(&client, &id, "False", reason).await;
         let message = &probe.status.unwrap().failures[0].message;
         assert!(message.contains("Fix:"), "{name}: {message}");
     }
@@ -283,26 +293,27 @@ async fn provider_state_audience_issuer_and_subject_length() {
     // A mapped subject over 127 bytes: a long namespace and ServiceAccount name.
     let id = unique("long");
     let pool_id = unique("pool");
-    let provider = federation(&pool_id, base.clone()).await;
-    let ns = namespace(&client, &format!("long-{}", "n".repeat(50)), &[("team", id.as_str())]).await;
+    let provider = federation(&env, &pool_id, base.clone()).await;
+    let ns = env.namespace(&client, &format!("long-{}", "n".repeat(50)), &[("team", id.as_str())]).await;
     let ksa = "s".repeat(60);
     service_account(&client, &ns, &ksa, Some(&gsa(&unique("long")))).await;
     let mut spec = federation_spec("team", &id, &provider, json!({}));
     spec["serviceAccounts"]["names"] = json!([ksa]);
     apply_probe(&client, &id, spec).await;
-    let probe = wait_ready(&client, &id, "False", "SubjectTooLong").await;
+    let probe = env.wait_ready(&client, &id, "False", "SubjectTooLong").await;
     assert_eq!(probe.status.unwrap().failures[0].stage, authprobe::api::Stage::Static);
 }
 
 #[tokio::test]
 async fn impersonation_denied_and_target_permissions() {
+    let env = ENV.get();
     let _shared = GLOBAL.read().await;
-    trust_cluster();
-    let client = client().await;
+    trust_cluster(&env);
+    let client = env.client().await;
     let id = unique("access");
     let (denied_gsa, weak_gsa) = (gsa(&unique("denied")), gsa(&unique("weak")));
-    let denied = namespace(&client, "denied", &[("team", id.as_str())]).await;
-    let weak = namespace(&client, "weak", &[("team", id.as_str())]).await;
+    let denied = env.namespace(&client, "denied", &[("team", id.as_str())]).await;
+    let weak = env.namespace(&client, "weak", &[("team", id.as_str())]).await;
     service_account(&client, &denied, "app", Some(&denied_gsa)).await;
     service_account(&client, &weak, "app", Some(&weak_gsa)).await;
     let binding = |ns: &str| {
@@ -313,23 +324,29 @@ async fn impersonation_denied_and_target_permissions() {
         }]
     };
     // The allow policy maps it, but a deny policy (invisible to getIamPolicy) blocks impersonation.
-    add_gsa(ServiceAccount {
-        email: denied_gsa.clone(),
-        bindings: binding(&denied),
-        denied_principals: vec![member(&denied, "app")],
-        ..Default::default()
-    });
+    add_gsa(
+        &env,
+        ServiceAccount {
+            email: denied_gsa.clone(),
+            bindings: binding(&denied),
+            denied_principals: vec![member(&denied, "app")],
+            ..Default::default()
+        },
+    );
     // Impersonation works, but the GSA may only list, not read, the bucket.
-    add_gsa(ServiceAccount {
-        email: weak_gsa.clone(),
-        bindings: binding(&weak),
-        grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.list".to_string()])]),
-        ..Default::default()
-    });
+    add_gsa(
+        &env,
+        ServiceAccount {
+            email: weak_gsa.clone(),
+            bindings: binding(&weak),
+            grants: BTreeMap::from([(BUCKET.to_string(), vec!["storage.objects.list".to_string()])]),
+            ..Default::default()
+        },
+    );
     apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
-    let probe =
-        wait_for(&client, &id, "two failures", |p| p.status.as_ref().is_some_and(|s| s.failures.len() == 2))
-            .await;
+    let probe = env
+        .wait_for(&client, &id, "two failures", |p| p.status.as_ref().is_some_and(|s| s.failures.len() == 2))
+        .await;
     let reasons = failure_reasons(&probe);
     assert_eq!(reasons[&denied], "ImpersonationDenied");
     assert_eq!(reasons[&weak], "PermissionMissing");
@@ -349,22 +366,24 @@ async fn impersonation_denied_and_target_permissions() {
 
 #[tokio::test]
 async fn an_api_that_refuses_federated_tokens() {
+    let env = ENV.get();
     let _exclusive = GLOBAL.write().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("direct");
     let pool_id = unique("pool");
     let provider = federation(
+        &env,
         &pool_id,
         Provider {
             attribute_mapping: default_mapping(),
-            jwks_json: cluster_jwks().await,
+            jwks_json: cluster_jwks(&env).await,
             ..Default::default()
         },
     )
     .await;
-    let ns = namespace(&client, "direct", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "direct", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", None).await;
-    env().fake.update(|s| {
+    env.fake.update(|s| {
         s.direct_grants.push(Grant {
             member: principal(&pool_id, &ns),
             resource: BUCKET.into(),
@@ -378,73 +397,78 @@ async fn an_api_that_refuses_federated_tokens() {
         federation_spec("team", &id, &provider, json!({"identity": {"access": "Direct"}})),
     )
     .await;
-    let probe = wait_ready(&client, &id, "False", "FederatedTokenUnsupported").await;
-    env().fake.update(|s| s.federated_token_unsupported.clear());
+    let probe = env.wait_ready(&client, &id, "False", "FederatedTokenUnsupported").await;
+    env.fake.update(|s| s.federated_token_unsupported.clear());
     assert!(probe.status.unwrap().failures[0].message.contains("access: Impersonation"));
     // Once the API accepts federated tokens, the direct grant is enough.
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
 }
 
 #[tokio::test]
 async fn clock_skew_between_google_and_the_cluster() {
+    let env = ENV.get();
     let _exclusive = GLOBAL.write().await;
-    trust_cluster();
-    let client = client().await;
+    trust_cluster(&env);
+    let client = env.client().await;
     let id = unique("skew");
     let main = gsa(&unique("skew"));
-    let ns = namespace(&client, "skew", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "skew", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
-    add_gsa(bucket_reader(&main, vec![member(&ns, "app")]));
+    add_gsa(&env, bucket_reader(&main, vec![member(&ns, "app")]));
     // Google's clock 15 minutes ahead: the token is stale to it, and the Date headers show why.
-    env().fake.update(|s| s.clock_skew_seconds = 900);
+    env.fake.update(|s| s.clock_skew_seconds = 900);
     apply_probe(&client, &id, chain_spec("team", &id, json!({}))).await;
-    let probe = wait_ready(&client, &id, "False", "ClockSkew").await;
-    env().fake.update(|s| s.clock_skew_seconds = 0);
+    let probe = env.wait_ready(&client, &id, "False", "ClockSkew").await;
+    env.fake.update(|s| s.clock_skew_seconds = 0);
     let message = &probe.status.unwrap().failures[0].message;
     assert!(message.contains("900s") || message.contains("899s") || message.contains("901s"), "{message}");
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
 }
 
 #[tokio::test]
 async fn no_token_material_reaches_logs_events_status_or_metrics() {
+    let env = ENV.get();
     let _shared = GLOBAL.read().await;
-    trust_cluster();
-    let client = client().await;
+    trust_cluster(&env);
+    let client = env.client().await;
     let id = unique("hygiene");
     let main = gsa(&unique("hygiene"));
-    let ns = namespace(&client, "hygiene", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "hygiene", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
     service_account(&client, &ns, "worker", Some(&main)).await;
     // app passes the whole chain; worker is mapped but may not read the bucket.
-    add_gsa(ServiceAccount {
-        denied_principals: vec![member(&ns, "worker")],
-        ..bucket_reader(&main, vec![member(&ns, "app"), member(&ns, "worker")])
-    });
+    add_gsa(
+        &env,
+        ServiceAccount {
+            denied_principals: vec![member(&ns, "worker")],
+            ..bucket_reader(&main, vec![member(&ns, "app"), member(&ns, "worker")])
+        },
+    );
     apply_probe(
         &client,
         &id,
         chain_spec("team", &id, json!({"serviceAccounts": {"names": ["app", "worker"]}})),
     )
     .await;
-    let probe = wait_ready(&client, &id, "False", "ImpersonationDenied").await;
+    let probe = env.wait_ready(&client, &id, "False", "ImpersonationDenied").await;
     // The "reconciled" debug line follows the status write it reports.
     let debug_logged = tokio::time::timeout(WAIT, async {
-        while !env().operator.log_text().contains("\"level\":\"DEBUG\"") {
+        while !env.operator.log_text().contains("\"level\":\"DEBUG\"") {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     });
     assert!(debug_logged.await.is_ok(), "the operator logs at debug level here");
-    assert!(env().fake.counts().get("iamcredentials.generateAccessToken").copied().unwrap_or_default() >= 2);
+    assert!(env.fake.counts().get("iamcredentials.generateAccessToken").copied().unwrap_or_default() >= 2);
 
     let status = serde_json::to_string(&probe.status).unwrap();
     let events =
         serde_json::to_string(&support::events(&client, &ns, "ServiceAccount", "worker").await).unwrap();
     let probe_events =
         serde_json::to_string(&support::events(&client, "default", "AuthProbe", &id).await).unwrap();
-    let metrics = env().operator.metrics().await;
-    let log = env().operator.log_text();
+    let metrics = env.operator.metrics().await;
+    let log = env.operator.log_text();
     for (what, text) in [
         ("status", &status),
         ("events", &events),
@@ -460,9 +484,9 @@ async fn no_token_material_reaches_logs_events_status_or_metrics() {
 
     // Files: the exact tokens that crossed the fake, searched for in etcd's data (every object the
     // operator wrote), the control plane's logs and the operator's log.
-    let credentials = env().fake.credentials_seen();
+    let credentials = env.fake.credentials_seen();
     assert!(credentials.iter().any(|c| c.starts_with("eyJ")), "the fake saw KSA tokens");
     assert!(credentials.iter().any(|c| c.starts_with("ya29.")), "the fake issued access tokens");
-    let scanned = assert_no_credential_in_files(env().cp.dir(), &credentials);
+    let scanned = assert_no_credential_in_files(env.cp.dir(), &credentials);
     assert!(scanned > 1 << 20, "the scan read etcd's data ({scanned} bytes)");
 }

@@ -2,11 +2,8 @@
 //! the checker's reason and never False, even for mappings that are really broken; they turn to the
 //! true verdict by themselves once Google answers again.
 //!
-//! Faults are global to this binary's fake, so these tests run one at a time.
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
+//! Faults, the operator's token and its permissions are the fake's for everyone: these tests have a
+//! control plane, fake and operator of their own, and run one at a time.
 
 use authprobe::api::{AuthProbe, condition};
 use fake_google::scenario::{Faults, OPERATOR_PERMISSIONS};
@@ -16,17 +13,20 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
-use support::*;
+
+use crate::support::*;
+
+static ENV: Private = Private::new("google_faults", Setup::DEFAULT);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A broken mapping (KSA bound nowhere) under a fresh GSA, so nothing cached answers for it;
 /// probed every 30 s, the shortest interval.
-async fn broken_probe(client: &kube::Client, id: &str) {
+async fn broken_probe(env: &Env, client: &kube::Client, id: &str) {
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("faulty"));
-    let ns = namespace(client, "faults", &[("team", id)]).await;
+    let ns = env.namespace(client, "faults", &[("team", id)]).await;
     service_account(client, &ns, "app", Some(&gsa)).await;
-    fake_service_account(&gsa, &[]);
+    env.fake_service_account(&gsa, &[]);
     apply_probe(client, id, gke_spec("team", id, json!({"probe": {"interval": "30s"}}))).await;
 }
 
@@ -64,23 +64,27 @@ async fn seen_until_false(
     all[..first_false].to_vec()
 }
 
-fn set_faults(faults: Faults) {
-    env().fake.update(|s| s.faults = faults);
+fn set_faults(env: &Env, faults: Faults) {
+    env.fake.update(|s| s.faults = faults);
 }
 
 #[tokio::test]
 async fn a_google_outage_is_unknown_and_recovers_by_itself() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("outage");
-    set_faults(Faults {
-        error_rate: 1.0,
-        apis: vec!["iam.serviceAccounts.get".into(), "iam.getIamPolicy".into()],
-        ..Default::default()
-    });
+    set_faults(
+        &env,
+        Faults {
+            error_rate: 1.0,
+            apis: vec!["iam.serviceAccounts.get".into(), "iam.getIamPolicy".into()],
+            ..Default::default()
+        },
+    );
     let (seen, recorder) = record_ready(&client, &id);
-    broken_probe(&client, &id).await;
-    let probe = wait_ready(&client, &id, "Unknown", "GoogleUnavailable").await;
+    broken_probe(&env, &client, &id).await;
+    let probe = env.wait_ready(&client, &id, "Unknown", "GoogleUnavailable").await;
     assert_eq!(
         condition_of(&probe, condition::CHECKER_HEALTHY).unwrap().0,
         "True",
@@ -92,9 +96,9 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
     );
 
     // No nudge: the next periodic pass (30 s plus jitter) finds Google back.
-    set_faults(Faults::default());
+    set_faults(&env, Faults::default());
     let back = std::time::Instant::now();
-    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     let before = seen_until_false(seen, recorder).await;
     assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleUnavailable"), "{before:?}");
     report(
@@ -108,21 +112,25 @@ async fn a_google_outage_is_unknown_and_recovers_by_itself() {
 
 #[tokio::test]
 async fn throttling_is_unknown_never_false() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("throttled");
-    set_faults(Faults {
-        throttle_rate: 1.0,
-        retry_after_seconds: 1,
-        apis: vec!["iam.serviceAccounts.get".into()],
-        ..Default::default()
-    });
+    set_faults(
+        &env,
+        Faults {
+            throttle_rate: 1.0,
+            retry_after_seconds: 1,
+            apis: vec!["iam.serviceAccounts.get".into()],
+            ..Default::default()
+        },
+    );
     let (seen, recorder) = record_ready(&client, &id);
-    broken_probe(&client, &id).await;
-    wait_ready(&client, &id, "Unknown", "GoogleThrottled").await;
-    set_faults(Faults::default());
+    broken_probe(&env, &client, &id).await;
+    env.wait_ready(&client, &id, "Unknown", "GoogleThrottled").await;
+    set_faults(&env, Faults::default());
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     let before = seen_until_false(seen, recorder).await;
     assert!(!before.is_empty() && before.iter().all(|s| s == "Unknown/GoogleThrottled"), "{before:?}");
     report(
@@ -133,13 +141,14 @@ async fn throttling_is_unknown_never_false() {
 
 #[tokio::test]
 async fn a_rejected_operator_token_is_the_checkers_problem() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("unauth");
-    env().fake.update(|s| s.operator.tokens = vec!["some-other-token".into()]);
-    broken_probe(&client, &id).await;
-    let probe = wait_ready(&client, &id, "Unknown", "CheckerUnauthenticated").await;
-    env().fake.update(|s| s.operator.tokens = vec![OPERATOR_TOKEN.into()]);
+    env.fake.update(|s| s.operator.tokens = vec!["some-other-token".into()]);
+    broken_probe(&env, &client, &id).await;
+    let probe = env.wait_ready(&client, &id, "Unknown", "CheckerUnauthenticated").await;
+    env.fake.update(|s| s.operator.tokens = vec![OPERATOR_TOKEN.into()]);
     assert_eq!(
         condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(),
         ("False".into(), "CheckerUnauthenticated".into())
@@ -156,20 +165,20 @@ async fn a_rejected_operator_token_is_the_checkers_problem() {
     assert!(on_sa.is_empty(), "{on_sa:?}");
 
     probe_now(&client, &id).await;
-    let probe = wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    let probe = env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     assert_eq!(condition_of(&probe, condition::CHECKER_HEALTHY).unwrap().0, "True");
 }
 
 #[tokio::test]
 async fn a_missing_operator_permission_is_checker_forbidden() {
+    let env = ENV.get();
     let _serial = SERIAL.lock().await;
-    let client = client().await;
+    let client = env.client().await;
     let id = unique("forbidden");
-    env().fake.update(|s| s.operator.permissions.retain(|p| p != "iam.serviceAccounts.getIamPolicy"));
-    broken_probe(&client, &id).await;
-    let probe = wait_ready(&client, &id, "Unknown", "CheckerForbidden").await;
-    env()
-        .fake
+    env.fake.update(|s| s.operator.permissions.retain(|p| p != "iam.serviceAccounts.getIamPolicy"));
+    broken_probe(&env, &client, &id).await;
+    let probe = env.wait_ready(&client, &id, "Unknown", "CheckerForbidden").await;
+    env.fake
         .update(|s| s.operator.permissions = OPERATOR_PERMISSIONS.iter().map(|p| (*p).to_string()).collect());
     assert_eq!(
         condition_of(&probe, condition::CHECKER_HEALTHY).unwrap(),

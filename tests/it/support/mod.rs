@@ -1,9 +1,28 @@
-//! What every operator test binary shares: the local control plane, a fake Google on a background
-//! runtime, and the real `authprobe` binary running against both as a child process whose log is
-//! kept for inspection. Tests isolate themselves by names (namespaces, probes, GSAs), never by sleeping.
+//! What the integration tests share. An [`Env`] is a local control plane, a fake Google on a
+//! background runtime, and the real `authprobe` binary running against both as a child process
+//! whose log is kept for inspection. Tests isolate themselves by names (namespaces, probes, GSAs),
+//! never by sleeping.
+//!
+//! Every test in the `it` binary runs in one process, two at a time, so what a test changes for
+//! everyone is isolated by design:
+//!
+//! - an operator watches every AuthProbe, Namespace and ServiceAccount of its control plane and
+//!   writes status and Events for all of them: two operators on one control plane would fight
+//!   over every probe. So an operator of its own always means a control plane of its own;
+//! - [`env`] is the default environment (control plane, fake, operator with a short Google retry
+//!   deadline), shared by the modules that only add objects under names of their own and never
+//!   change what everyone sees (`operator`, `check`, one `lifecycle` test);
+//! - [`Private`] is an environment of a module's own, for modules that restart or re-key the
+//!   control plane (`faults`, `key_rotation`), change the fake for everyone (faults, clock skew,
+//!   operator permissions, malformed answers: `chain`, `google_faults`, `hostile`), assert
+//!   operator-wide figures (`metrics`, `faults`' call counts, `lifecycle`'s last probe), or run
+//!   operators of their own (`operability`). It lives while one of the module's tests holds it;
+//! - [`ControlPlane::shared`] has no operator at all, for the tests that prove the harness and the
+//!   chart (`control_plane`, `chart`, `chart_hardening`): an operator would write over the status
+//!   `control_plane` writes itself.
 
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+// Each module uses a different subset of these helpers.
+#![allow(dead_code)]
 
 use std::{
     collections::BTreeMap,
@@ -11,21 +30,23 @@ use std::{
     path::PathBuf,
     process::Child,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, PoisonError, Weak,
         atomic::{AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use authprobe::api::{AuthProbe, condition};
-use authprobe_harness::{ControlPlane, free_port};
+use authprobe_harness::{ControlPlane, Options, free_port};
 use fake_google::{
     Fake,
     scenario::{Binding, Scenario, ServiceAccount},
 };
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event};
+use k8s_openapi::api::{
+    coordination::v1::Lease, core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event,
+};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -37,40 +58,123 @@ use serde_json::{Value, json};
 pub const OPERATOR_TOKEN: &str = "test-operator-token";
 /// How long any awaited condition may take before the test fails with a dump.
 pub const WAIT: Duration = Duration::from_secs(90);
+/// The arguments of most tests' operators: a Google retry deadline short enough for a test.
+pub const SHORT_RETRIES: &[&str] = &["--google-retry-deadline=8s"];
 
-/// The shared environment of one test binary.
+/// What an environment's operator is.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// Its extra arguments.
+    pub operator_args: &'static [&'static str],
+    /// Whether it runs; otherwise the tests start operators of their own (with [`Operator::new`]).
+    pub start_operator: bool,
+    /// Whether the control plane writes an audit log of every request ([`ControlPlane::audit_log`]).
+    pub audit_log: bool,
+}
+
+impl Setup {
+    /// An operator with [`SHORT_RETRIES`], running.
+    pub const DEFAULT: Setup = Setup { operator_args: SHORT_RETRIES, start_operator: true, audit_log: false };
+}
+
+/// A control plane, a fake Google and an operator.
 pub struct Env {
-    /// The control plane.
-    pub cp: &'static ControlPlane,
-    /// The fake's address.
-    pub fake_addr: SocketAddr,
+    /// The operator (not started when the [`Setup`] says so).
+    pub operator: Operator,
     /// The fake's state.
     pub fake: Arc<Fake>,
+    /// The fake's address.
+    pub fake_addr: SocketAddr,
     /// `AUTHPROBE_GOOGLE_ENDPOINTS` for the fake.
     pub endpoints: String,
-    /// The shared operator (started by [`env`], not by [`base`]).
-    pub operator: Operator,
+    /// The control plane (dropped after the operator, so the operator never logs it going away).
+    pub cp: ControlPlane,
+    /// Dropping it stops the fake's runtime.
+    _fake_stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// The operator process.
-pub struct Operator {
-    child: Mutex<Option<Child>>,
-    /// Its combined stdout/stderr (JSON logs).
-    pub log: PathBuf,
-    /// Where it serves /metrics.
-    pub http: SocketAddr,
-    args: Vec<String>,
-    envs: Vec<(&'static str, String)>,
-}
-
-static ENV: OnceLock<Env> = OnceLock::new();
-
-/// The control plane and the fake, with an operator that is not started: for test binaries that
-/// run their own operators.
-pub fn base() -> &'static Env {
+/// The default environment, shared by every module that only adds objects of its own: started on
+/// first use, stopped at exit.
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let cp = ControlPlane::shared();
+        let started = std::time::Instant::now();
+        let env = Env::start("the default", Setup::DEFAULT);
+        report("env", &format!("the default started in {:.1} s", started.elapsed().as_secs_f64()));
+        authprobe_harness::at_exit(|| {
+            if let Some(env) = ENV.get() {
+                env.operator.kill();
+                env.cp.shutdown();
+            }
+        });
+        env
+    })
+}
+
+/// A module's own environment, started when one of its tests asks for it and stopped when the
+/// last test holding it ends. Tests run in name order, so a module's tests run together; it is
+/// started again only when the other test thread is still busy elsewhere as one of them ends and
+/// the next begins (`hostile`, after `google_faults`' long outage test). A test takes it before any
+/// lock the module's tests queue on, so that a test waiting its turn keeps it running.
+pub struct Private {
+    name: &'static str,
+    setup: Setup,
+    current: Mutex<Weak<Env>>,
+}
+
+impl Private {
+    /// An environment named `name` (in its report line) whose operator is `setup`.
+    pub const fn new(name: &'static str, setup: Setup) -> Self {
+        Self { name, setup, current: Mutex::new(Weak::new()) }
+    }
+
+    /// The running environment, or a new one. Blocks while one starts.
+    pub fn get(&self) -> Arc<Env> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(env) = current.upgrade() {
+            return env;
+        }
+        let started = std::time::Instant::now();
+        let env = Arc::new(Env::start(self.name, self.setup));
+        report("env", &format!("{}'s own started in {:.1} s", self.name, started.elapsed().as_secs_f64()));
+        *current = Arc::downgrade(&env);
+        env
+    }
+}
+
+/// A new control plane, started again (up to three times) when a start fails, each failure
+/// reported. The harness picks free ports before etcd and kube-apiserver bind them, so a
+/// connection opened meanwhile can take one; that is the likely cause of the one failed start
+/// seen here in about 200 (kube-apiserver exited with status 1; its log went with the failed
+/// start's directory).
+fn control_plane(name: &str, audit_log: bool) -> ControlPlane {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // ControlPlane::start runs a runtime of its own: not from within a test's.
+        let started =
+            std::thread::spawn(move || ControlPlane::start(Options { audit_log, ..Options::default() }))
+                .join()
+                .expect("the control plane start does not panic");
+        match started {
+            Ok(cp) => return cp,
+            Err(e) if attempt < 3 => {
+                report(
+                    "env",
+                    &format!("{name}: the control plane did not start ({e:#}); again on new ports"),
+                );
+            }
+            Err(e) => panic!("{name}: the control plane does not start: {e:#}"),
+        }
+    }
+}
+
+impl Env {
+    /// Starts a control plane, a fake and (per `setup`) the operator. Blocking.
+    fn start(name: &str, setup: Setup) -> Env {
+        let cp = control_plane(name, setup.audit_log);
         let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("fake-google".into())
             .spawn(move || {
@@ -91,28 +195,143 @@ pub fn base() -> &'static Env {
                         .await
                         .expect("fake starts");
                     tx.send((running.addr, running.fake.clone(), running.endpoints())).expect("send");
-                    std::future::pending::<()>().await;
+                    // Until the Env is dropped (the sender with it).
+                    let _ = stopped.await;
                     drop(running);
                 });
             })
             .expect("thread");
         let (fake_addr, fake, endpoints) = rx.recv().expect("the fake starts");
-        let operator = Operator::new(cp, &endpoints, &["--google-retry-deadline=8s"]);
-        authprobe_harness::at_exit(|| {
-            if let Some(env) = ENV.get() {
-                env.operator.kill();
-            }
+        let operator = Operator::new(&cp, &endpoints, setup.operator_args);
+        if setup.start_operator {
+            operator.start().expect("the operator starts");
+        }
+        Env { operator, fake, fake_addr, endpoints, cp, _fake_stop: stop }
+    }
+
+    /// An admin client for this test's runtime.
+    pub async fn client(&self) -> Client {
+        self.cp.client().await.expect("client")
+    }
+
+    /// Creates a namespace with labels; returns its name.
+    pub async fn namespace(&self, client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+        self.cp.namespace(client, prefix, labels).await.expect("namespace")
+    }
+
+    /// Adds (or replaces) a Google service account with `bindings` (role, members) at the fake.
+    pub fn fake_service_account(&self, email: &str, bindings: &[(&str, &[&str])]) {
+        let sa = ServiceAccount {
+            email: email.into(),
+            bindings: bindings
+                .iter()
+                .map(|(role, members)| Binding {
+                    role: (*role).into(),
+                    members: members.iter().map(|m| (*m).to_string()).collect(),
+                    condition: None,
+                })
+                .collect(),
+            grants: BTreeMap::new(),
+            ..Default::default()
+        };
+        self.fake.update(|s| {
+            s.service_accounts.retain(|x| x.email != email);
+            s.service_accounts.push(sa);
         });
-        Env { cp, fake_addr, fake, endpoints, operator }
-    })
+    }
+
+    /// Waits until `probe` satisfies `cond`; on timeout fails with its status and the operator's log tail.
+    pub async fn wait_for(
+        &self,
+        client: &Client,
+        name: &str,
+        what: &str,
+        cond: impl Fn(&AuthProbe) -> bool,
+    ) -> AuthProbe {
+        self.wait_for_within(client, name, what, WAIT, cond).await
+    }
+
+    /// [`Env::wait_for`] with its own bound, for waits that include an API server restart.
+    pub async fn wait_for_within(
+        &self,
+        client: &Client,
+        name: &str,
+        what: &str,
+        within: Duration,
+        cond: impl Fn(&AuthProbe) -> bool,
+    ) -> AuthProbe {
+        let api = Api::<AuthProbe>::all(client.clone());
+        let waited = tokio::time::timeout(
+            within,
+            await_condition(api.clone(), name, move |p: Option<&AuthProbe>| p.is_some_and(&cond)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(Some(p))) => p,
+            outcome => {
+                let current = api
+                    .get(name)
+                    .await
+                    .ok()
+                    .and_then(|p| p.status)
+                    .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default());
+                let log = self.operator.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "{name}: timed out waiting for {what} ({outcome:?}); status: {}\noperator log (newest first):\n{}",
+                    current.unwrap_or_default(),
+                    tail.join("\n")
+                )
+            }
+        }
+    }
+
+    /// Waits for Ready to have `status` and `reason`.
+    pub async fn wait_ready(&self, client: &Client, name: &str, status: &str, reason: &str) -> AuthProbe {
+        let want = Some((status.to_string(), reason.to_string()));
+        self.wait_for(client, name, &format!("Ready={status}/{reason}"), move |p| ready(p) == want).await
+    }
+
+    /// Waits for Ready True/Verified over exactly `ksas` passing ServiceAccounts: a pass that ran
+    /// before the operator's cache held a new namespace is Verified over fewer (a probe selecting
+    /// nothing is Verified too).
+    pub async fn wait_verified(&self, client: &Client, name: &str, ksas: u32) -> AuthProbe {
+        self.wait_verified_within(client, name, ksas, WAIT).await
+    }
+
+    /// [`Env::wait_verified`] with its own bound.
+    pub async fn wait_verified_within(
+        &self,
+        client: &Client,
+        name: &str,
+        ksas: u32,
+        within: Duration,
+    ) -> AuthProbe {
+        let what = format!("Ready=True/Verified over {ksas} ServiceAccounts");
+        self.wait_for_within(client, name, &what, within, move |p| {
+            ready(p).is_some_and(|r| r.0 == "True" && r.1 == "Verified")
+                && p.status.as_ref().and_then(|s| s.summary.as_ref()).is_some_and(|s| s.passing == ksas)
+        })
+        .await
+    }
 }
 
-/// [`base`] with the shared operator running.
-pub fn env() -> &'static Env {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    let env = base();
-    STARTED.get_or_init(|| env.operator.start().expect("the operator starts"));
-    env
+/// The `authprobe` binary the tests run: `AUTHPROBE_BIN` (e.g. an older build, to show a test
+/// fails on it), or this build's.
+pub fn authprobe_bin() -> PathBuf {
+    std::env::var_os("AUTHPROBE_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_authprobe")), PathBuf::from)
+}
+
+/// The operator process.
+pub struct Operator {
+    child: Mutex<Option<Child>>,
+    /// Its combined stdout/stderr (JSON logs).
+    pub log: PathBuf,
+    /// Where it serves /metrics.
+    pub http: SocketAddr,
+    args: Vec<String>,
+    envs: Vec<(&'static str, String)>,
 }
 
 /// A test's own operator dies with it, also when the test panics: left running, it would keep
@@ -159,12 +378,7 @@ impl Operator {
 
     /// Starts the process and waits until /readyz answers 200.
     pub fn start(&self) -> Result<()> {
-        let child = authprobe_harness::spawn(
-            PathBuf::from(env!("CARGO_BIN_EXE_authprobe")).as_path(),
-            &self.args,
-            &self.envs,
-            &self.log,
-        )?;
+        let child = authprobe_harness::spawn(&authprobe_bin(), &self.args, &self.envs, &self.log)?;
         *self.child.lock().unwrap() = Some(child);
         let url = format!("http://{}/readyz", self.http);
         let deadline = std::time::Instant::now() + WAIT;
@@ -217,6 +431,23 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its /metrics text once `cond` holds, within [`WAIT`]. Polled: /metrics has no watch, and a
+    /// pass updates it after writing status and Events, so a status seen is no series seen.
+    pub async fn wait_metrics(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            if cond(&text) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/metrics never showed {what} within {WAIT:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Its /metrics text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.http))
@@ -241,25 +472,10 @@ fn reqwest_blocking_get(url: &str) -> Result<u16> {
     Ok(response.split_whitespace().nth(1).context("status")?.parse()?)
 }
 
-/// An admin client for this test's runtime, with the shared operator running.
-pub async fn client() -> Client {
-    env().cp.client().await.expect("client")
-}
-
-/// An admin client, without starting the shared operator (for tests that run their own).
-pub async fn base_client() -> Client {
-    base().cp.client().await.expect("client")
-}
-
-/// A unique suffix for names within this test binary.
+/// A unique suffix for names within this process.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id() % 10_000, N.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Creates a namespace with labels; returns its name.
-pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
-    base().cp.namespace(client, prefix, labels).await.expect("namespace")
 }
 
 /// Creates a ServiceAccount, annotated with `gsa` when given.
@@ -342,73 +558,6 @@ pub fn condition_of(probe: &AuthProbe, type_: &str) -> Option<(String, String)> 
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
-/// Waits until `probe` satisfies `cond`; on timeout fails with its status and the operator's log tail.
-pub async fn wait_for(
-    client: &Client,
-    name: &str,
-    what: &str,
-    cond: impl Fn(&AuthProbe) -> bool,
-) -> AuthProbe {
-    wait_for_within(client, name, what, WAIT, cond).await
-}
-
-/// [`wait_for`] with its own bound, for waits that include an API server restart.
-pub async fn wait_for_within(
-    client: &Client,
-    name: &str,
-    what: &str,
-    within: Duration,
-    cond: impl Fn(&AuthProbe) -> bool,
-) -> AuthProbe {
-    let api = Api::<AuthProbe>::all(client.clone());
-    let waited = tokio::time::timeout(
-        within,
-        await_condition(api.clone(), name, move |p: Option<&AuthProbe>| p.is_some_and(&cond)),
-    )
-    .await;
-    match waited {
-        Ok(Ok(Some(p))) => p,
-        outcome => {
-            let current = api
-                .get(name)
-                .await
-                .ok()
-                .and_then(|p| p.status)
-                .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default());
-            let log = base().operator.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!(
-                "{name}: timed out waiting for {what} ({outcome:?}); status: {}\noperator log (newest first):\n{}",
-                current.unwrap_or_default(),
-                tail.join("\n")
-            )
-        }
-    }
-}
-
-/// Waits for Ready to have `status` and `reason`.
-pub async fn wait_ready(client: &Client, name: &str, status: &str, reason: &str) -> AuthProbe {
-    let want = Some((status.to_string(), reason.to_string()));
-    wait_for(client, name, &format!("Ready={status}/{reason}"), move |p| ready(p) == want).await
-}
-
-/// Waits for Ready True/Verified over exactly `ksas` passing ServiceAccounts: a pass that ran before
-/// the operator's cache held a new namespace is Verified over fewer (a probe selecting nothing is
-/// Verified too).
-pub async fn wait_verified(client: &Client, name: &str, ksas: u32) -> AuthProbe {
-    wait_verified_within(client, name, ksas, WAIT).await
-}
-
-/// [`wait_verified`] with its own bound.
-pub async fn wait_verified_within(client: &Client, name: &str, ksas: u32, within: Duration) -> AuthProbe {
-    let what = format!("Ready=True/Verified over {ksas} ServiceAccounts");
-    wait_for_within(client, name, &what, within, move |p| {
-        ready(p).is_some_and(|r| r.0 == "True" && r.1 == "Verified")
-            && p.status.as_ref().and_then(|s| s.summary.as_ref()).is_some_and(|s| s.passing == ksas)
-    })
-    .await
-}
-
 /// events.k8s.io Events about an object.
 pub async fn events(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<Event> {
     let selector = format!("regarding.kind={kind},regarding.name={name}");
@@ -465,27 +614,6 @@ pub async fn wait_for_events(client: &Client, ns: &str, kind: &str, name: &str, 
     }
 }
 
-/// Adds a Google service account with `bindings` (role, members) to the fake.
-pub fn fake_service_account(email: &str, bindings: &[(&str, &[&str])]) {
-    let sa = ServiceAccount {
-        email: email.into(),
-        bindings: bindings
-            .iter()
-            .map(|(role, members)| Binding {
-                role: (*role).into(),
-                members: members.iter().map(|m| (*m).to_string()).collect(),
-                condition: None,
-            })
-            .collect(),
-        grants: BTreeMap::new(),
-        ..Default::default()
-    };
-    base().fake.update(|s| {
-        s.service_accounts.retain(|x| x.email != email);
-        s.service_accounts.push(sa);
-    });
-}
-
 /// The GKE legacy member for a KSA in the demo project.
 pub fn member(ns: &str, ksa: &str) -> String {
     format!("serviceAccount:acme-prod.svc.id.goog[{ns}/{ksa}]")
@@ -525,4 +653,24 @@ pub fn assert_no_credential_in_files(dir: &std::path::Path, credentials: &[Strin
 pub fn report(kind: &str, line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{kind}: {line}");
+}
+
+/// Who holds the Lease, if anyone.
+pub fn lease_holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())
+}
+
+/// Waits until the Lease is held by someone other than `not`, and returns the holder and how long it took.
+pub async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok(lease) = leases.get(authprobe::runtime::leader::DEFAULT_LEASE_NAME).await
+            && let Some(holder) = lease_holder(&lease)
+            && Some(holder.as_str()) != not
+        {
+            return (holder, started.elapsed());
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no takeover within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

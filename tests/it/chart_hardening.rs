@@ -4,8 +4,6 @@
 //! list or watch by `metadata.name` field selector against resourceNames), the ServiceMonitor and
 //! PrometheusRule only where their CRDs are served.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
 use std::{
     io::Write as _,
     path::{Path, PathBuf},
@@ -229,6 +227,34 @@ fn extra_args_and_env_reach_the_operator() -> Result<()> {
     let env = container(&docs)["env"].as_array().unwrap();
     assert!(env.contains(&json!({"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"})), "{env:?}");
     assert!(env.iter().any(|e| e["name"] == "POD_NAMESPACE"), "the chart's own variables stay: {env:?}");
+    Ok(())
+}
+
+#[test]
+fn endpoint_hosts_are_allowed_only_when_listed() -> Result<()> {
+    let env = |docs: &[Value]| container(docs)["env"].as_array().unwrap().clone();
+    let none = template("authprobe", &[])?;
+    assert!(env(&none).iter().all(|e| e["name"] != "AUTHPROBE_ENDPOINT_ALLOW"), "empty by default");
+    let listed = template(
+        "authprobe",
+        &["--set-json", r#"endpoints.allow=["api.acme.example","mesh.svc:8080","http://legacy.svc"]"#],
+    )?;
+    assert!(
+        env(&listed).contains(&json!({
+            "name": "AUTHPROBE_ENDPOINT_ALLOW",
+            "value": "api.acme.example,mesh.svc:8080,http://legacy.svc"
+        })),
+        "{:?}",
+        env(&listed)
+    );
+    for bad in [
+        r#"endpoints.allow=["https://a.example/path"]"#,
+        r#"endpoints.allow=["a,b"]"#,
+        r#"endpoints.allow=["*.example"]"#,
+    ] {
+        let error = template("authprobe", &["--set-json", bad]).expect_err(bad).to_string();
+        assert!(error.contains("does not match pattern"), "{bad}: {error}");
+    }
     Ok(())
 }
 

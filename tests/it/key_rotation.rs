@@ -1,38 +1,39 @@
 //! Signing-key rotation on the API server: a provider holding an uploaded copy of the old JWKS no
 //! longer trusts the tokens the cluster mints, and authprobe says so precisely; uploading the new
-//! keys fixes it. The API server restarts here, so this runs in its own binary.
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
+//! keys fixes it. The API server restarts with a new key here: a control plane (with a fake and an
+//! operator) of this module's own.
 
 use std::collections::BTreeMap;
 
 use authprobe::api::condition;
 use fake_google::scenario::{Cluster, Pool, Provider, ServiceAccount};
 use serde_json::json;
-use support::*;
+
+use crate::support::*;
+
+static ENV: Private = Private::new("key_rotation", Setup::DEFAULT);
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 
-async fn cluster_jwks() -> String {
-    let client = client().await;
+async fn cluster_jwks(env: &Env) -> String {
+    let client = env.client().await;
     client.request_text(http::Request::get("/openid/v1/jwks").body(Vec::new()).unwrap()).await.unwrap()
 }
 
 #[tokio::test]
 async fn a_rotated_signing_key_is_not_trusted_until_uploaded() {
-    let cp = env().cp;
-    let client = client().await;
+    let env = ENV.get();
+    let cp = &env.cp;
+    let client = env.client().await;
     let id = unique("rotation");
     let pool = "projects/123456789012/locations/global/workloadIdentityPools/onprem";
     let provider = format!("{pool}/providers/k8s");
     let gsa = "rotation@acme-prod.iam.gserviceaccount.com";
-    let ns = namespace(&client, "rotation", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "rotation", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(gsa)).await;
     let subject = format!("principal://iam.googleapis.com/{pool}/subject/system:serviceaccount:{ns}:app");
-    let old_keys = cluster_jwks().await;
-    env().fake.update(|s| {
+    let old_keys = cluster_jwks(&env).await;
+    env.fake.update(|s| {
         s.clusters.push(Cluster { issuer: cp.issuer(), ca_pem: cp.ca_pem().unwrap() });
         s.pools.push(Pool {
             name: pool.into(),
@@ -64,25 +65,25 @@ async fn a_rotated_signing_key_is_not_trusted_until_uploaded() {
         "probe": {"tokenExchange": true, "propagationGrace": "0s"}
     });
     apply_probe(&client, &id, spec).await;
-    let probe = wait_verified(&client, &id, 1).await;
+    let probe = env.wait_verified(&client, &id, 1).await;
     assert_eq!(condition_of(&probe, condition::TOKEN_EXCHANGE_VERIFIED).unwrap().0, "True");
 
     // The cluster now signs with a new key, still publishing the old one for verification.
     cp.rotate_signing_key(true).await.unwrap();
-    let rotated = cluster_jwks().await;
+    let rotated = cluster_jwks(&env).await;
     assert_ne!(rotated, old_keys);
     probe_now(&client, &id).await;
     // A restarted API server takes a while to serve resumed watches again (410, re-list).
     let want = Some(("False".to_string(), "SigningKeyNotTrusted".to_string()));
-    let probe =
-        wait_for_within(&client, &id, "SigningKeyNotTrusted", std::time::Duration::from_secs(240), |p| {
+    let probe = env
+        .wait_for_within(&client, &id, "SigningKeyNotTrusted", std::time::Duration::from_secs(240), |p| {
             ready(p) == want
         })
         .await;
     let failure = &probe.status.unwrap().failures[0];
     assert!(failure.message.contains("jwk-json-path"), "{}", failure.message);
 
-    env().fake.update(|s| s.pools[0].providers[0].jwks_json = rotated.clone());
+    env.fake.update(|s| s.pools[0].providers[0].jwks_json = rotated.clone());
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
 }

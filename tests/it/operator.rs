@@ -2,16 +2,13 @@
 //! reason, coverage following namespace labels, fixes turning Ready True, observedGeneration,
 //! bounded status, and one event per transition.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 
 use authprobe::api::{AuthProbe, Reason, condition};
 use futures::{StreamExt, stream};
 use serde_json::json;
-use support::*;
+
+use crate::support::*;
 
 fn reasons(probe: &AuthProbe) -> BTreeMap<String, (String, String)> {
     probe
@@ -32,14 +29,15 @@ fn gsa(name: &str) -> String {
 
 #[tokio::test]
 async fn static_reasons_each_name_their_fix() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("static");
     let good = gsa(&unique("good"));
     let label = [("suite", id.as_str())];
-    let missing = namespace(&client, "missing", &label).await;
-    let unannotated = namespace(&client, "unannotated", &label).await;
+    let missing = env.namespace(&client, "missing", &label).await;
+    let unannotated = env.namespace(&client, "unannotated", &label).await;
     service_account(&client, &unannotated, "app", None).await;
-    let invalid = namespace(&client, "invalid", &label).await;
+    let invalid = env.namespace(&client, "invalid", &label).await;
     service_account(
         &client,
         &invalid,
@@ -47,11 +45,11 @@ async fn static_reasons_each_name_their_fix() {
         Some("payments@acme-prod.iam.gserviceaccount.com.evil.example"),
     )
     .await;
-    let other_project = namespace(&client, "otherproject", &label).await;
+    let other_project = env.namespace(&client, "otherproject", &label).await;
     service_account(&client, &other_project, "app", Some("payments@acme-dev.iam.gserviceaccount.com")).await;
-    let fine = namespace(&client, "fine", &label).await;
+    let fine = env.namespace(&client, "fine", &label).await;
     service_account(&client, &fine, "app", Some(&good)).await;
-    fake_service_account(&good, &[(WIU, &[&member(&fine, "app")])]);
+    env.fake_service_account(&good, &[(WIU, &[&member(&fine, "app")])]);
 
     apply_probe(
         &client,
@@ -59,10 +57,11 @@ async fn static_reasons_each_name_their_fix() {
         gke_spec("suite", &id, json!({"identity": {"serviceAccountProjects": ["acme-prod"]}})),
     )
     .await;
-    let probe = wait_for(&client, &id, "four static failures", |p| {
-        p.status.as_ref().is_some_and(|s| s.failures.len() == 4)
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "four static failures", |p| {
+            p.status.as_ref().is_some_and(|s| s.failures.len() == 4)
+        })
+        .await;
     let found = reasons(&probe);
     let expect = |ns: &str, reason: Reason, fix: &str| {
         let (r, message) = &found[ns];
@@ -93,12 +92,13 @@ async fn static_reasons_each_name_their_fix() {
 
 #[tokio::test]
 async fn iam_policy_reasons_are_told_apart() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("iam");
     let label = [("suite", id.as_str())];
     let ns = |p: &'static str| {
         let client = client.clone();
-        async move { namespace(&client, p, &label).await }
+        async move { env.namespace(&client, p, &label).await }
     };
     let (mapped, unmapped, conditional, deleted, notfound, disabled) = (
         ns("mapped").await,
@@ -116,7 +116,7 @@ async fn iam_policy_reasons_are_told_apart() {
     service_account(&client, &notfound, "app", Some(&gsa(&unique("nosuch")))).await;
     service_account(&client, &disabled, "app", Some(&disabled_gsa)).await;
     let deleted_member = format!("deleted:{}?uid=42", member(&deleted, "app"));
-    env().fake.update(|s| {
+    env.fake.update(|s| {
         use fake_google::scenario::{Binding, Condition, ServiceAccount};
         s.service_accounts.push(ServiceAccount {
             email: main.clone(),
@@ -150,10 +150,11 @@ async fn iam_policy_reasons_are_told_apart() {
     });
 
     apply_probe(&client, &id, gke_spec("suite", &id, json!({}))).await;
-    let probe = wait_for(&client, &id, "five IAM failures", |p| {
-        p.status.as_ref().is_some_and(|s| s.failures.len() == 5)
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "five IAM failures", |p| {
+            p.status.as_ref().is_some_and(|s| s.failures.len() == 5)
+        })
+        .await;
     let found = reasons(&probe);
     for (ns, reason) in [
         (&unmapped, Reason::PrincipalNotMapped),
@@ -176,7 +177,8 @@ async fn iam_policy_reasons_are_told_apart() {
 
 #[tokio::test]
 async fn an_unsupported_target_is_an_invalid_spec_not_a_crash() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("invalid");
     let spec = gke_spec(
         "suite",
@@ -184,7 +186,7 @@ async fn an_unsupported_target_is_an_invalid_spec_not_a_crash() {
         json!({"targets": [{"resource": "//bigquery.googleapis.com/projects/acme-prod/datasets/d", "permissions": ["bigquery.tables.get"]}]}),
     );
     apply_probe(&client, &id, spec).await;
-    let probe = wait_ready(&client, &id, "False", "InvalidSpec").await;
+    let probe = env.wait_ready(&client, &id, "False", "InvalidSpec").await;
     let status = probe.status.unwrap();
     for t in [condition::MAPPINGS_VERIFIED, condition::TOKEN_EXCHANGE_VERIFIED] {
         let c = status.conditions.iter().find(|c| c.type_ == t).unwrap();
@@ -197,20 +199,21 @@ async fn an_unsupported_target_is_an_invalid_spec_not_a_crash() {
 
 #[tokio::test]
 async fn namespace_labels_add_and_remove_coverage() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("cover");
     let good = gsa(&unique("cover"));
-    let a = namespace(&client, "cover-a", &[("team", id.as_str())]).await;
+    let a = env.namespace(&client, "cover-a", &[("team", id.as_str())]).await;
     service_account(&client, &a, "app", Some(&good)).await;
-    let b = namespace(&client, "cover-b", &[]).await;
+    let b = env.namespace(&client, "cover-b", &[]).await;
     service_account(&client, &b, "app", Some(&good)).await;
-    fake_service_account(&good, &[(WIU, &[&member(&a, "app")])]);
+    env.fake_service_account(&good, &[(WIU, &[&member(&a, "app")])]);
     apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
     let covered = |n: u32| {
         move |p: &AuthProbe| p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.namespaces == n)
     };
-    wait_for(&client, &id, "one namespace", covered(1)).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_for(&client, &id, "one namespace", covered(1)).await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
 
     let ns_api = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
     let label = |value: Option<&str>| json!({"metadata": {"labels": {"team": value}}});
@@ -218,7 +221,7 @@ async fn namespace_labels_add_and_remove_coverage() {
         .patch(&b, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(label(Some(&id))))
         .await
         .unwrap();
-    let probe = wait_for(&client, &id, "two namespaces", covered(2)).await;
+    let probe = env.wait_for(&client, &id, "two namespaces", covered(2)).await;
     assert_eq!(ready(&probe).unwrap(), ("False".into(), "PrincipalNotMapped".into()));
     assert_eq!(probe.status.unwrap().failures[0].namespace, b);
 
@@ -226,22 +229,23 @@ async fn namespace_labels_add_and_remove_coverage() {
         .patch(&b, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(label(None)))
         .await
         .unwrap();
-    wait_for(&client, &id, "back to one namespace", covered(1)).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_for(&client, &id, "back to one namespace", covered(1)).await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
 }
 
 #[tokio::test]
 async fn an_annotation_fix_turns_ready_true_without_a_nudge() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("fix");
     let good = gsa(&unique("fix"));
-    let ns = namespace(&client, "fix", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "fix", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&gsa(&unique("typo")))).await;
-    fake_service_account(&good, &[(WIU, &[&member(&ns, "app")])]);
+    env.fake_service_account(&good, &[(WIU, &[&member(&ns, "app")])]);
     apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
-    wait_ready(&client, &id, "False", "GoogleServiceAccountNotFound").await;
+    env.wait_ready(&client, &id, "False", "GoogleServiceAccountNotFound").await;
     annotate(&client, &ns, "app", Some(&good)).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
     let on_sa = event_summary(&client, &ns, "ServiceAccount", "app").await;
     assert_eq!(
         on_sa,
@@ -262,28 +266,31 @@ async fn an_annotation_fix_turns_ready_true_without_a_nudge() {
 
 #[tokio::test]
 async fn a_spec_change_moves_observed_generation() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("gen");
     apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
-    wait_for(&client, &id, "observedGeneration 1", |p| {
+    env.wait_for(&client, &id, "observedGeneration 1", |p| {
         p.status.as_ref().and_then(|s| s.observed_generation) == Some(1)
     })
     .await;
     apply_probe(&client, &id, gke_spec("team", &id, json!({"probe": {"interval": "15m"}}))).await;
-    let probe = wait_for(&client, &id, "observedGeneration 2", |p| {
-        p.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "observedGeneration 2", |p| {
+            p.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
+        })
+        .await;
     assert!(probe.status.unwrap().conditions.iter().all(|c| c.observed_generation == Some(2)));
 }
 
 #[tokio::test]
 async fn five_hundred_failing_service_accounts_keep_status_bounded() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("many");
     let nowhere = gsa(&unique("nowhere"));
-    fake_service_account(&nowhere, &[]);
-    let ns = namespace(&client, "many", &[("team", id.as_str())]).await;
+    env.fake_service_account(&nowhere, &[]);
+    let ns = env.namespace(&client, "many", &[("team", id.as_str())]).await;
     stream::iter(0..500)
         .for_each_concurrent(16, |i| {
             let (client, ns, nowhere) = (client.clone(), ns.clone(), nowhere.clone());
@@ -294,10 +301,11 @@ async fn five_hundred_failing_service_accounts_keep_status_bounded() {
     let mut spec = gke_spec("team", &id, json!({}));
     spec.as_object_mut().unwrap().remove("serviceAccounts");
     apply_probe(&client, &id, spec).await;
-    let probe = wait_for(&client, &id, "500 failing", |p| {
-        p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.failing == 500)
-    })
-    .await;
+    let probe = env
+        .wait_for(&client, &id, "500 failing", |p| {
+            p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.failing == 500)
+        })
+        .await;
     let status = probe.status.unwrap();
     assert_eq!(status.failures.len(), 20);
     assert_eq!(status.failures[0].service_account, "app-000");
@@ -308,14 +316,15 @@ async fn five_hundred_failing_service_accounts_keep_status_bounded() {
 
 #[tokio::test]
 async fn one_event_per_transition_however_many_passes() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("events");
     let main = gsa(&unique("events"));
-    let ns = namespace(&client, "events", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "events", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
-    fake_service_account(&main, &[]);
+    env.fake_service_account(&main, &[]);
     apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
-    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     for _ in 0..3 {
         let before = last_pass(&id).await;
         probe_now(&client, &id).await;
@@ -324,9 +333,9 @@ async fn one_event_per_transition_however_many_passes() {
     let on_sa = event_summary(&client, &ns, "ServiceAccount", "app").await;
     assert_eq!(on_sa, vec![("Warning".to_string(), "PrincipalNotMapped".to_string(), 1)]);
 
-    fake_service_account(&main, &[(WIU, &[&member(&ns, "app")])]);
+    env.fake_service_account(&main, &[(WIU, &[&member(&ns, "app")])]);
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
     let before = last_pass(&id).await;
     probe_now(&client, &id).await;
     wait_pass(&id, before).await;
@@ -362,26 +371,27 @@ async fn wait_pass(probe: &str, after: f64) {
 
 #[tokio::test]
 async fn recent_changes_are_propagation_pending_until_the_grace_ends() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let id = unique("grace");
     let main = gsa(&unique("grace"));
-    let ns = namespace(&client, "grace", &[("team", id.as_str())]).await;
+    let ns = env.namespace(&client, "grace", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", Some(&main)).await;
-    fake_service_account(&main, &[]);
+    env.fake_service_account(&main, &[]);
     apply_probe(&client, &id, gke_spec("team", &id, json!({"probe": {"propagationGrace": "8s"}}))).await;
     // The KSA was created a moment ago: not False yet, and it turns False by itself when the grace ends.
-    let pending = wait_ready(&client, &id, "Unknown", "PropagationPending").await;
+    let pending = env.wait_ready(&client, &id, "Unknown", "PropagationPending").await;
     assert!(pending.status.unwrap().failures[0].message.contains("PrincipalNotMapped"));
-    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
 
-    fake_service_account(&main, &[(WIU, &[&member(&ns, "app")])]);
+    env.fake_service_account(&main, &[(WIU, &[&member(&ns, "app")])]);
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "True", "Verified").await;
+    env.wait_ready(&client, &id, "True", "Verified").await;
     // The binding disappears: the policy's etag changed just now, so the failure waits out the grace.
-    fake_service_account(&main, &[]);
+    env.fake_service_account(&main, &[]);
     probe_now(&client, &id).await;
-    wait_ready(&client, &id, "Unknown", "PropagationPending").await;
-    wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
+    env.wait_ready(&client, &id, "Unknown", "PropagationPending").await;
+    env.wait_ready(&client, &id, "False", "PrincipalNotMapped").await;
     // Two transitions to False, one to True; nothing while pending. (A repeat within minutes is
     // folded into the first Event's series.)
     let on_sa = event_counts(&client, &ns, "ServiceAccount", "app").await;
