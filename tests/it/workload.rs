@@ -4,10 +4,11 @@
 //! on their own, Events on the workload object, a ConfigMap edited into shape, `authprobe check`,
 //! the Federation example, and a Secret-held configuration read as Unknown by an operator that
 //! cannot read Secrets, proven from the API server's audit log.
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is a failed test
-
-mod support;
+//!
+//! The reasons, their twins and `authprobe check` only add objects under names of their own (and
+//! the fake's pool `onprem`, which no other module of the default environment uses): the default
+//! environment. The Secret test runs an operator of its own, as a ServiceAccount with the chart's
+//! RBAC, and reads the API server's audit log: a control plane of this module's own.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +18,7 @@ use std::{
 };
 
 use authprobe::api::{AuthProbe, Reason, Stage};
-use authprobe_harness::{ControlPlane, Options};
+use authprobe_harness::ControlPlane;
 use fake_google::scenario::{Pool, Provider};
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -33,11 +34,17 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
-use support::*;
+
+use crate::support::*;
 
 const PROJECT_NUMBER: &str = "123456789012";
 const CONFIG_PATH: &str = "/etc/workload-identity/credential-configuration.json";
 const IMAGE: &str = "registry.example/app:1";
+
+/// The Secret test's control plane, with an audit log and no operator: the test starts one of its
+/// own as ServiceAccount `authprobe` holding the chart's RBAC.
+static AUDITED: Private =
+    Private::new("workload", Setup { start_operator: false, audit_log: true, ..Setup::DEFAULT });
 
 // ---- objects ----------------------------------------------------------------------------------
 
@@ -137,10 +144,11 @@ async fn wait_reasons(
     want: &BTreeMap<String, Reason>,
 ) -> BTreeMap<String, (Stage, Reason, Vec<String>, String)> {
     let expected = want.clone();
-    let p = wait_for(client, probe, &format!("failures {want:?}"), move |p| {
-        failures(p).into_iter().map(|(ns, f)| (ns, f.1)).collect::<BTreeMap<_, _>>() == expected
-    })
-    .await;
+    let p = env()
+        .wait_for(client, probe, &format!("failures {want:?}"), move |p| {
+            failures(p).into_iter().map(|(ns, f)| (ns, f.1)).collect::<BTreeMap<_, _>>() == expected
+        })
+        .await;
     failures(&p)
 }
 
@@ -169,7 +177,7 @@ fn run_fix(command: &str) {
     assert_eq!(args[0], "kubectl", "{command}");
     let out = Command::new(authprobe_harness::tools_bin().join("kubectl"))
         .args(&args[1..])
-        .env("KUBECONFIG", support::env().cp.kubeconfig_path())
+        .env("KUBECONFIG", env().cp.kubeconfig_path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{command}: {}", String::from_utf8_lossy(&out.stderr));
@@ -186,14 +194,15 @@ fn fix_in(message: &str) -> String {
 
 /// A GKE namespace whose KSA `app` is annotated with `gsa`; returns its name.
 async fn gke_namespace(client: &Client, suite: &str, prefix: &str, gsa: &str) -> String {
-    let ns = namespace(client, prefix, &[("suite", suite)]).await;
+    let ns = env().namespace(client, prefix, &[("suite", suite)]).await;
     service_account(client, &ns, "app", Some(gsa)).await;
     ns
 }
 
 #[tokio::test]
 async fn gke_reasons_each_with_a_healthy_twin_and_events_on_the_workload() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let (broken, healthy) = (unique("gke-broken"), unique("gke-healthy"));
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("wl"));
     let mut want = BTreeMap::new();
@@ -331,7 +340,7 @@ async fn gke_reasons_each_with_a_healthy_twin_and_events_on_the_workload() {
         members.push(member(ns, "app"));
     }
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
-    fake_service_account(&gsa, &[(WIU, members.as_slice())]);
+    env.fake_service_account(&gsa, &[(WIU, members.as_slice())]);
     apply_probe(&client, &broken, gke_spec("suite", &broken, json!({}))).await;
     apply_probe(&client, &healthy, gke_spec("suite", &healthy, json!({}))).await;
 
@@ -360,7 +369,7 @@ async fn gke_reasons_each_with_a_healthy_twin_and_events_on_the_workload() {
     expect(&host, &["Job/once"], &format!("recreate Job {host}/once"));
     expect(&cron, &["CronJob/nightly"], "/spec/jobTemplate/spec/template/spec/hostNetwork");
     expect(&pods, &["Pod/bare"], &format!("Pod {pods}/bare"));
-    wait_verified(&client, &healthy, twins.len() as u32).await;
+    env.wait_verified(&client, &healthy, twins.len() as u32).await;
 
     // The Warning is on the Deployment, where `kubectl describe deployment` shows it; the KSA
     // gets none for this stage.
@@ -403,7 +412,7 @@ async fn gke_reasons_each_with_a_healthy_twin_and_events_on_the_workload() {
     )
     .await;
     // The twins stayed Ready all along, and none of them was warned.
-    let probe = wait_verified(&client, &healthy, twins.len() as u32).await;
+    let probe = env.wait_verified(&client, &healthy, twins.len() as u32).await;
     assert!(failures(&probe).is_empty());
     let announced = event_counts(&client, "default", "AuthProbe", &healthy).await;
     assert_eq!(announced, BTreeMap::from([(("Normal".to_string(), "Verified".to_string()), 1)]));
@@ -424,10 +433,10 @@ async fn gke_reasons_each_with_a_healthy_twin_and_events_on_the_workload() {
 
 /// The fake's pool `onprem`, whose provider `k8s` trusts this cluster with default audiences.
 fn federation_provider() -> String {
-    let cp = support::env().cp;
+    let env = env();
     let pool = format!("projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/onprem");
-    let issuer = cp.issuer();
-    base().fake.update(|s| {
+    let issuer = env.cp.issuer();
+    env.fake.update(|s| {
         if !s.pools.iter().any(|p| p.name == pool) {
             let provider = Provider {
                 id: "k8s".into(),
@@ -496,7 +505,8 @@ fn config_volume() -> Value {
 
 #[tokio::test]
 async fn federation_reasons_each_with_a_healthy_twin_and_a_config_map_edited_into_shape() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let provider = federation_provider();
     let https = format!("https://iam.googleapis.com/{provider}");
     let (broken, healthy) = (unique("fed-broken"), unique("fed-healthy"));
@@ -507,7 +517,7 @@ async fn federation_reasons_each_with_a_healthy_twin_and_a_config_map_edited_int
     let fed_namespace = |suite: String, prefix: &'static str| {
         let (client, gsa) = (client.clone(), gsa.clone());
         async move {
-            let ns = namespace(&client, prefix, &[("suite", suite.as_str())]).await;
+            let ns = env.namespace(&client, prefix, &[("suite", suite.as_str())]).await;
             service_account(&client, &ns, "app", Some(&gsa)).await;
             ns
         }
@@ -597,9 +607,9 @@ async fn federation_reasons_each_with_a_healthy_twin_and_a_config_map_edited_int
         principals.push(principal(ns, "app"));
     }
     let members: Vec<&str> = principals.iter().map(String::as_str).collect();
-    fake_service_account(&gsa, &[(WIU, members.as_slice())]);
+    env.fake_service_account(&gsa, &[(WIU, members.as_slice())]);
     let example_member = principal(&example, "orders");
-    fake_service_account("orders@acme-prod.iam.gserviceaccount.com", &[(WIU, &[&example_member])]);
+    env.fake_service_account("orders@acme-prod.iam.gserviceaccount.com", &[(WIU, &[&example_member])]);
     apply_probe(&client, &broken, federation_spec(&broken, &provider)).await;
     apply_probe(&client, &healthy, federation_spec(&healthy, &provider)).await;
 
@@ -624,14 +634,15 @@ async fn federation_reasons_each_with_a_healthy_twin_and_a_config_map_edited_int
     assert!(message(&automount).contains("automounted API server token"));
     assert!(message(&audience).contains("\"sts.googleapis.com\""));
     assert!(message(&value_from).contains("valueFrom"));
-    let probe = wait_verified(&client, &healthy, twins.len() as u32 + 1).await;
+    let probe = env.wait_verified(&client, &healthy, twins.len() as u32 + 1).await;
     assert!(failures(&probe).is_empty());
 
     // Unknown raises no Warning on the workload; failing ones do. The probe's own Ready event
     // comes last in a pass, so once it is out the workloads' events are too.
     wait_for_events(&client, &mismatch, "Deployment", "api", &[("Warning", "CredentialConfigMismatch", 1)])
         .await;
-    let ready = ready(&wait_for(&client, &broken, "a Ready reason", |p| ready(p).is_some()).await).unwrap();
+    let ready =
+        ready(&env.wait_for(&client, &broken, "a Ready reason", |p| ready(p).is_some()).await).unwrap();
     wait_for_event(&client, "default", "AuthProbe", &broken, &ready.1).await;
     assert!(events(&client, &value_from, "Deployment", "api").await.is_empty());
 
@@ -643,12 +654,12 @@ async fn federation_reasons_each_with_a_healthy_twin_and_a_config_map_edited_int
     let took = started.elapsed();
     report("workload", &format!("ConfigMap edited into shape → status in {} ms", took.as_millis()));
     assert!(took < Duration::from_secs(2), "the edit took {took:?} to reach status");
-    wait_verified(&client, &healthy, twins.len() as u32 + 1).await;
+    env.wait_verified(&client, &healthy, twins.len() as u32 + 1).await;
 }
 
 /// examples/workloads/federation-workload.yaml, in a fresh namespace selected by `suite`.
 async fn example_namespace(client: &Client, suite: &str) -> String {
-    let ns = namespace(client, "orders", &[("suite", suite)]).await;
+    let ns = env().namespace(client, "orders", &[("suite", suite)]).await;
     let text = std::fs::read_to_string(
         authprobe_harness::repo_root().join("examples/workloads/federation-workload.yaml"),
     )
@@ -678,11 +689,12 @@ async fn example_namespace(client: &Client, suite: &str) -> String {
 
 #[tokio::test]
 async fn authprobe_check_runs_the_same_stage() {
-    let client = client().await;
+    let env = env();
+    let client = env.client().await;
     let suite = unique("check");
     let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("chk"));
     let ns = gke_namespace(&client, &suite, "check", &gsa).await;
-    fake_service_account(&gsa, &[(WIU, &[&member(&ns, "app")])]);
+    env.fake_service_account(&gsa, &[(WIU, &[&member(&ns, "app")])]);
     apply::<CronJob>(
         &client,
         &ns,
@@ -695,11 +707,10 @@ async fn authprobe_check_runs_the_same_stage() {
     std::fs::write(&file, probe.to_string()).unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, OPERATOR_TOKEN).unwrap();
-    let e = support::env();
-    let out = Command::new(env!("CARGO_BIN_EXE_authprobe"))
+    let out = Command::new(authprobe_bin())
         .args(["check", "-f", file.to_str().unwrap(), "--output", "json"])
-        .env("KUBECONFIG", e.cp.kubeconfig_path())
-        .env("AUTHPROBE_GOOGLE_ENDPOINTS", &e.endpoints)
+        .env("KUBECONFIG", env.cp.kubeconfig_path())
+        .env("AUTHPROBE_GOOGLE_ENDPOINTS", &env.endpoints)
         .env("AUTHPROBE_GOOGLE_ACCESS_TOKEN_FILE", &token)
         .env("RUST_LOG", "warn")
         .output()
@@ -725,20 +736,17 @@ async fn authprobe_check_runs_the_same_stage() {
 /// ConfigMap-held one is read and passes, and the audit log shows not one request for a Secret.
 #[tokio::test]
 async fn a_secret_held_configuration_is_unknown_and_no_secret_is_read() {
-    let cp =
-        tokio::task::spawn_blocking(|| ControlPlane::start(Options { install_crds: true, audit_log: true }))
-            .await
-            .unwrap()
-            .expect("a control plane with an audit log");
-    let admin = cp.client().await.unwrap();
-    let release = cp.namespace(&admin, "authprobe-system", &[]).await.unwrap();
-    chart_rbac(&cp, &release);
-    let (kubeconfig, user) = operator_identity(&cp, &admin, &release).await;
+    let env = AUDITED.get();
+    let cp = &env.cp;
+    let admin = env.client().await;
+    let release = env.namespace(&admin, "authprobe-system", &[]).await;
+    chart_rbac(cp, &release);
+    let (kubeconfig, user) = operator_identity(cp, &admin, &release).await;
 
     // A pool of the fake's trusting this control plane's issuer.
     let pool = format!("projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/audit");
     let issuer = cp.issuer();
-    base().fake.update(|s| {
+    env.fake.update(|s| {
         s.pools.retain(|p| p.name != pool);
         let provider = Provider {
             id: "k8s".into(),
@@ -754,7 +762,7 @@ async fn a_secret_held_configuration_is_unknown_and_no_secret_is_read() {
     let suite = unique("audit");
     let mut made = Vec::new();
     for prefix in ["secret-held", "configmap-held"] {
-        let ns = cp.namespace(&admin, prefix, &[("suite", suite.as_str())]).await.unwrap();
+        let ns = env.namespace(&admin, prefix, &[("suite", suite.as_str())]).await;
         service_account(&admin, &ns, "app", Some(&gsa)).await;
         made.push(ns);
     }
@@ -771,10 +779,10 @@ async fn a_secret_held_configuration_is_unknown_and_no_secret_is_read() {
         .map(|ns| format!("principal://iam.googleapis.com/{pool}/subject/system:serviceaccount:{ns}:app"))
         .collect();
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
-    fake_service_account(&gsa, &[(WIU, members.as_slice())]);
+    env.fake_service_account(&gsa, &[(WIU, members.as_slice())]);
 
-    let operator =
-        Operator::new(&cp, &base().endpoints, &[]).with_env("KUBECONFIG", kubeconfig.display().to_string());
+    let operator = Operator::new(cp, &env.endpoints, SHORT_RETRIES)
+        .with_env("KUBECONFIG", kubeconfig.display().to_string());
     operator.start().unwrap();
     let name = unique("audit");
     let probe = json!({"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "metadata": {"name": name}, "spec": federation_spec(&suite, &provider)});
