@@ -675,3 +675,34 @@ pub async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, D
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every Ready status a probe shows from now on, until the returned guard is stopped.
+pub struct Recorder {
+    seen: tokio::sync::watch::Receiver<Vec<(String, String)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts recording.
+pub fn record(client: &Client, id: &str) -> Recorder {
+    let (tx, rx) = tokio::sync::watch::channel(vec![]);
+    let api = Api::<AuthProbe>::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={id}"));
+    let task = tokio::spawn(async move {
+        let mut stream = watcher(api, config).default_backoff().applied_objects().boxed();
+        while let Some(item) = stream.next().await {
+            if let Ok(p) = item
+                && let Some(r) = ready(&p)
+            {
+                tx.send_modify(|v| v.push(r));
+            }
+        }
+    });
+    Recorder { seen: rx, task }
+}
+
+impl Recorder {
+    pub fn stop(self) -> Vec<(String, String)> {
+        self.task.abort();
+        self.seen.borrow().clone()
+    }
+}
