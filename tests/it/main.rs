@@ -25,3 +25,4 @@ mod metrics;
 mod operability;
 mod operator;
 mod token_type;
+mod workload;

@@ -11,12 +11,13 @@
 //!   over every probe. So an operator of its own always means a control plane of its own;
 //! - [`env`] is the default environment (control plane, fake, operator with a short Google retry
 //!   deadline), shared by the modules that only add objects under names of their own and never
-//!   change what everyone sees (`operator`, `check`, one `lifecycle` test);
+//!   change what everyone sees (`operator`, `check`, `workload`, one `lifecycle` test);
 //! - [`Private`] is an environment of a module's own, for modules that restart or re-key the
 //!   control plane (`faults`, `key_rotation`), change the fake for everyone (faults, clock skew,
 //!   operator permissions, malformed answers: `chain`, `google_faults`, `hostile`), assert
 //!   operator-wide figures (`metrics`, `faults`' call counts, `lifecycle`'s last probe), or run
-//!   operators of their own (`operability`). It lives while one of the module's tests holds it;
+//!   operators of their own or read the audit log (`operability`, `leadership`, `workload`'s
+//!   Secret test). It lives while one of the module's tests holds it;
 //! - [`ControlPlane::shared`] has no operator at all, for the tests that prove the harness and the
 //!   chart (`control_plane`, `chart`, `chart_hardening`): an operator would write over the status
 //!   `control_plane` writes itself.

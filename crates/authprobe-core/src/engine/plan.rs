@@ -197,6 +197,8 @@ pub struct Plan {
     pub grace: Duration,
     /// Whether the live chain runs.
     pub token_exchange: bool,
+    /// Whether stage `Workload` runs.
+    pub inspect_workloads: bool,
     namespaces: Selector,
     names: Vec<String>,
     ksa_selector: Option<Selector>,
@@ -336,6 +338,7 @@ impl Plan {
                 Duration::from_secs(3600),
             )?,
             token_exchange: spec.probe.token_exchange,
+            inspect_workloads: spec.probe.inspect_workloads,
             namespaces,
             names: selection.names,
             ksa_selector,

@@ -27,16 +27,18 @@ pub struct KsaOutcome {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Static, IAM-policy and provider stages: `None` when they passed.
+    /// Static, Workload, IAM-policy and provider stages: `None` when they passed. An undecided
+    /// Workload finding lets the later stages run, so the chain may have run with it.
     pub mapping: Option<Finding>,
     /// The live chain: `None` when it is off or did not run; `Some(Ok)` when it passed.
     pub chain: Option<Result<(), Finding>>,
 }
 
 impl KsaOutcome {
-    /// The finding that decides this KSA: the mapping's, else the chain's.
+    /// The finding that decides this KSA: the mapping's, else the chain's; a failing chain
+    /// finding before an undecided mapping one (failing before unknown).
     pub fn finding(&self) -> Option<&Finding> {
-        self.mapping.as_ref().or_else(|| self.chain.as_ref().and_then(|c| c.as_ref().err()))
+        Finding::decisive(self.mapping.as_ref(), self.chain.as_ref().and_then(|c| c.as_ref().err()))
     }
 }
 
@@ -346,6 +348,7 @@ pub fn to_status(
                     .filter(|(reason, _)| *reason == e.finding.reason)
                     .map_or(now, |(_, t)| *t),
             ),
+            workloads: e.finding.workloads.clone(),
         })
         .collect();
     AuthProbeStatus {
