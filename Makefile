@@ -51,7 +51,7 @@ cluster: ## Run the local control plane until Ctrl-C (NODE=1: with a node that r
 	@$(CARGO) run --quiet --locked -p authprobe-harness --bin local-cluster -- $(if $(NODE),--node)
 
 .PHONY: demo
-demo: ## The operator on a local control plane against a fake Google: a broken namespace, its fix, Ready
+demo: ## The operator on a local control plane against a fake Google: a broken mapping and a workload loading a key file, their fixes, Ready
 	tools/demo.sh
 
 MUSL := x86_64-unknown-linux-musl
@@ -62,13 +62,14 @@ static: ## Build the static (musl) release binary the image ships
 	$(CARGO) build --locked --release --target $(MUSL) --bin authprobe
 
 .PHONY: bench
-bench: tools ## Benchmarks at 1,000 and 10,000 namespaces next to a naive checker (long; not part of make test)
+bench: tools ## Benchmarks at 1,000 and 10,000 namespaces (also with one Deployment per KSA) next to a naive checker (long; not part of make test)
 	command -v jq >/dev/null || tools/apt-install.sh jq
 	$(CARGO) build --locked --release -p authprobe --bin authprobe
 	$(CARGO) build --locked --release -p authprobe-bench
 	target/release/authprobe-bench --namespaces 1000 --out bench/results/1k.json
 	target/release/authprobe-bench --namespaces 10000 --out bench/results/10k.json
 	target/release/authprobe-bench --namespaces 1000 --chain --skip-baseline --interval-seconds 120 --samples 10 --out bench/results/1k-chain.json
+	target/release/authprobe-bench --namespaces 10000 --workloads --federation-probes 2 --skip-baseline --out bench/results/10k-workloads.json
 	$(MAKE) static
 	target/release/authprobe-bench --namespaces 10000 --skip-baseline --operator target/$(MUSL)/release/authprobe --out bench/results/10k-musl.json
 

@@ -1,7 +1,8 @@
 //! Heap held per cached object, measured exactly with a counting allocator over the production
 //! code path: objects shaped like a real cluster's (managedFields, last-applied annotations),
-//! pruned by `inventory` and stored by kube's reflector, as the operator's watches do. Fails when
-//! either figure grows more than 10% over `bench/memory-baseline.json`; set
+//! pruned by `inventory` and stored by kube's reflector, as the operator's watches do, and
+//! Deployments decoded lean and pruned into the workload inventory. Fails when any figure grows
+//! more than 10% over `bench/memory-baseline.json`; set
 //! `AUTHPROBE_UPDATE_MEMORY_BASELINE=1` to record a deliberate change.
 //!
 //! A binary of its own, not a module of `tests/it`: the counting allocator is the process's global
@@ -15,7 +16,14 @@ use std::{
     sync::atomic::{AtomicIsize, Ordering},
 };
 
-use authprobe::controller::inventory::{self, AnnotationChanges, NamespaceMeta, ServiceAccountMeta};
+use authprobe::{
+    controller::{
+        inventory::{self, AnnotationChanges, NamespaceMeta, ServiceAccountMeta},
+        workloads::Workloads,
+    },
+    engine::workload::{Lean, WorkloadKind, prune},
+};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
 
@@ -53,6 +61,7 @@ static ALLOCATOR: Counting = Counting;
 
 const NAMESPACES: usize = 2_000;
 const SERVICE_ACCOUNTS: usize = 6_000;
+const DEPLOYMENTS: usize = 6_000;
 
 fn managed_field(manager: &str) -> Value {
     json!({"manager": manager, "operation": "Update", "apiVersion": "v1", "time": "2026-11-01T10:00:00Z",
@@ -89,6 +98,64 @@ fn service_account(i: usize) -> ServiceAccountMeta {
         }
     }))
     .unwrap()
+}
+
+/// A Deployment as a real cluster stores it: labels, last-applied, managedFields, a container with
+/// resources, probes, ports, environment and a config volume, and status.
+fn deployment(i: usize) -> Lean<Deployment> {
+    let name = format!("app-{}", i % 3);
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name, "namespace": format!("team-{:05}", i / 3),
+            "uid": format!("3c2b1a09-0000-4000-8000-{i:012}"), "resourceVersion": format!("{}", 300_000 + i),
+            "generation": 4, "creationTimestamp": "2026-11-01T10:00:00Z",
+            "labels": {"app": name, "tier": "backend"},
+            "annotations": {
+                "deployment.kubernetes.io/revision": "4",
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\":\"apps/v1\",\"kind\":\"Deployment\",\"metadata\":{\"name\":\"app\"},\"spec\":{\"replicas\":2}}"
+            },
+            "managedFields": [managed_field("kubectl-client-side-apply"), managed_field("kube-controller-manager")]
+        },
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "tier": "backend"}},
+                "spec": {
+                    "serviceAccountName": format!("sa-{}", i % 3),
+                    "containers": [{
+                        "name": "app", "image": "registry.example/team/app:1.42.0",
+                        "ports": [{"containerPort": 8080, "name": "http"}],
+                        "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "PORT", "value": "8080"},
+                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/app", "readOnly": true}]
+                    }],
+                    "volumes": [{"name": "config", "configMap": {"name": "app-config", "optional": true}}]
+                }
+            }
+        },
+        "status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2, "observedGeneration": 4,
+                   "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "Deployment has minimum availability."}]}
+    }))
+    .unwrap()
+}
+
+/// Heap retained per Deployment after feeding `count` of them, pruned as the watch does, into the
+/// workload inventory.
+fn retained_per_workload(count: usize) -> (f64, Workloads) {
+    let before = LIVE.load(Ordering::SeqCst);
+    let workloads = Workloads::default();
+    workloads.begin_listing(WorkloadKind::Deployment);
+    for i in 0..count {
+        workloads.apply(prune(&deployment(i)).expect("a Deployment is a workload"));
+    }
+    workloads.end_listing(WorkloadKind::Deployment);
+    let after = LIVE.load(Ordering::SeqCst);
+    #[allow(clippy::cast_precision_loss)]
+    let per_object = (after - before) as f64 / count as f64;
+    (per_object, workloads)
 }
 
 /// Heap retained per object after feeding `count` objects through `prune` into a reflector store.
@@ -128,17 +195,22 @@ fn cached_objects_stay_within_ten_percent_of_the_baseline() {
             changes.observe(&watcher::Event::Apply(sa.clone()))
         });
     assert_eq!((namespaces.state().len(), service_accounts.state().len()), (NAMESPACES, SERVICE_ACCOUNTS));
+    let (per_workload, workloads) = retained_per_workload(DEPLOYMENTS);
+    assert_eq!(workloads.len(), DEPLOYMENTS);
 
     let path = authprobe_harness::repo_root().join("bench/memory-baseline.json");
-    let measured =
-        json!({"namespaceBytes": per_namespace.round(), "serviceAccountBytes": per_service_account.round()});
+    let measured = json!({"namespaceBytes": per_namespace.round(), "serviceAccountBytes": per_service_account.round(), "workloadBytes": per_workload.round()});
     eprintln!("retained heap per cached object: {measured}");
     if std::env::var_os("AUTHPROBE_UPDATE_MEMORY_BASELINE").is_some() {
         std::fs::write(&path, serde_json::to_string_pretty(&measured).unwrap() + "\n").unwrap();
         return;
     }
     let baseline: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    for (key, value) in [("namespaceBytes", per_namespace), ("serviceAccountBytes", per_service_account)] {
+    for (key, value) in [
+        ("namespaceBytes", per_namespace),
+        ("serviceAccountBytes", per_service_account),
+        ("workloadBytes", per_workload),
+    ] {
         let allowed = baseline[key].as_f64().unwrap() * 1.10;
         assert!(
             value <= allowed,

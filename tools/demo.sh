@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # `make demo`: the incident, end to end, on a local control plane and a fake Google.
 #
-# Three namespaces labelled team=payments each run a KSA "app" annotated with the same GSA, whose
-# policy maps billing and ledger but not checkout (forgotten after a migration). authprobe names
-# checkout, the reason and the exact gcloud fix; the fix is applied to the fake and the probe turns
-# Ready. Interactive by default; AUTHPROBE_DEMO_ONESHOT=1 runs unattended and exits 0 only if both
-# outcomes were observed.
+# Act 1: three namespaces labelled team=payments each run a KSA "app" annotated with the same GSA,
+# whose policy maps billing and ledger but not checkout (forgotten after a migration). authprobe
+# names checkout, the reason and the exact gcloud fix; the fix is applied to the fake and the probe
+# turns Ready. Act 2: a Deployment in billing sets GOOGLE_APPLICATION_CREDENTIALS to a key mounted
+# from a Secret, so its pods would never use Workload Identity; authprobe names it on the
+# Deployment, the fix from its Event is run, Ready again. Interactive by default;
+# AUTHPROBE_DEMO_ONESHOT=1 runs unattended and exits 0 only if all four outcomes were observed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -102,9 +104,67 @@ show "$kubectl" get authprobe payments -o jsonpath='{range .status.conditions[*]
 echo "   Google calls made by the chain: $(curl -fsS "$fake/admin/counts")"
 show "$kubectl" get events -n checkout
 
-if [ "${broken:-}" = yes ] && [ "$(ready)" = True/Verified ]; then
-  echo; echo "demo: observed Ready=False/PrincipalNotMapped for checkout, then Ready=True after the fix"
+fixed=yes
+
+step "Act 2: billing deploys with a service account key mounted and named by GOOGLE_APPLICATION_CREDENTIALS"
+# A stand-in for the key a developer exported; authprobe never reads it (it never reads Secrets).
+"$kubectl" create secret generic payments-key -n billing \
+  --from-literal=key.json='{"type": "service_account", "private_key": "(demo: not a key)"}' >/dev/null
+cat >"$work/billing-api.yaml" <<'YAML'
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+  namespace: billing
+spec:
+  selector:
+    matchLabels: {app: api}
+  template:
+    metadata:
+      labels: {app: api}
+    spec:
+      serviceAccountName: app
+      containers:
+      - name: api
+        image: ghcr.io/acme/billing-api:2.3.1
+        env:
+        - name: GOOGLE_APPLICATION_CREDENTIALS
+          value: /var/secrets/google/key.json
+        volumeMounts:
+        - name: google-key
+          mountPath: /var/secrets/google
+          readOnly: true
+      volumes:
+      - name: google-key
+        secret:
+          secretName: payments-key
+YAML
+show "$kubectl" apply -f "$work/billing-api.yaml"
+await_ready False/CredentialFileOverridesWorkloadIdentity
+overridden=yes
+show "$kubectl" get authprobes
+show "$kubectl" get authprobe payments -o jsonpath='{range .status.failures[*]}{.namespace}/{.serviceAccount}{"\t"}{.stage}{"\t"}{.reason}{"\t"}{.workloads}{"\n"}{end}'
+show "$kubectl" describe deployment api -n billing
+note=$($kubectl get events.events.k8s.io -n billing --field-selector reason=CredentialFileOverridesWorkloadIdentity -o jsonpath='{.items[0].note}')
+workload_fix=$(grep -o 'kubectl set env [^,]*' <<<"$note" || true)
+[ -n "$workload_fix" ] || fail "no fix found in the Deployment's event: $note"
+
+step "Applying the fix the Deployment's event names"
+echo "   $workload_fix"
+pause "apply it"
+read -r -a fix_args <<<"${workload_fix#kubectl }"
+show "$kubectl" "${fix_args[@]}"
+
+step "billing's Deployment now uses Workload Identity: Ready again"
+await_ready True/Verified
+show "$kubectl" get authprobes
+show "$kubectl" describe deployment api -n billing
+
+if [ "${broken:-}" = yes ] && [ "${fixed:-}" = yes ] && [ "${overridden:-}" = yes ] && [ "$(ready)" = True/Verified ]; then
+  echo
+  echo "demo: act 1 observed Ready=False/PrincipalNotMapped for checkout, then Ready=True after the fix"
+  echo "demo: act 2 observed Ready=False/CredentialFileOverridesWorkloadIdentity for Deployment billing/api, then Ready=True after the fix"
   pause "stop the demo"
   exit 0
 fi
-fail "the demo did not observe both outcomes"
+fail "the demo did not observe all four outcomes"

@@ -151,9 +151,18 @@ pub fn malformed(kind: crate::scenario::Malformed) -> Response {
         Malformed::WrongTypes => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
-            r#"{"version":"three","etag":7,"bindings":"none","disabled":"maybe","email":["x"]}"#,
+            // A field of every API's answer, each of a wrong type, so that no parser finds what it
+            // needs: policies and accounts, pools and providers, STS and securetoken, IAM
+            // Credentials, testIamPermissions.
+            r#"{"version":"three","etag":7,"bindings":"none","disabled":"maybe","email":["x"],"state":4,"permissions":"all","access_token":7,"expires_in":[],"accessToken":false,"expireTime":12,"token":{}}"#,
         )
             .into_response(),
+        Malformed::HugeWrongType => {
+            // Just under the 1 MiB the operator reads, so it parses it and serde quotes the value.
+            let value = "A".repeat(500_000);
+            let body = format!(r#"{{"disabled":"{value}","permissions":"{value}"}}"#);
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Malformed::HugeBody => {
             let chunk = bytes_of_members();
             let chunks = (0..128).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));

@@ -272,6 +272,9 @@ pub enum Malformed {
     WrongTypes,
     /// 8 MiB of JSON, streamed without a length.
     HugeBody,
+    /// Half-megabyte strings where a boolean or a list belongs, within the read limit: the parse
+    /// error quotes them.
+    HugeWrongType,
 }
 
 impl Scenario {

@@ -3,7 +3,14 @@
 
 use std::{fmt::Write as _, sync::Arc};
 
-use k8s_openapi::{api::core::v1::ServiceAccount, jiff::Timestamp};
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        batch::v1::{CronJob, Job},
+        core::v1::{Pod, ServiceAccount},
+    },
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, ObjectList},
@@ -14,21 +21,31 @@ use super::{EndpointArgs, GoogleArgs};
 use crate::{
     api::{AuthProbe, condition},
     controller::Clients,
-    controller::inventory::{MetaView, NamespaceMeta, ServiceAccountMeta},
+    controller::{
+        inventory::{MetaView, NamespaceMeta, ServiceAccountMeta},
+        workloads::Workloads,
+    },
     engine::{
         Plan, Selection, Verdict,
         report::{KsaOutcome, Report, Status},
+        workload::{Lean, LeanKind, prune},
     },
     fence::Fence,
     google::Google,
     metrics::Metrics,
     probe::{
         self, Pass, Services,
+        config_maps::ConfigMaps,
         endpoint::{CHECK_DEADLINE, EndpointProber},
         exchange::Chain,
         issuer::ClusterIssuers,
     },
 };
+
+/// Objects listed per request.
+const PAGE: u32 = 500;
+/// A list stops after this many pages (5 million objects).
+const MAX_PAGES: usize = 10_000;
 
 /// `authprobe check`.
 #[derive(Debug, clap::Args)]
@@ -208,9 +225,27 @@ pub async fn check(
         Api::<ServiceAccount>::all(client.clone()).list_metadata(&ListParams::default()).await?;
     let Selection { namespaces, candidates } =
         plan.select(&MetaView::new(namespaces.items, service_accounts.items));
+    let workloads = Workloads::default();
+    if plan.inspect_workloads {
+        futures::try_join!(
+            list_workloads::<Deployment>(client, &workloads),
+            list_workloads::<StatefulSet>(client, &workloads),
+            list_workloads::<DaemonSet>(client, &workloads),
+            list_workloads::<Job>(client, &workloads),
+            list_workloads::<CronJob>(client, &workloads),
+            list_workloads::<Pod>(client, &workloads),
+        )?;
+    }
+    let config_maps = ConfigMaps::new(client.clone());
     let issuers = ClusterIssuers::new(client.clone());
     let chain = Chain::new(client.clone(), google.clone(), metrics, Arc::new(Fence::always()), endpoints);
-    let services = Services { google: &google, issuers: &issuers, chain: Some(&chain) };
+    let services = Services {
+        google: &google,
+        issuers: &issuers,
+        chain: Some(&chain),
+        workloads: &workloads,
+        config_maps: &config_maps,
+    };
     let max_age = std::time::Duration::ZERO;
     let pass = Pass { probe: &name, plan: &plan, candidates, max_age, now: Timestamp::now() };
     // No history here: only a KSA's creation opens the propagation grace.
@@ -222,6 +257,30 @@ pub async fn check(
     );
     let code = exit_code(&report);
     Ok(checked(name, &report, &evaluated.outcomes, code))
+}
+
+/// Lists every object of kind `K`, page by page, keeping each workload's pruned view.
+async fn list_workloads<K>(client: &Client, into: &Workloads) -> Result<(), kube::Error>
+where
+    K: LeanKind,
+{
+    let api = Api::<Lean<K>>::all(client.clone());
+    let mut params = ListParams::default().limit(PAGE);
+    into.begin_listing(K::WORKLOAD);
+    for _ in 0..MAX_PAGES {
+        let page = api.list(&params).await?;
+        for object in &page.items {
+            if let Some(workload) = prune(object) {
+                into.apply(workload);
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    into.end_listing(K::WORKLOAD);
+    Ok(())
 }
 
 /// 1 when anything is definitely failing, 2 when anything is undecided (or the spec is invalid), else 0.

@@ -58,6 +58,18 @@ pub fn prune_service_account(sa: &mut ServiceAccountMeta) {
     };
 }
 
+/// Keeps what the ConfigMap watch needs: which ConfigMap it is and its version (its data is read
+/// only for mounted ones, by [`crate::probe::config_maps::ConfigMaps`]).
+pub fn prune_config_map(cm: &mut super::workloads::ConfigMapMeta) {
+    let m = &mut cm.metadata;
+    *m = kube::api::ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        resource_version: m.resource_version.take(),
+        ..Default::default()
+    };
+}
+
 /// The engine's view of a cached or listed ServiceAccount.
 pub fn ksa_ref(sa: &ServiceAccountMeta) -> KsaRef<'_> {
     let m = &sa.metadata;

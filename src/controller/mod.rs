@@ -1,20 +1,21 @@
 //! The AuthProbe controller: AuthProbes, plus Namespace and ServiceAccount changes mapped to exactly
 //! the probes whose selectors cover them (or covered them in the last pass, so losing coverage
 //! re-checks too). Namespaces and ServiceAccounts are watched once, metadata only, pruned, and the
-//! same watches feed both the caches the probes read and the triggers.
+//! same watches feed both the caches the probes read and the triggers. Workloads and the
+//! ConfigMaps they mount are watched the same way for stage `Workload` (see [`workloads`]).
 
 mod canary;
 pub mod inventory;
 pub mod progress;
 mod reconcile;
 mod state;
+pub mod workloads;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{
@@ -28,18 +29,29 @@ use kube::{
     },
 };
 
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    batch::v1::{CronJob, Job},
+    core::v1::Pod,
+};
+
 use self::{
     inventory::{AnnotationChanges, NamespaceMeta, ServiceAccountMeta, key},
     progress::Progress,
     state::States,
+    workloads::{ConfigMapMeta, Touched, Workloads},
 };
 use crate::{
     api::AuthProbe,
-    engine::selector::{Labels, NO_LABELS},
+    engine::{
+        Plan,
+        selector::{Labels, NO_LABELS},
+        workload::Lean,
+    },
     fence::Fence,
     google::Google,
     metrics::Metrics,
-    probe::{endpoint::EndpointProber, exchange::Chain, issuer::ClusterIssuers},
+    probe::{config_maps::ConfigMaps, endpoint::EndpointProber, exchange::Chain, issuer::ClusterIssuers},
 };
 
 /// The field manager of every status write.
@@ -179,6 +191,8 @@ pub struct Context {
     service_accounts: Store<ServiceAccountMeta>,
     annotation_changes: Arc<AnnotationChanges>,
     states: Arc<States>,
+    workloads: Arc<Workloads>,
+    config_maps: Arc<ConfigMaps>,
     /// With `--canary-image`.
     canaries: Option<canary::Canaries>,
 }
@@ -207,6 +221,25 @@ impl Context {
             namespace,
             ns.as_ref().and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&NO_LABELS),
         )
+    }
+
+    /// The probes a workload or mounted-ConfigMap change in `namespace` concerns: those selecting
+    /// it now whose plan passes `reads` (inspects workloads, or reads ConfigMaps).
+    fn probes_inspecting(&self, namespace: &str, reads: fn(&Plan) -> bool) -> Vec<ObjectRef<AuthProbe>> {
+        let ns = self.namespaces.get(&ObjectRef::new(namespace));
+        let labels = ns.as_ref().and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&NO_LABELS);
+        self.probes
+            .state()
+            .iter()
+            .filter(|p| {
+                self.states
+                    .plan(p)
+                    .as_ref()
+                    .as_ref()
+                    .is_ok_and(|plan| reads(plan) && plan.selects_namespace(labels))
+            })
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect()
     }
 
     async fn wait_for_caches(&self) -> Result<(), Error> {
@@ -326,6 +359,38 @@ pub async fn run(
         .touched_objects()
         .filter(objects_only);
 
+    // Workloads, pruned to the stage's view as they arrive; ConfigMaps by metadata only.
+    let workloads = Arc::new(Workloads::default());
+    let config_maps = Arc::new(ConfigMaps::new(call.clone()));
+    macro_rules! workload_events {
+        ($kind:ty, $name:literal) => {
+            workloads::watch_kind(
+                watcher(Api::<Lean<$kind>>::all(client.clone()), watch_config.clone())
+                    .backoff(watch_backoff())
+                    .inspect(observe(&progress, $name)),
+                workloads.clone(),
+            )
+            .filter(objects_only)
+        };
+    }
+    let workload_events = futures::stream::select_all([
+        workload_events!(Deployment, "Deployment").boxed(),
+        workload_events!(StatefulSet, "StatefulSet").boxed(),
+        workload_events!(DaemonSet, "DaemonSet").boxed(),
+        workload_events!(Job, "Job").boxed(),
+        workload_events!(CronJob, "CronJob").boxed(),
+        workload_events!(Pod, "Pod").boxed(),
+    ]);
+    let config_map_events = workloads::watch_config_maps(
+        watcher(Api::<ConfigMapMeta>::all(client.clone()), watch_config.clone())
+            .backoff(watch_backoff())
+            .inspect(observe(&progress, "ConfigMap"))
+            .modify(inventory::prune_config_map),
+        workloads.clone(),
+        config_maps.clone(),
+    )
+    .filter(objects_only);
+
     // Status writes do not re-trigger: only spec (generation) and annotation (probe-now) changes do.
     // Specs naming a host the prober may not call are invalid before anything is sent.
     let states = Arc::new(States::new(endpoints.allow().clone()));
@@ -386,6 +451,8 @@ pub async fn run(
         service_accounts: service_accounts.clone(),
         annotation_changes,
         states,
+        workloads: workloads.clone(),
+        config_maps,
         canaries,
     });
 
@@ -393,8 +460,9 @@ pub async fn run(
         let (p, n, s) = (probes.clone(), namespaces.clone(), service_accounts.clone());
         async move {
             let synced = futures::try_join!(p.wait_until_ready(), n.wait_until_ready(), s.wait_until_ready());
+            workloads.wait_until_ready().await;
             if synced.is_ok() {
-                tracing::info!("watches synced");
+                tracing::info!(workloads = workloads.len(), "watches synced");
                 progress.synced();
             }
         }
@@ -409,6 +477,8 @@ pub async fn run(
         });
     let ns_ctx = ctx.clone();
     let sa_ctx = ctx.clone();
+    let workload_ctx = ctx.clone();
+    let config_map_ctx = ctx.clone();
     let mut controller = Controller::for_stream(probe_events, probes.clone())
         .reconcile_all_on(new_terms)
         .with_config(controller::Config::default().concurrency(tuning.concurrency).debounce(tuning.debounce))
@@ -418,7 +488,16 @@ pub async fn run(
                 ns.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
             )
         })
-        .watches_stream(sa_events, move |sa: ServiceAccountMeta| sa_ctx.probes_for_service_account(&sa));
+        .watches_stream(sa_events, move |sa: ServiceAccountMeta| sa_ctx.probes_for_service_account(&sa))
+        .watches_stream(workload_events, move |ns: Touched| {
+            workload_ctx
+                .probes_inspecting(ns.metadata.name.as_deref().unwrap_or_default(), |p| p.inspect_workloads)
+        })
+        .watches_stream(config_map_events, move |ns: Touched| {
+            config_map_ctx.probes_inspecting(ns.metadata.name.as_deref().unwrap_or_default(), |p| {
+                p.inspect_workloads && p.federation.is_some()
+            })
+        });
     if let Some((job_events, pod_events)) = canary_events {
         let (job_probes, pod_probes) = (probes.clone(), probes);
         controller = controller

@@ -68,6 +68,11 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None)
         }
         Ok(plan) => {
+            if plan.inspect_workloads {
+                // A pass before every workload was listed would miss them and read as passing;
+                // one whose watches keep failing reports that instead (Unknown), after a while.
+                let _ = tokio::time::timeout(WORKLOAD_LIST_WAIT, ctx.workloads.wait_until_listed()).await;
+            }
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
             let checked: Checked = match plan.canary {
@@ -79,7 +84,13 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             };
             let max_age = if forced { Duration::ZERO } else { plan.interval };
             let pass = Pass { probe: &name, plan, candidates, max_age, now };
-            let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
+            let services = Services {
+                google: &ctx.google,
+                issuers: &ctx.issuers,
+                chain: Some(&ctx.chain),
+                workloads: ctx.workloads.as_ref(),
+                config_maps: &ctx.config_maps,
+            };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
             let mut outcomes = evaluated.outcomes;
             let mut recheck_at = evaluated.recheck_at;
@@ -237,6 +248,9 @@ fn changed_at(ctx: &Context, probe: &AuthProbe, c: &Candidate) -> Option<Timesta
     [created, annotated, entered].into_iter().flatten().max()
 }
 
+/// How long a pass waits for the workload watches' first lists before judging without them.
+const WORKLOAD_LIST_WAIT: Duration = Duration::from_secs(30);
+
 /// A write is started only while the fence holds for longer than the write may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -260,8 +274,8 @@ async fn write_status(ctx: &Context, probe: &str, status: &AuthProbeStatus) -> R
 }
 
 /// Publishes the announcements; returns the indexes of those the API server refused, which the
-/// next pass announces again. A ServiceAccount that no longer exists has nothing to attach an
-/// Event to (the AuthProbe's own Event covers it).
+/// next pass announces again. A ServiceAccount or workload that no longer exists has nothing to
+/// attach an Event to (the AuthProbe's own Event covers it).
 async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement]) -> Vec<usize> {
     let mut failed = vec![];
     for (i, a) in announcements.iter().enumerate() {
@@ -278,6 +292,17 @@ async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement
                 ObjectReference {
                     api_version: Some("v1".into()),
                     kind: Some("ServiceAccount".into()),
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.clone()),
+                    uid: Some(uid),
+                    ..Default::default()
+                }
+            }
+            Regarding::Workload { namespace, kind, name } => {
+                let Some(uid) = ctx.workloads.uid(namespace, *kind, name) else { continue };
+                ObjectReference {
+                    api_version: Some(kind.api_version().into()),
+                    kind: Some(kind.to_string()),
                     name: Some(name.clone()),
                     namespace: Some(namespace.clone()),
                     uid: Some(uid),

@@ -1,6 +1,6 @@
 //! One probe pass, shared by the operator and `authprobe check`: static checks, the Google reads
-//! they call for (once per GSA and Cloud Run service, however many KSAs name it), then the
-//! engine's verdict per KSA.
+//! they call for (once per GSA and Cloud Run service, however many KSAs name it) and the
+//! ConfigMaps the KSAs' workloads mount, then the engine's verdict per KSA.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,23 +11,26 @@ use std::{
 use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 
+pub mod config_maps;
 pub mod endpoint;
 pub mod exchange;
 pub mod issuer;
 
 use self::{
+    config_maps::ConfigMaps,
     exchange::{Chain, Exchange, Job, Verified},
     issuer::ClusterIssuers,
 };
 use crate::{
     engine::{
-        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared,
+        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, Verdict,
         annotation::GsaEmail,
         canary,
         grace::Grace,
         principal::KsaIdentity,
         report::KsaOutcome,
         stage::cloud_run::{self, RunServices},
+        workload::{Workload, WorkloadView},
     },
     google::Google,
 };
@@ -44,6 +47,10 @@ pub struct Services<'a> {
     pub issuers: &'a ClusterIssuers,
     /// The live chain, for probes with `tokenExchange: true`.
     pub chain: Option<&'a Chain>,
+    /// The workloads, for stage `Workload`.
+    pub workloads: &'a (dyn WorkloadView + Sync),
+    /// The ConfigMaps they mount.
+    pub config_maps: &'a ConfigMaps,
 }
 
 /// One pass over a probe's KSAs.
@@ -91,23 +98,32 @@ pub async fn evaluate(
         prepared.iter().filter_map(|(_, p)| p.as_ref().ok()?.gsa.clone()).collect();
     wanted.sort();
     wanted.dedup();
+    let unavailable = services.workloads.unavailable().filter(|_| plan.inspect_workloads);
+    let workloads = workloads_of(plan, services.workloads, &prepared);
+    let mut mounted: Vec<(String, String)> =
+        workloads.iter().flat_map(|((_, name), w)| plan.config_maps_to_read(name, w)).collect();
+    mounted.sort();
+    mounted.dedup();
     let google = services.google;
-    let gsas: BTreeMap<GsaEmail, Arc<GsaFacts>> = stream::iter(wanted)
+    let gsa_reads = stream::iter(wanted)
         .map(|gsa: GsaEmail| async move {
             let facts = google.gsa(&gsa, max_age).await;
             (gsa, facts)
         })
         .buffer_unordered(READ_CONCURRENCY)
-        .collect()
-        .await;
-    let (provider, cluster) = match &plan.federation {
-        Some(f) => {
-            let (provider, cluster) =
-                tokio::join!(services.google.provider(f, max_age), services.issuers.get(max_age));
-            (Some(provider), Some(cluster))
+        .collect::<BTreeMap<GsaEmail, Arc<GsaFacts>>>();
+    let federation_reads = async {
+        match &plan.federation {
+            Some(f) => {
+                let (provider, cluster) =
+                    tokio::join!(services.google.provider(f, max_age), services.issuers.get(max_age));
+                (Some(provider), Some(cluster))
+            }
+            None => (None, None),
         }
-        None => (None, None),
     };
+    let (gsas, (provider, cluster), config_maps) =
+        tokio::join!(gsa_reads, federation_reads, services.config_maps.read(mounted));
     let facts =
         Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
     let fingerprints = match plan.canary {
@@ -138,13 +154,32 @@ pub async fn evaluate(
         .collect()
         .await;
 
+    // Stage Workload: a failing finding stops the KSA there; an undecided one lets the later
+    // stages run and is kept for the verdict.
+    let prepared: Vec<(Candidate, Result<Prepared, Finding>, Option<Finding>)> = prepared
+        .into_iter()
+        .map(|(candidate, prepared)| {
+            let Ok(p) = prepared else { return (candidate, prepared, None) };
+            let key = (candidate.namespace.clone(), candidate.name.clone());
+            let listed = match &unavailable {
+                Some(why) => Err(why),
+                None => Ok(workloads.get(&key).map_or(&[][..], Vec::as_slice)),
+            };
+            let found = plan.workload_stage(&p, listed, &config_maps, &facts);
+            match found {
+                Some(f) if f.verdict == Verdict::Fail => (candidate, Err(f), None),
+                undecided => (candidate, Ok(p), undecided),
+            }
+        })
+        .collect();
+
     // The live chain: mint and exchange first (shared per KSA and audience), so the provider
     // checks read the claims the cluster really issues.
     let chain = services.chain.filter(|_| plan.token_exchange);
     let exchanges: HashMap<(String, String), Arc<Exchange>> = match chain {
         Some(chain) => {
             let work: Vec<Ksa> =
-                prepared.iter().filter_map(|(_, p)| Some(p.as_ref().ok()?.ksa.clone())).collect();
+                prepared.iter().filter_map(|(_, p, _)| Some(p.as_ref().ok()?.ksa.clone())).collect();
             stream::iter(work)
                 .map(|ksa: Ksa| async move {
                     let exchange = chain.exchange(plan, &ksa, max_age).await;
@@ -156,22 +191,22 @@ pub async fn evaluate(
         }
         None => HashMap::new(),
     };
-    let mapped: Vec<(Candidate, Mapped)> = prepared
+    let mapped: Vec<(Candidate, Mapped, Option<Finding>)> = prepared
         .into_iter()
-        .map(|(candidate, prepared)| {
+        .map(|(candidate, prepared, undecided)| {
             let exchange = exchanges.get(&(candidate.namespace.clone(), candidate.name.clone()));
             let checked = prepared.and_then(|p| {
                 let identity = plan.check_mapping(&p, &facts, exchange.and_then(|e| e.claims()))?;
                 Ok((p, identity))
             });
-            (candidate, checked)
+            (candidate, checked, undecided)
         })
         .collect();
     let verified: HashMap<(String, String), Verified> = match chain {
         Some(chain) => {
             let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>)> = mapped
                 .iter()
-                .filter_map(|(c, m)| {
+                .filter_map(|(c, m, _)| {
                     let (p, identity) = m.as_ref().ok()?;
                     let exchange = exchanges.get(&(c.namespace.clone(), c.name.clone()))?;
                     Some((p.clone(), identity.clone(), exchange.clone()))
@@ -201,7 +236,7 @@ pub async fn evaluate(
         // Without the live chain, a Cloud Run target is still judged as far as no token is needed.
         None => mapped
             .iter()
-            .filter_map(|(c, m)| {
+            .filter_map(|(c, m, _)| {
                 let (p, _) = m.as_ref().ok()?;
                 let finding = cloud_run::without_token(&exchange::who(&p.ksa), &plan.targets, &run_services)?;
                 Some((
@@ -218,7 +253,7 @@ pub async fn evaluate(
     let mut grace = Grace::new(plan.grace, now);
     let outcomes = mapped
         .into_iter()
-        .map(|(candidate, mapped)| {
+        .map(|(candidate, mapped, undecided)| {
             let gsa_change = candidate
                 .ksa
                 .as_ref()
@@ -228,7 +263,9 @@ pub async fn evaluate(
             let chain = verified
                 .get(&(candidate.namespace.clone(), candidate.name.clone()))
                 .map(|v| v.result.clone().map_err(|f| grace.judge(f, changed)));
-            let mapping = mapped.err().map(|f| grace.judge(f, changed));
+            let mapping = Finding::decisive(undecided.as_ref(), mapped.as_ref().err())
+                .cloned()
+                .map(|f| grace.judge(f, changed));
             KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain, canary: None }
         })
         .collect();
@@ -241,4 +278,29 @@ pub async fn evaluate(
         recheck_at: [grace.recheck_at(), endpoints_answered].into_iter().flatten().min(),
         fingerprints,
     }
+}
+
+/// Each static-passed KSA's workloads (those of its namespace running as it), when the probe
+/// inspects workloads.
+fn workloads_of(
+    plan: &Plan,
+    view: &dyn WorkloadView,
+    prepared: &[(Candidate, Result<Prepared, Finding>)],
+) -> HashMap<(String, String), Vec<Arc<Workload>>> {
+    if !plan.inspect_workloads {
+        return HashMap::new();
+    }
+    prepared
+        .iter()
+        .filter(|(_, p)| p.is_ok())
+        .map(|(c, _)| {
+            let mut found = Vec::new();
+            view.each_workload(&c.namespace, &mut |w| {
+                if w.runs_as(&c.name) {
+                    found.push(w.clone());
+                }
+            });
+            ((c.namespace.clone(), c.name.clone()), found)
+        })
+        .collect()
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use authprobe::api::{AuthProbe, condition};
 use fake_google::scenario::{
-    Cluster, GkeCluster, GkeProject, Grant, LifeState, Pool, Provider, ServiceAccount,
+    Cluster, Faults, GkeCluster, GkeProject, Grant, LifeState, Malformed, Pool, Provider, ServiceAccount,
 };
 use serde_json::{Value, json};
 
@@ -403,6 +403,84 @@ async fn an_api_that_refuses_federated_tokens() {
     // Once the API accepts federated tokens, the direct grant is enough.
     probe_now(&client, &id).await;
     env.wait_ready(&client, &id, "True", "Verified").await;
+}
+
+/// A broken 200 from any API the chain calls (truncated JSON, an HTML page, wrong types, a body
+/// past the read limit) is Unknown with a reason, never False, and the true verdict returns with
+/// Google's proper answers. The Federation probe covers the provider and pool reads, STS,
+/// generateAccessToken and testIamPermissions; the GKE probe covers securetoken.
+#[tokio::test]
+async fn malformed_answers_from_every_chain_api_are_unknown() {
+    let env = ENV.get();
+    let _exclusive = GLOBAL.write().await;
+    trust_cluster(&env);
+    let client = env.client().await;
+    let fed_id = unique("garbled-fed");
+    let pool_id = unique("pool");
+    let provider = federation(
+        &env,
+        &pool_id,
+        Provider {
+            attribute_mapping: default_mapping(),
+            jwks_json: cluster_jwks(&env).await,
+            ..Default::default()
+        },
+    )
+    .await;
+    let fed_gsa = gsa(&unique("garbled"));
+    let fed_ns = env.namespace(&client, "garbled", &[("team", fed_id.as_str())]).await;
+    service_account(&client, &fed_ns, "app", Some(&fed_gsa)).await;
+    add_gsa(&env, bucket_reader(&fed_gsa, vec![principal(&pool_id, &fed_ns)]));
+    apply_probe(&client, &fed_id, federation_spec("team", &fed_id, &provider, json!({}))).await;
+    let gke_id = unique("garbled-gke");
+    let gke_gsa = gsa(&unique("garbled"));
+    let gke_ns = env.namespace(&client, "garbled", &[("team", gke_id.as_str())]).await;
+    service_account(&client, &gke_ns, "app", Some(&gke_gsa)).await;
+    add_gsa(&env, bucket_reader(&gke_gsa, vec![member(&gke_ns, "app")]));
+    apply_probe(&client, &gke_id, chain_spec("team", &gke_id, json!({}))).await;
+    env.wait_verified(&client, &fed_id, 1).await;
+    env.wait_verified(&client, &gke_id, 1).await;
+
+    let apis = [
+        ("iam.providers.get", &fed_id),
+        ("iam.workloadIdentityPools.get", &fed_id),
+        ("sts.token", &fed_id),
+        ("iamcredentials.generateAccessToken", &fed_id),
+        ("storage.testIamPermissions", &fed_id),
+        ("securetoken.identitybindingtoken", &gke_id),
+    ];
+    let kinds = [Malformed::TruncatedJson, Malformed::HtmlPage, Malformed::WrongTypes, Malformed::HugeBody];
+    for (api, id) in apis {
+        let recorder = support::record(&client, id);
+        let mut outcomes = Vec::new();
+        for kind in kinds {
+            let before = env.fake.counts().get(api).copied().unwrap_or_default();
+            env.fake.update(|s| {
+                s.faults = Faults { malformed: Some(kind), apis: vec![api.into()], ..Default::default() }
+            });
+            probe_now(&client, id).await;
+            let probe = env
+                .wait_for(&client, id, &format!("{api} {kind:?}: Ready Unknown"), |p| {
+                    ready(p).is_some_and(|r| r.0 == "Unknown")
+                })
+                .await;
+            env.fake.update(|s| s.faults = Faults::default());
+            assert!(
+                env.fake.counts().get(api).copied().unwrap_or_default() > before,
+                "{api} {kind:?}: the pass called it"
+            );
+            let failure = &probe.status.as_ref().unwrap().failures[0];
+            assert!(failure.reason.is_undecided(), "{api} {kind:?}: {failure:?}");
+            assert!(failure.message.len() <= 2048, "{api} {kind:?}: {} bytes", failure.message.len());
+            outcomes.push(format!("{kind:?} {}", failure.reason.as_str()));
+            probe_now(&client, id).await;
+            env.wait_verified(&client, id, 1).await;
+        }
+        let seen = recorder.stop();
+        assert!(seen.iter().all(|r| r.0 != "False"), "{api}: never False, saw {seen:?}");
+        report("hostile", &format!("{api} answering 200 malformed: {}; never False", outcomes.join(", ")));
+    }
+    assert!(!env.operator.log_text().contains("panicked"));
 }
 
 #[tokio::test]

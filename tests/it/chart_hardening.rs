@@ -381,8 +381,9 @@ fn the_schema_covers_the_new_values_and_refuses_others() -> Result<()> {
 }
 
 /// The canary runs Jobs as any ServiceAccount, as strong as minting its token: off by default; on,
-/// it may make, watch and delete Jobs, only read Pods (their status holds the result: no logs, no
-/// exec) and get the workloads it copies, and the operator gets its image (its own by default).
+/// it may make, get and delete Jobs and get the workloads it copies (listing and watching Jobs and
+/// Pods is the Workload stage's grant: a Pod's status holds the result, no logs, no exec), and the
+/// operator gets its image (its own by default).
 #[test]
 fn the_canary_is_off_by_default_and_enabled_grants_jobs_pod_reads_and_its_image() -> Result<()> {
     let canary_role = |docs: &[Value]| {
@@ -399,12 +400,29 @@ fn the_canary_is_off_by_default_and_enabled_grants_jobs_pod_reads_and_its_image(
     assert_eq!(
         canary_role(&on).context("the canary ClusterRole")?["rules"],
         json!([
-            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "daemonsets"], "verbs": ["get"]},
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]},
             {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get"]},
+            {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "daemonsets"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         ])
     );
+    // Listing and watching Jobs and Pods is the Workload stage's grant, always there: not granted twice.
+    let base = of_kind(&on, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "authprobe")
+        .context("the operator's ClusterRole")?;
+    for (group, resource) in [("batch", "jobs"), ("", "pods")] {
+        let rule = base["rules"]
+            .as_array()
+            .context("rules")?
+            .iter()
+            .find(|r| {
+                r["apiGroups"] == json!([group])
+                    && r["resources"].as_array().is_some_and(|rs| rs.contains(&json!(resource)))
+            })
+            .with_context(|| format!("the operator's ClusterRole lists and watches {resource}"))?;
+        assert_eq!(rule["verbs"], json!(["list", "watch"]));
+    }
     let binding = of_kind(&on, "ClusterRoleBinding")
         .into_iter()
         .find(|b| b["metadata"]["name"] == "authprobe-canary")

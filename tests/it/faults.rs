@@ -11,11 +11,7 @@ use std::{
 
 use authprobe::api::{AuthProbe, condition};
 use fake_google::scenario::Faults;
-use futures::StreamExt;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Api, Client};
 use serde_json::json;
 
 use crate::support::{self, *};
@@ -23,7 +19,8 @@ use crate::support::{self, *};
 /// These tests kill and restart kube-apiserver and etcd, restart the operator, inject faults into
 /// the fake and count its calls: a control plane, fake and operator of their own. The operator has
 /// production retry settings (a 60 s deadline), unlike the other modules'.
-static ENV: Private = Private::new("faults", Setup { operator_args: &[], start_operator: true });
+static ENV: Private =
+    Private::new("faults", Setup { operator_args: &[], start_operator: true, ..Setup::DEFAULT });
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -55,36 +52,6 @@ async fn scenario(env: &Env, client: &Client, id: &str, healthy: usize, broken: 
     env.fake_service_account(&gsa, &[(WIU, &refs)]);
     apply_probe(client, id, gke_spec("team", id, json!({}))).await;
     Scenario { gsa, members, broken: broken_ns }
-}
-
-/// Every Ready status a probe shows from now on, until the returned guard is stopped.
-struct Recorder {
-    seen: tokio::sync::watch::Receiver<Vec<(String, String)>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn record(client: &Client, id: &str) -> Recorder {
-    let (tx, rx) = tokio::sync::watch::channel(vec![]);
-    let api = Api::<AuthProbe>::all(client.clone());
-    let config = watcher::Config::default().fields(&format!("metadata.name={id}"));
-    let task = tokio::spawn(async move {
-        let mut stream = watcher(api, config).default_backoff().applied_objects().boxed();
-        while let Some(item) = stream.next().await {
-            if let Ok(p) = item
-                && let Some(r) = ready(&p)
-            {
-                tx.send_modify(|v| v.push(r));
-            }
-        }
-    });
-    Recorder { seen: rx, task }
-}
-
-impl Recorder {
-    fn stop(self) -> Vec<(String, String)> {
-        self.task.abort();
-        self.seen.borrow().clone()
-    }
 }
 
 /// A forced pass by the operator, waited for through `lastProbeTime` moving past `after`.

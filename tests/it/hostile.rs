@@ -83,7 +83,13 @@ async fn malformed_google_answers_are_unknown_with_a_reason() {
     let env = ENV.get();
     let _serial = SERIAL.lock().await;
     let client = env.client().await;
-    let kinds = [Malformed::TruncatedJson, Malformed::HtmlPage, Malformed::WrongTypes, Malformed::HugeBody];
+    let kinds = [
+        Malformed::TruncatedJson,
+        Malformed::HtmlPage,
+        Malformed::WrongTypes,
+        Malformed::HugeWrongType,
+        Malformed::HugeBody,
+    ];
     for kind in kinds {
         let id = unique("malformed");
         let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("malformed"));
@@ -112,11 +118,56 @@ async fn malformed_google_answers_are_unknown_with_a_reason() {
             "hostile",
             &format!(
                 "{kind:?} answer: Unknown/GoogleUnavailable ({})",
-                message.split(": ").last().unwrap_or_default()
+                message.split(": ").last().unwrap_or_default().chars().take(100).collect::<String>()
             ),
         );
     }
     assert!(!env.operator.log_text().contains("panicked"));
+}
+
+/// Twenty KSAs whose GSA reads answer 200 with 0.5 MB strings where a boolean belongs: serde's
+/// error quotes the value, yet every failure's message stays bounded and the status write succeeds.
+#[tokio::test]
+async fn huge_wrong_typed_answers_keep_the_status_small() {
+    let env = ENV.get();
+    let _serial = SERIAL.lock().await;
+    let client = env.client().await;
+    let id = unique("huge");
+    const KSAS: usize = 20;
+    for i in 0..KSAS {
+        let ns = env.namespace(&client, &format!("huge{i}"), &[("team", id.as_str())]).await;
+        let gsa = format!("{}@acme-prod.iam.gserviceaccount.com", unique("huge"));
+        service_account(&client, &ns, "app", Some(&gsa)).await;
+        env.fake_service_account(&gsa, &[]);
+    }
+    env.fake.update(|s| {
+        s.faults = Faults {
+            malformed: Some(Malformed::HugeWrongType),
+            apis: vec!["iam.serviceAccounts.get".into()],
+            ..Default::default()
+        }
+    });
+    apply_probe(&client, &id, gke_spec("team", &id, json!({}))).await;
+    let probe = env
+        .wait_for(&client, &id, "20 failures judged Unknown", |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.failures.len() == KSAS && s.failures.iter().all(|f| f.reason == Reason::GoogleUnavailable)
+            })
+        })
+        .await;
+    env.fake.update(|s| s.faults = Faults::default());
+    let status = serde_json::to_vec(&probe.status).unwrap();
+    let longest = probe.status.as_ref().unwrap().failures.iter().map(|f| f.message.len()).max().unwrap();
+    assert!(longest <= 2048, "a failure message of {longest} bytes");
+    assert!(status.len() < 64 * 1024, "a status of {} bytes", status.len());
+    assert!(!env.operator.log_text().contains("panicked"));
+    report(
+        "hostile",
+        &format!(
+            "{KSAS} GSA reads answering half-megabyte wrong-typed fields: all Unknown/GoogleUnavailable, longest message {longest} bytes, status {} bytes, written",
+            status.len()
+        ),
+    );
 }
 
 #[tokio::test]

@@ -33,8 +33,10 @@ use serde_json::json;
 
 use crate::support::{self, *};
 
-static ENV: Private =
-    Private::new("operability", Setup { operator_args: SHORT_RETRIES, start_operator: false });
+static ENV: Private = Private::new(
+    "operability",
+    Setup { operator_args: SHORT_RETRIES, start_operator: false, ..Setup::DEFAULT },
+);
 
 const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/payments-data";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -192,25 +194,6 @@ async fn the_chart_installs_and_its_rbac_is_enough_and_no_more() {
     );
     operator.stop();
     drop(namespaces);
-}
-
-fn lease_holder(lease: &Lease) -> Option<String> {
-    lease.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())
-}
-
-/// Waits until the Lease is held by someone other than `not`, and returns the holder and how long it took.
-async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Ok(lease) = leases.get(DEFAULT_LEASE_NAME).await
-            && let Some(holder) = lease_holder(&lease)
-            && Some(holder.as_str()) != not
-        {
-            return (holder, started.elapsed());
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no takeover within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A standby takes a released lease at once whatever the moment of the release during its start:

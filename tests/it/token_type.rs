@@ -27,10 +27,7 @@ const AUDIENCE: &str = "https://api.acme.example";
 /// 127.0.0.2 included: a control plane, fake and operator of this module's own.
 static ENV: Private = Private::new(
     "token_type",
-    Setup {
-        operator_args: &["--google-retry-deadline=8s", "--endpoint-allow=127.0.0.1"],
-        start_operator: true,
-    },
+    Setup { operator_args: &["--google-retry-deadline=8s", "--endpoint-allow=127.0.0.1"], ..Setup::DEFAULT },
 );
 
 /// This module's environment with the fake trusting its cluster, and an admin client.

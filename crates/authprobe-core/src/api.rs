@@ -313,6 +313,11 @@ pub struct ProbeSettings {
     #[x_kube(validation = Rule::new(format!("{DURATION_SHAPE} && duration(self) >= duration('0s') && duration(self) <= duration('1h')"))
         .message("probe.propagationGrace must be a duration from 0s to 1h, like 0s, 90s or 7m"))]
     pub propagation_grace: String,
+
+    /// Check which credential each workload running as a selected KSA really loads (stage `Workload`):
+    /// its pod template's environment and volumes, and the ConfigMaps it mounts. Secrets are never read.
+    #[serde(default = "default_true")]
+    pub inspect_workloads: bool,
 }
 
 /// The canary: the pod's own first token, from inside the namespace.
@@ -356,12 +361,17 @@ fn default_propagation_grace() -> String {
     "7m".into()
 }
 
+fn default_true() -> bool {
+    true
+}
+
 impl Default for ProbeSettings {
     fn default() -> Self {
         Self {
             interval: default_interval(),
             token_exchange: false,
             propagation_grace: default_propagation_grace(),
+            inspect_workloads: true,
         }
     }
 }
@@ -435,6 +445,10 @@ pub struct Failure {
     pub message: String,
     /// When this reason was first seen for this KSA.
     pub since: Time,
+    /// Stage `Workload`: the workloads with this reason, as `Kind/name`, sorted, at most 5.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub workloads: Vec<String>,
 }
 
 /// The steps of the chain, in the order a workload goes through them.
@@ -457,6 +471,8 @@ pub struct Failure {
 pub enum Stage {
     /// The KSA, its annotation and the spec.
     Static,
+    /// Which credential the workloads running as the KSA load.
+    Workload,
     /// The GSA's allow policy and the GSA itself.
     #[serde(rename = "IAMPolicy")]
     #[strum(serialize = "IAMPolicy")]
@@ -510,6 +526,22 @@ pub enum Reason {
     SubjectTooLong,
     /// The spec cannot be checked as written.
     InvalidSpec,
+    /// GKE: a container sets `GOOGLE_APPLICATION_CREDENTIALS`, so ADC loads that file, not Workload Identity.
+    CredentialFileOverridesWorkloadIdentity,
+    /// A volume puts a gcloud user credential in a container, or `CLOUDSDK_CONFIG` is set.
+    UserCredentialsMounted,
+    /// GKE: `hostNetwork: true` pods reach the node's metadata server, not Workload Identity.
+    HostNetworkBypassesWorkloadIdentity,
+    /// Federation: no credential configuration is set, mounted, or its ConfigMap or key exists.
+    CredentialConfigMissing,
+    /// Federation: the credential configuration is not JSON or not `external_account`.
+    CredentialConfigInvalid,
+    /// Federation: the credential configuration names another provider, endpoint, token type or GSA.
+    CredentialConfigMismatch,
+    /// Federation: `credential_source.file` is not a projected ServiceAccount token.
+    CredentialSourceNotMounted,
+    /// The credential configuration comes from a Secret or `valueFrom`, which authprobe does not read.
+    CredentialConfigUnreadable,
     /// No `roles/iam.workloadIdentityUser` binding maps the KSA's principal.
     PrincipalNotMapped,
     /// The only binding holds under an IAM condition.
@@ -526,7 +558,8 @@ pub enum Reason {
     ProviderDisabled,
     /// The pool is disabled.
     PoolDisabled,
-    /// The KSA token's audience is not allowed by the provider.
+    /// The KSA token's audience (stage `Provider`), or a workload's projected token audience (stage
+    /// `Workload`), is not allowed by the provider.
     AudienceNotAllowed,
     /// The provider's issuer is not the cluster's issuer.
     IssuerMismatch,
@@ -609,6 +642,7 @@ impl Reason {
                 | Reason::CheckerForbidden
                 | Reason::TokenRequestDenied
                 | Reason::KubernetesUnavailable
+                | Reason::CredentialConfigUnreadable
                 | Reason::EndpointUnavailable
                 | Reason::CanaryNotScheduled
         )
@@ -665,6 +699,7 @@ mod tests {
         assert_eq!(spec.probe.interval, "10m");
         assert_eq!(spec.probe.propagation_grace, "7m");
         assert!(!spec.probe.token_exchange);
+        assert!(spec.probe.inspect_workloads);
         assert_eq!(spec.identity.access, Access::Impersonation);
     }
 

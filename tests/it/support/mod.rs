@@ -11,12 +11,13 @@
 //!   over every probe. So an operator of its own always means a control plane of its own;
 //! - [`env`] is the default environment (control plane, fake, operator with a short Google retry
 //!   deadline), shared by the modules that only add objects under names of their own and never
-//!   change what everyone sees (`operator`, `check`, one `lifecycle` test);
+//!   change what everyone sees (`operator`, `check`, `workload`, one `lifecycle` test);
 //! - [`Private`] is an environment of a module's own, for modules that restart or re-key the
 //!   control plane (`faults`, `key_rotation`), change the fake for everyone (faults, clock skew,
 //!   operator permissions, malformed answers: `chain`, `google_faults`, `hostile`), assert
 //!   operator-wide figures (`metrics`, `faults`' call counts, `lifecycle`'s last probe), or run
-//!   operators of their own (`operability`). It lives while one of the module's tests holds it;
+//!   operators of their own or read the audit log (`operability`, `leadership`, `workload`'s
+//!   Secret test). It lives while one of the module's tests holds it;
 //! - [`ControlPlane::shared`] has no operator at all, for the tests that prove the harness and the
 //!   chart (`control_plane`, `chart`, `chart_hardening`): an operator would write over the status
 //!   `control_plane` writes itself.
@@ -33,7 +34,7 @@ use std::{
         Arc, Mutex, OnceLock, PoisonError, Weak,
         atomic::{AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -44,7 +45,9 @@ use fake_google::{
     scenario::{Binding, Scenario, ServiceAccount},
 };
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event};
+use k8s_openapi::api::{
+    coordination::v1::Lease, core::v1::ServiceAccount as KubeServiceAccount, events::v1::Event,
+};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -66,11 +69,13 @@ pub struct Setup {
     pub operator_args: &'static [&'static str],
     /// Whether it runs; otherwise the tests start operators of their own (with [`Operator::new`]).
     pub start_operator: bool,
+    /// Whether the control plane writes an audit log of every request ([`ControlPlane::audit_log`]).
+    pub audit_log: bool,
 }
 
 impl Setup {
     /// An operator with [`SHORT_RETRIES`], running.
-    pub const DEFAULT: Setup = Setup { operator_args: SHORT_RETRIES, start_operator: true };
+    pub const DEFAULT: Setup = Setup { operator_args: SHORT_RETRIES, start_operator: true, audit_log: false };
 }
 
 /// A control plane, a fake Google and an operator.
@@ -143,14 +148,15 @@ impl Private {
 /// connection opened meanwhile can take one; that is the likely cause of the one failed start
 /// seen here in about 200 (kube-apiserver exited with status 1; its log went with the failed
 /// start's directory).
-fn control_plane(name: &str) -> ControlPlane {
+fn control_plane(name: &str, audit_log: bool) -> ControlPlane {
     let mut attempt = 0;
     loop {
         attempt += 1;
         // ControlPlane::start runs a runtime of its own: not from within a test's.
-        let started = std::thread::spawn(|| ControlPlane::start(Options::default()))
-            .join()
-            .expect("the control plane start does not panic");
+        let started =
+            std::thread::spawn(move || ControlPlane::start(Options { audit_log, ..Options::default() }))
+                .join()
+                .expect("the control plane start does not panic");
         match started {
             Ok(cp) => return cp,
             Err(e) if attempt < 3 => {
@@ -167,7 +173,7 @@ fn control_plane(name: &str) -> ControlPlane {
 impl Env {
     /// Starts a control plane, a fake and (per `setup`) the operator. Blocking.
     fn start(name: &str, setup: Setup) -> Env {
-        let cp = control_plane(name);
+        let cp = control_plane(name, setup.audit_log);
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -337,6 +343,18 @@ impl Drop for Operator {
     }
 }
 
+/// `endpoints` without the services an older build (`AUTHPROBE_BIN`) refuses: with
+/// `AUTHPROBE_BIN_SERVICES=sts,iam,...` only those are passed, so its tests can show what it did.
+fn known_endpoints(endpoints: &str) -> String {
+    let Ok(known) = std::env::var("AUTHPROBE_BIN_SERVICES") else { return endpoints.to_string() };
+    let known: Vec<&str> = known.split(',').collect();
+    endpoints
+        .split(',')
+        .filter(|e| e.split_once('=').is_some_and(|(service, _)| known.contains(&service)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Operator {
     /// An operator (not started) talking to the fake at `endpoints`, with `extra` arguments.
     pub fn new(cp: &ControlPlane, endpoints: &str, extra: &[&str]) -> Self {
@@ -358,7 +376,7 @@ impl Operator {
             args,
             envs: vec![
                 ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
-                ("AUTHPROBE_GOOGLE_ENDPOINTS", endpoints.to_string()),
+                ("AUTHPROBE_GOOGLE_ENDPOINTS", known_endpoints(endpoints)),
                 ("RUST_LOG", "info,authprobe=debug".into()),
             ],
         }
@@ -648,4 +666,55 @@ pub fn assert_no_credential_in_files(dir: &std::path::Path, credentials: &[Strin
 pub fn report(kind: &str, line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{kind}: {line}");
+}
+
+/// Who holds the Lease, if anyone.
+pub fn lease_holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())
+}
+
+/// Waits until the Lease is held by someone other than `not`, and returns the holder and how long it took.
+pub async fn wait_takeover(leases: &Api<Lease>, not: Option<&str>) -> (String, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok(lease) = leases.get(authprobe::runtime::leader::DEFAULT_LEASE_NAME).await
+            && let Some(holder) = lease_holder(&lease)
+            && Some(holder.as_str()) != not
+        {
+            return (holder, started.elapsed());
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no takeover within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every Ready status a probe shows from now on, until the returned guard is stopped.
+pub struct Recorder {
+    seen: tokio::sync::watch::Receiver<Vec<(String, String)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts recording.
+pub fn record(client: &Client, id: &str) -> Recorder {
+    let (tx, rx) = tokio::sync::watch::channel(vec![]);
+    let api = Api::<AuthProbe>::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={id}"));
+    let task = tokio::spawn(async move {
+        let mut stream = watcher(api, config).default_backoff().applied_objects().boxed();
+        while let Some(item) = stream.next().await {
+            if let Ok(p) = item
+                && let Some(r) = ready(&p)
+            {
+                tx.send_modify(|v| v.push(r));
+            }
+        }
+    });
+    Recorder { seen: rx, task }
+}
+
+impl Recorder {
+    pub fn stop(self) -> Vec<(String, String)> {
+        self.task.abort();
+        self.seen.borrow().clone()
+    }
 }

@@ -9,6 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::{
     history::{History, Transition},
     report::{KsaOutcome, Report, Status, same_verdict, to_status},
+    workload::WorkloadKind,
 };
 use crate::{
     api::{AuthProbeStatus, Reason, condition},
@@ -88,6 +89,15 @@ pub enum Regarding {
     ServiceAccount {
         /// Its namespace.
         namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// A workload running as a checked ServiceAccount (stage `Workload`).
+    Workload {
+        /// Its namespace.
+        namespace: String,
+        /// What it is.
+        kind: WorkloadKind,
         /// Its name.
         name: String,
     },
@@ -239,22 +249,34 @@ pub fn decide(mut memory: Memory, pass: PassResult<'_>) -> Decision {
 }
 
 fn ksa_announcement(transition: Transition, probe: &str) -> Announcement {
-    let (namespace, name, severity, reason, note) = match &transition {
-        Transition::Failing { namespace, name, reason, message } => {
-            (namespace, name, Severity::Warning, *reason, message.clone())
+    let (namespace, name, workload, severity, reason, note) = match &transition {
+        Transition::Failing { namespace, name, workload, reason, message } => {
+            (namespace, name, workload, Severity::Warning, *reason, message.clone())
         }
-        Transition::Recovered { namespace, name } => (
-            namespace,
-            name,
-            Severity::Normal,
-            Reason::Verified,
-            format!(
-                "ServiceAccount {namespace}/{name} maps to its Google identity again (AuthProbe {probe})"
-            ),
-        ),
+        Transition::Recovered { namespace, name, workload } => {
+            let note = match workload {
+                None => format!(
+                    "ServiceAccount {namespace}/{name} maps to its Google identity again (AuthProbe {probe})"
+                ),
+                Some(w) => format!(
+                    "{w} passes the workload checks for ServiceAccount {namespace}/{name} again (AuthProbe {probe})"
+                ),
+            };
+            (namespace, name, workload, Severity::Normal, Reason::Verified, note)
+        }
+    };
+    let kind_and_name = workload
+        .as_deref()
+        .and_then(|w| w.split_once('/'))
+        .and_then(|(kind, name)| Some((kind.parse::<WorkloadKind>().ok()?, name)));
+    let regarding = match kind_and_name {
+        Some((kind, workload)) => {
+            Regarding::Workload { namespace: namespace.clone(), kind, name: workload.to_string() }
+        }
+        None => Regarding::ServiceAccount { namespace: namespace.clone(), name: name.clone() },
     };
     Announcement {
-        regarding: Regarding::ServiceAccount { namespace: namespace.clone(), name: name.clone() },
+        regarding,
         severity,
         reason,
         note: redact::message(&note, MAX_NOTE_BYTES),
@@ -532,5 +554,40 @@ mod tests {
             )
         );
         assert!(notice.note.len() <= MAX_NOTE_BYTES && notice.note.starts_with("from x to y"));
+    }
+
+    #[test]
+    fn workload_failures_are_announced_on_the_workload_not_the_service_account() {
+        let first = Run::new(vec![outcome("a", None)], "2026-01-01T00:00:00Z");
+        let memory = first.decide(Memory::default()).settle(&[]);
+        let mut finding =
+            Finding::fail(Stage::Workload, Reason::CredentialFileOverridesWorkloadIdentity, "x");
+        finding.workloads = vec!["Deployment/api".into()];
+        let broken = KsaOutcome {
+            namespace: "a".into(),
+            name: "app".into(),
+            mapping: Some(finding),
+            chain: None,
+            canary: None,
+        };
+        let d = Run::new(vec![broken], "2026-01-01T00:01:00Z").decide(memory);
+        let regarding: Vec<&Regarding> = d.announcements.iter().map(|a| &a.regarding).collect();
+        assert_eq!(
+            regarding,
+            [
+                &Regarding::Workload {
+                    namespace: "a".into(),
+                    kind: WorkloadKind::Deployment,
+                    name: "api".into()
+                },
+                &Regarding::Probe
+            ]
+        );
+        let memory = d.settle(&[]);
+        let healed = Run::new(vec![outcome("a", None)], "2026-01-01T00:02:00Z").decide(memory);
+        let normal = &healed.announcements[0];
+        assert_eq!((normal.severity, normal.reason), (Severity::Normal, Reason::Verified));
+        assert!(matches!(&normal.regarding, Regarding::Workload { name, .. } if name == "api"));
+        assert!(normal.note.contains("Deployment/api passes the workload checks"), "{}", normal.note);
     }
 }

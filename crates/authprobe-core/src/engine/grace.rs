@@ -9,7 +9,8 @@ use super::{Finding, Verdict};
 use crate::api::{Reason, Stage};
 
 /// Turns a failure within the propagation grace of a change into Unknown/PropagationPending.
-/// Static failures are Kubernetes-local and never wait for Google to catch up.
+/// Static and Workload failures are read from Kubernetes objects, so they never wait for Google to
+/// catch up.
 pub fn within_grace(
     finding: Finding,
     changed_at: Option<Timestamp>,
@@ -20,7 +21,10 @@ pub fn within_grace(
         return finding;
     };
     let grace_ends = changed_at.checked_add(grace).unwrap_or(changed_at);
-    if finding.verdict != Verdict::Fail || finding.stage == Stage::Static || now >= grace_ends {
+    if finding.verdict != Verdict::Fail
+        || matches!(finding.stage, Stage::Static | Stage::Workload)
+        || now >= grace_ends
+    {
         return finding;
     }
     Finding::unknown(

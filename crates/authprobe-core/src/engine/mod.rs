@@ -15,6 +15,7 @@ pub mod report;
 pub mod selector;
 pub mod stage;
 pub mod target;
+pub mod workload;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -51,17 +52,28 @@ pub struct Finding {
     pub verdict: Verdict,
     /// The KSA, the principal, the GSA or provider, the upstream error and the fix.
     pub message: String,
+    /// Stage `Workload`: the workloads with this reason, as `Kind/name`, sorted, at most 5.
+    pub workloads: Vec<String>,
 }
 
 impl Finding {
     /// A definite failure.
     pub fn fail(stage: Stage, reason: Reason, message: impl Into<String>) -> Self {
-        Self { stage, reason, verdict: Verdict::Fail, message: message.into() }
+        Self { stage, reason, verdict: Verdict::Fail, message: message.into(), workloads: vec![] }
     }
 
     /// An undecided result.
     pub fn unknown(stage: Stage, reason: Reason, message: impl Into<String>) -> Self {
-        Self { stage, reason, verdict: Verdict::Unknown, message: message.into() }
+        Self { stage, reason, verdict: Verdict::Unknown, message: message.into(), workloads: vec![] }
+    }
+
+    /// Of an earlier stage's finding and a later one's, the one that decides: failing before
+    /// undecided, else the earlier (an undecided finding does not stop the later stages).
+    pub fn decisive<'a>(earlier: Option<&'a Finding>, later: Option<&'a Finding>) -> Option<&'a Finding> {
+        match (earlier, later) {
+            (Some(e), Some(l)) if e.verdict == Verdict::Unknown && l.verdict == Verdict::Fail => Some(l),
+            (e, l) => e.or(l),
+        }
     }
 
     /// An undecided result from a fetch failure.

@@ -207,6 +207,8 @@ pub struct Plan {
     pub grace: Duration,
     /// Whether the live chain runs.
     pub token_exchange: bool,
+    /// Whether stage `Workload` runs.
+    pub inspect_workloads: bool,
     /// The canary, when enabled.
     pub canary: Option<CanaryPlan>,
     namespaces: Selector,
@@ -364,6 +366,7 @@ impl Plan {
                 Duration::from_secs(3600),
             )?,
             token_exchange: spec.probe.token_exchange,
+            inspect_workloads: spec.probe.inspect_workloads,
             canary,
             namespaces,
             names: selection.names,

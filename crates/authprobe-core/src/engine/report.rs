@@ -27,7 +27,8 @@ pub struct KsaOutcome {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Static, IAM-policy and provider stages: `None` when they passed.
+    /// Static, Workload, IAM-policy and provider stages: `None` when they passed. An undecided
+    /// Workload finding lets the later stages run, so the chain may have run with it.
     pub mapping: Option<Finding>,
     /// The live chain: `None` when it is off or did not run; `Some(Ok)` when it passed.
     pub chain: Option<Result<(), Finding>>,
@@ -37,14 +38,13 @@ pub struct KsaOutcome {
 }
 
 impl KsaOutcome {
-    /// The finding that decides this KSA: the mapping's, else the chain's, else the canary's; a
-    /// failing canary before an earlier stage that could not tell (it saw the pod fail itself).
+    /// The finding that decides this KSA: the mapping's, else the chain's, else the canary's;
+    /// failing before unknown (a failing chain finding before an undecided mapping one, a failing
+    /// canary before an earlier stage that could not tell: it saw the pod fail itself).
     pub fn finding(&self) -> Option<&Finding> {
-        let earlier = self.mapping.as_ref().or_else(|| self.chain.as_ref().and_then(|c| c.as_ref().err()));
-        match (earlier, self.canary.as_ref()) {
-            (Some(e), Some(c)) if e.verdict == Verdict::Unknown && c.verdict == Verdict::Fail => Some(c),
-            (e, c) => e.or(c),
-        }
+        let earlier =
+            Finding::decisive(self.mapping.as_ref(), self.chain.as_ref().and_then(|c| c.as_ref().err()));
+        Finding::decisive(earlier, self.canary.as_ref())
     }
 }
 
@@ -354,6 +354,7 @@ pub fn to_status(
                     .filter(|(reason, _)| *reason == e.finding.reason)
                     .map_or(now, |(_, t)| *t),
             ),
+            workloads: e.finding.workloads.clone(),
         })
         .collect();
     AuthProbeStatus {

@@ -650,6 +650,72 @@ fn status_is_bounded_and_keeps_transition_times() {
 }
 
 #[test]
+fn workload_findings_sit_between_static_and_iam_and_count_as_mappings() {
+    let mut workload = Finding::fail(Stage::Workload, Reason::CredentialFileOverridesWorkloadIdentity, "x");
+    workload.workloads = vec!["Deployment/api".into(), "Job/x".into()];
+    let r = Report::build(
+        &[
+            outcome("a", "app", Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x"))),
+            outcome("b", "app", Some(workload)),
+            outcome("c", "app", Some(Finding::fail(Stage::Static, Reason::AnnotationMissing, "x"))),
+        ],
+        3,
+        false,
+    );
+    let order: Vec<Stage> = r.entries.iter().map(|e| e.finding.stage).collect();
+    assert_eq!(order, [Stage::Static, Stage::Workload, Stage::IamPolicy]);
+    let only_workload = Report::build(
+        &r.entries[1..2]
+            .iter()
+            .map(|e| outcome(&e.namespace, &e.name, Some(e.finding.clone())))
+            .collect::<Vec<_>>(),
+        1,
+        false,
+    );
+    let mappings = only_workload.condition(condition::MAPPINGS_VERIFIED).unwrap();
+    assert_eq!(
+        (mappings.status, mappings.reason),
+        (Status::False, Reason::CredentialFileOverridesWorkloadIdentity)
+    );
+    let status = to_status(&r, None, Some(1), "2026-11-27T10:00:00Z".parse().unwrap(), &report::Since::new());
+    assert_eq!(status.failures[1].workloads, ["Deployment/api", "Job/x"]);
+    assert!(status.failures[0].workloads.is_empty());
+    // Kubernetes-local: never softened by the propagation grace.
+    let now: Timestamp = "2026-11-27T10:00:00Z".parse().unwrap();
+    let failing = r.entries[1].finding.clone();
+    assert_eq!(within_grace(failing.clone(), Some(now), now, std::time::Duration::from_secs(420)), failing);
+}
+
+#[test]
+fn an_undecided_workload_finding_yields_to_a_later_failing_one() {
+    let unreadable = Finding::unknown(Stage::Workload, Reason::CredentialConfigUnreadable, "a Secret");
+    let denied = Finding::fail(Stage::Impersonation, Reason::ImpersonationDenied, "x");
+    let chained = |chain: Result<(), Finding>| KsaOutcome {
+        namespace: "a".into(),
+        name: "app".into(),
+        mapping: Some(unreadable.clone()),
+        chain: Some(chain),
+        canary: None,
+    };
+    assert_eq!(chained(Err(denied.clone())).finding(), Some(&denied));
+    assert_eq!(chained(Ok(())).finding(), Some(&unreadable));
+    let unavailable = Finding::unknown(Stage::TokenExchange, Reason::GoogleUnavailable, "503");
+    assert_eq!(
+        chained(Err(unavailable)).finding(),
+        Some(&unreadable),
+        "the earlier undecided stage keeps it"
+    );
+    let mapping = Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x");
+    assert_eq!(Finding::decisive(Some(&unreadable), Some(&mapping)), Some(&mapping));
+    let failing = Finding::fail(Stage::Workload, Reason::HostNetworkBypassesWorkloadIdentity, "x");
+    assert_eq!(Finding::decisive(Some(&failing), Some(&mapping)), Some(&failing));
+    let r = Report::build(&[chained(Ok(()))], 1, true);
+    let ready = r.condition(condition::READY).unwrap();
+    assert_eq!((ready.status, ready.reason), (Status::Unknown, Reason::CredentialConfigUnreadable));
+    assert_eq!(r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap().status, Status::True);
+}
+
+#[test]
 fn a_status_stays_small_however_large_the_upstream_answers() {
     let huge = format!("upstream said: {} and a token ya29.{}", "x".repeat(1 << 20), "y".repeat(64));
     let outcomes: Vec<KsaOutcome> = (0..25)

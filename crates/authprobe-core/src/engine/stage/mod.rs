@@ -8,6 +8,7 @@ pub mod endpoint;
 mod iam;
 pub mod provider;
 mod static_checks;
+mod workload;
 
 use super::{Facts, Finding, Plan, Prepared, TokenClaims, principal::KsaIdentity};
 

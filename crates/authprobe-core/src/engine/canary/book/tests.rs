@@ -217,6 +217,7 @@ fn a_seeded_book_carries_the_canary_failures_status_lists() {
         reason,
         message: "as before".into(),
         since: Time(Timestamp::UNIX_EPOCH),
+        workloads: vec![],
     };
     let status = AuthProbeStatus {
         failures: vec![
