@@ -47,7 +47,7 @@ pub enum WorkloadKind {
     DaemonSet,
     /// apps/v1.
     Deployment,
-    /// batch/v1, unless a CronJob owns it.
+    /// batch/v1, unless a CronJob owns it (or an AuthProbe: a canary's).
     Job,
     /// v1, only without an owner.
     Pod,
@@ -482,8 +482,12 @@ impl LeanKind for Job {
     fn pod_spec(spec: &Self::Spec) -> Option<&lean::PodSpec> {
         spec.template.spec.as_ref()
     }
+    /// A CronJob's Jobs count through it; a canary's Job (an AuthProbe owns it) is authprobe's own
+    /// copy of a workload, not one of the namespace's.
     fn counted(owners: &[OwnerReference]) -> bool {
-        !owners.iter().any(|o| o.kind == "CronJob")
+        !owners.iter().any(|o| {
+            o.kind == "CronJob" || (o.kind == "AuthProbe" && o.api_version.starts_with("authprobe.io/"))
+        })
     }
 }
 
@@ -779,7 +783,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cronjobs_jobs_and_owned_pods_are_not_workloads_of_their_own() {
+    fn a_cronjobs_jobs_canary_jobs_and_owned_pods_are_not_workloads_of_their_own() {
         let owned = |kind: &str| json!({"name": "x", "namespace": "n", "ownerReferences": [{"apiVersion": "v1", "kind": kind, "name": "o", "uid": "u"}]});
         let job = |meta| {
             serde_json::from_value::<Lean<Job>>(
@@ -789,6 +793,9 @@ mod tests {
         };
         assert!(prune(&job(owned("CronJob"))).is_none());
         assert!(prune(&job(owned("Workflow"))).is_some(), "only a CronJob's Jobs are counted through it");
+        let canary = json!({"name": "x", "namespace": "n", "ownerReferences": [
+            {"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "name": "p", "uid": "u"}]});
+        assert!(prune(&job(canary)).is_none(), "a canary's Job is not a workload of the namespace");
         let pod = |meta| {
             serde_json::from_value::<Lean<Pod>>(
                 json!({"metadata": meta, "spec": {"containers": [], "serviceAccountName": "app"}}),
