@@ -408,13 +408,14 @@ pub async fn run(
         .filter(objects_only);
 
     // Canary Jobs and their Pods, only those, only when canaries are on: a Pod's change wakes
-    // its probe, which reads the result from the Pod's status.
+    // its probe, which reads the result from the Pod's status. Watches of their own (the workload
+    // watches above keep no labels or status), named apart from them for readiness.
     let canary_watches = tuning.canary_image.clone().map(|image| {
         let canary_config = watcher::Config::default().labels(crate::engine::canary::job::SELECTOR);
         let (jobs, job_writer) = reflector::store::<Job>();
         let job_events = watcher(Api::<Job>::all(client.clone()), canary_config.clone())
             .backoff(watch_backoff())
-            .inspect(observe(&progress, "Job"))
+            .inspect(observe(&progress, "canary Job"))
             .modify(canary::prune_job)
             .reflect(job_writer)
             .touched_objects()
@@ -422,7 +423,7 @@ pub async fn run(
         let (pods, pod_writer) = reflector::store::<Pod>();
         let pod_events = watcher(Api::<Pod>::all(client.clone()), canary_config)
             .backoff(watch_backoff())
-            .inspect(observe(&progress, "Pod"))
+            .inspect(observe(&progress, "canary Pod"))
             .modify(canary::prune_pod)
             .reflect(pod_writer)
             .touched_objects()
