@@ -209,6 +209,11 @@ async fn namespace(
 
 /// A GKE probe of KSA `app` in the namespaces labelled for `test`, with the canary on Deployment/api.
 async fn probe(test: &str) -> Result<()> {
+    probe_inspecting(test, true).await
+}
+
+/// [`probe`], with stage Workload on or off.
+async fn probe_inspecting(test: &str, inspect_workloads: bool) -> Result<()> {
     let probe: AuthProbe = serde_json::from_value(json!({
         "apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe",
         "metadata": {"name": test},
@@ -216,7 +221,7 @@ async fn probe(test: &str) -> Result<()> {
             "namespaceSelector": {"matchLabels": {"canary-test": test}},
             "serviceAccounts": {"names": ["app"]},
             "identity": {"platform": "GKE", "projectId": PROJECT},
-            "probe": {"propagationGrace": "0s"},
+            "probe": {"propagationGrace": "0s", "inspectWorkloads": inspect_workloads},
             "canary": {"enabled": true, "workload": "Deployment/api", "every": "1h"},
         },
     }))?;
@@ -476,7 +481,10 @@ async fn an_outage_past_the_deadline_is_unreachable() -> Result<()> {
 }
 
 /// A workload whose GOOGLE_APPLICATION_CREDENTIALS names a service account key: ADC loads the
-/// file and never asks the metadata server, which is `AdcSourceUnexpected` on GKE.
+/// file and never asks the metadata server, which is `AdcSourceUnexpected` on GKE. Stage Workload
+/// reads the same variable from the template (`CredentialFileOverridesWorkloadIdentity`, an
+/// earlier stage that takes the KSA's entry), so the probe starts with it off, then turns it on:
+/// the entry becomes the Workload one, naming the Deployment and not the canary's own Job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credentials_file_that_wins_over_the_metadata_server_is_unexpected() -> Result<()> {
     let test = unique("file");
@@ -505,7 +513,7 @@ async fn a_credentials_file_that_wins_over_the_metadata_server_is_unexpected() -
     Api::<Secret>::namespaced(env().client().await, &file.name)
         .create(&PostParams::default(), &secret)
         .await?;
-    probe(&test).await?;
+    probe_inspecting(&test, false).await?;
 
     let message = wait_canary_failure(&test, &file.name, "AdcSourceUnexpected", 1).await?;
     assert!(message.contains("/var/secrets/google/key.json, type service_account"), "{message}");
@@ -517,6 +525,25 @@ async fn a_credentials_file_that_wins_over_the_metadata_server_is_unexpected() -
     assert!(!ok.md.requests_by_client().is_empty());
     let (_, healthy) = report_of(&ok.name).await?;
     assert_eq!(healthy.source, Source::MetadataServer);
+
+    let on = json!({"spec": {"probe": {"inspectWorkloads": true}}});
+    Api::<AuthProbe>::all(env().client().await)
+        .patch(&test, &PatchParams::default(), &Patch::Merge(&on))
+        .await?;
+    let p = wait_probe(&test, "the Workload finding in place of the canary's", |p| {
+        let failures = p.status.as_ref().map(|s| s.failures.as_slice()).unwrap_or_default();
+        failures.len() == 1
+            && failures[0].stage == Stage::Workload
+            && p.status.as_ref().and_then(|s| s.summary).is_some_and(|s| s.passing == 1)
+    })
+    .await?;
+    let failure = &p.status.as_ref().unwrap().failures[0];
+    assert_eq!(
+        (failure.namespace.as_str(), failure.reason.as_str(), failure.workloads.as_slice()),
+        (file.name.as_str(), "CredentialFileOverridesWorkloadIdentity", &["Deployment/api".to_string()][..]),
+        "the canary's Job, which copies the variable, is no workload: {failure:?}"
+    );
+    eprintln!("{test}: with stage Workload on, {} in {}: {}", failure.reason, file.name, failure.message);
     assert_no_token(&[&ok, &file]).await
 }
 
