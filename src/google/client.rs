@@ -234,10 +234,8 @@ impl GoogleClient {
             }
             let outcome = self.attempt(api, method.clone(), url.clone(), body, auth).await;
             let wait = match &outcome {
-                // Google's Retry-After, but never sooner than our own backoff (a 0 or a past
-                // date would otherwise retry at once).
                 Ok(answer) if retryable(answer.status) => {
-                    answer.retry_after.map_or(self.backoff(attempt), |r| r.max(self.backoff(attempt)))
+                    retry_wait(answer.retry_after, self.backoff(attempt))
                 }
                 Err(SendError::Transport { .. }) => self.backoff(attempt),
                 _ => break outcome,
@@ -325,6 +323,12 @@ impl GoogleClient {
     }
 }
 
+/// Google's `Retry-After`, but never sooner than our own backoff: a 0 or a past date would
+/// otherwise retry at once.
+fn retry_wait(retry_after: Option<Duration>, backoff: Duration) -> Duration {
+    retry_after.map_or(backoff, |r| r.max(backoff))
+}
+
 /// `Retry-After` as delay-seconds or an HTTP date (a past date is zero).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.trim().parse::<u64>() {
@@ -345,4 +349,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_zero_or_past_still_backs_off_and_huge_values_parse() {
+        let backoff = Duration::from_millis(400);
+        assert_eq!(retry_wait(None, backoff), backoff);
+        assert_eq!(retry_wait(parse_retry_after("0"), backoff), backoff);
+        assert_eq!(retry_wait(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), backoff), backoff);
+        assert_eq!(retry_wait(parse_retry_after(" 30 "), backoff), Duration::from_secs(30));
+        // The retry loop adds this to now with checked arithmetic and gives up past its deadline.
+        let huge = parse_retry_after("18446744073709551615").unwrap();
+        assert!(Instant::now().checked_add(retry_wait(Some(huge), backoff)).is_none());
+        assert_eq!(parse_retry_after("soon"), None);
+    }
 }
