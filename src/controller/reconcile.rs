@@ -28,8 +28,9 @@ use crate::{
         Candidate, Plan, Selection,
         decide::{Announcement, INVALID_SPEC_INTERVAL, PassResult, Regarding, Severity, decide},
         report::Report,
+        schedule::LiveLedger,
     },
-    probe::{self, Pass, Services},
+    probe::{self, Live, Pass, Services},
 };
 
 pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -57,18 +58,23 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
     let memory = ctx.states.take_memory(probe);
     let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).map(String::as_str);
 
-    let (report, outcomes, interval, probe_now, recheck_at) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
+    let (report, outcomes, interval, probe_now, recheck_at, chain_due) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None),
         Ok(plan) => {
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
             let max_age = if forced { Duration::ZERO } else { plan.interval };
-            let pass = Pass { probe: &name, plan, candidates, max_age, now };
+            // probe-now re-verifies every KSA live, as fast as the quota share allows.
+            let mut ledger = if forced { LiveLedger::default() } else { ctx.states.take_ledger(probe) };
+            let live = Live { ledger: &mut ledger, budget: ctx.exchange_budget };
+            let pass = Pass { probe: &name, plan, candidates, max_age, now, live: Some(live) };
             let services = Services { google: &ctx.google, issuers: &ctx.issuers, chain: Some(&ctx.chain) };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
+            ctx.states.put_ledger(probe, ledger);
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
-            let report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
-            (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at)
+            let mut report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
+            report.summary.live_verified = evaluated.live_verified;
+            (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at, evaluated.chain_due)
         }
     };
 
@@ -83,6 +89,7 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             probe_now,
             interval,
             recheck_at,
+            chain_due,
             now,
             jitter: rand::random::<f64>(),
         },

@@ -129,6 +129,7 @@ impl Report {
             passing: total - failing - unknown,
             failing,
             unknown,
+            live_verified: None,
         };
 
         let ready = verdict_condition(
