@@ -101,7 +101,9 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         return Err(e);
     }
     let failed = publish(ctx, probe, &decision.announcements).await;
-    let (wrote, requeue_after) = (decision.write, decision.requeue_after);
+    // The decision counts from the pass's start; what is left of it counts from now.
+    let requeue_after = decision.requeue_after.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+    let wrote = decision.write;
     let finished =
         decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
     if ctx.states.put_memory(probe, decision.settle(&failed)) {

@@ -286,7 +286,8 @@ pub async fn evaluate(
             }
             live.ledger.retain(&live_wanted);
             let live_verified = live.ledger.live_verified(&live_wanted, plan.exchange_interval, finished);
-            (Some(live_verified), live.ledger.next_pass(&live_wanted, deferred, finished))
+            // Passes come at least a tick apart, counted from their starts.
+            (Some(live_verified), live.ledger.next_pass(&live_wanted, deferred, now))
         }
     };
 

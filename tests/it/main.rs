@@ -24,4 +24,5 @@ mod lifecycle;
 mod metrics;
 mod operability;
 mod operator;
+mod quota;
 mod token_type;

@@ -681,3 +681,19 @@ fn a_status_stays_small_however_large_the_upstream_answers() {
     assert!(bytes < 64 * 1024, "status is {bytes} bytes");
     assert!(!serde_json::to_string(&status).unwrap().contains("ya29."));
 }
+
+#[test]
+fn ksas_waiting_for_their_first_exchange_leave_the_live_chain_unknown_not_disabled() {
+    let verified = KsaOutcome { chain: Some(Ok(())), ..outcome("a", "app", None) };
+    let waiting = outcome("b", "app", None);
+    let unmapped =
+        outcome("c", "app", Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x")));
+    let r = Report::build(&[verified.clone(), waiting, unmapped.clone()], 3, true);
+    let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!((exchange.status, exchange.reason), (Status::Unknown, Reason::GoogleThrottled));
+    assert!(exchange.message.contains("1 of 3") && exchange.message.contains("--google-quota-share"));
+    assert_eq!(r.summary.failing, 1, "waiting is not failing");
+    let r = Report::build(&[verified, unmapped], 2, true);
+    let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!((exchange.status, exchange.reason), (Status::Unknown, Reason::PrincipalNotMapped));
+}
