@@ -26,7 +26,7 @@ use crate::{
         grace::Grace,
         principal::KsaIdentity,
         report::KsaOutcome,
-        schedule::{Cadence, LiveLedger, Wanted, inputs_fingerprint},
+        schedule::{Cadence, LiveLedger, Run, Wanted, Why, inputs_fingerprint},
         stage::cloud_run::{self, RunServices},
     },
     google::Google,
@@ -72,6 +72,9 @@ pub struct Live<'a> {
     /// At most this many chains in this pass.
     pub budget: usize,
 }
+
+/// Why a KSA's chain runs in this pass, and the age of a cached exchange it may reuse.
+type DueNow = (Duration, Why);
 
 /// A KSA past the mapping stages, with the principal it maps to, or why not.
 type Mapped = Result<(Prepared, KsaIdentity), Finding>;
@@ -157,15 +160,22 @@ pub async fn evaluate(
         retry: plan.interval,
         budget: live.as_ref().map_or(usize::MAX, |l| l.budget),
     };
-    let (due, deferred): (HashMap<(String, String), Duration>, usize) = match (chain, &live) {
+    let (due, deferred): (HashMap<(String, String), DueNow>, usize) = match (chain, &live) {
         (None, _) => (HashMap::new(), 0),
-        (Some(_), None) => {
-            (ready.iter().map(|p| ((p.ksa.namespace.clone(), p.ksa.name.clone()), max_age)).collect(), 0)
-        }
+        (Some(_), None) => (
+            ready
+                .iter()
+                .map(|p| ((p.ksa.namespace.clone(), p.ksa.name.clone()), (max_age, Why::New)))
+                .collect(),
+            0,
+        ),
         (Some(_), Some(l)) => {
             let schedule = l.ledger.schedule(&live_wanted, cadence, now);
             // Never older than the pass allows: a forced pass (probe-now) reuses nothing.
-            (schedule.due.into_iter().map(|d| (d.key, d.max_age.min(max_age))).collect(), schedule.deferred)
+            (
+                schedule.due.into_iter().map(|d| (d.key, (d.max_age.min(max_age), d.why))).collect(),
+                schedule.deferred,
+            )
         }
     };
 
@@ -176,7 +186,7 @@ pub async fn evaluate(
             let work: Vec<(Ksa, Duration)> = ready
                 .iter()
                 .filter_map(|p| {
-                    let age = due.get(&(p.ksa.namespace.clone(), p.ksa.name.clone()))?;
+                    let (age, _) = due.get(&(p.ksa.namespace.clone(), p.ksa.name.clone()))?;
                     Some((p.ksa.clone(), *age))
                 })
                 .collect();
@@ -219,7 +229,7 @@ pub async fn evaluate(
                     let (p, identity) = m.as_ref().ok()?;
                     let key = (c.namespace.clone(), c.name.clone());
                     let exchange = exchanges.get(&key)?;
-                    Some((p.clone(), identity.clone(), exchange.clone(), due.get(&key).copied()?))
+                    Some((p.clone(), identity.clone(), exchange.clone(), due.get(&key)?.0))
                 })
                 .collect();
             let run_services = &run_services;
@@ -275,14 +285,16 @@ pub async fn evaluate(
             let count = live_wanted.len();
             for (index, w) in live_wanted.iter().enumerate() {
                 let key = (w.namespace.to_string(), w.name.to_string());
-                if !due.contains_key(&key) {
-                    continue;
-                }
-                let run = verified.get(&key);
-                let verdict = run.map(|v| v.result.clone());
-                let claims = exchanges.get(&key).and_then(|e| e.minted_claims());
-                let answer_by = run.and_then(|v| v.pending_until).map(at);
-                live.ledger.verified(w, index, count, cadence, verdict, claims, answer_by, finished);
+                let Some((_, why)) = due.get(&key) else { continue };
+                let done = verified.get(&key);
+                let run = Run {
+                    verdict: done.map(|v| v.result.clone()),
+                    claims: exchanges.get(&key).and_then(|e| e.minted_claims()),
+                    answer_by: done.and_then(|v| v.pending_until).map(at),
+                    at: finished,
+                    crowded: deferred > 0 && *why != Why::Scheduled,
+                };
+                live.ledger.verified(w, index, count, cadence, run);
             }
             live.ledger.retain(&live_wanted);
             let live_verified = live.ledger.live_verified(&live_wanted, plan.exchange_interval, finished);

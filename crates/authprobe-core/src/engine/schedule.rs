@@ -8,7 +8,10 @@
 //! policy, provider, cluster keys) changed since its last verification, jumps the queue: it is due
 //! at once and goes before every scheduled one. A chain that could not decide (Google throttled
 //! or down, the API server failing) is retried after the mapping interval. Every pass takes at
-//! most `budget` KSAs, the rest wait for the next pass. Between verifications a KSA keeps its last
+//! most `budget` KSAs, the rest wait for the next pass. When the budget is what holds the first
+//! sweep back (thousands of KSAs at a small quota share), a KSA run out of turn skips a slot less
+//! than half a window away, so the sweep's own spacing carries into the next window instead of
+//! every KSA being exchanged twice in the first. Between verifications a KSA keeps its last
 //! live verdict, carried here, not re-judged.
 //!
 //! All of it is data in, data out: the controller keeps the [`LiveLedger`] per probe, and the
@@ -96,6 +99,28 @@ pub struct Schedule {
     pub deferred: usize,
 }
 
+/// One chain run, for [`LiveLedger::verified`].
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// The chain's verdict before the grace (`None`: the mapping failed first).
+    pub verdict: Option<Result<(), Finding>>,
+    /// The minted token's claims.
+    pub claims: Option<MintedClaims>,
+    /// When an endpoint's answer still on its way will be in.
+    pub answer_by: Option<Timestamp>,
+    /// When the run finished.
+    pub at: Timestamp,
+    /// Run out of turn (new or changed) in a pass that had to defer others for the budget.
+    pub crowded: bool,
+}
+
+impl Run {
+    /// A run that finished at `at` with `verdict`.
+    pub fn at(at: Timestamp, verdict: Option<Result<(), Finding>>) -> Self {
+        Self { verdict, claims: None, answer_by: None, at, crowded: false }
+    }
+}
+
 /// How a probe's chains are scheduled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cadence {
@@ -177,24 +202,16 @@ impl LiveLedger {
         Timestamp::from_nanosecond(slot).unwrap_or(Timestamp::MAX)
     }
 
-    /// Records the chain run for `wanted[index]` (`count` KSAs wanted in all), finished at `at`;
-    /// `verdict` is before the grace, `answer_by` when an endpoint's answer still on its way
-    /// will be in.
-    #[allow(clippy::too_many_arguments)]
-    pub fn verified(
-        &mut self,
-        wanted: &Wanted<'_>,
-        index: usize,
-        count: usize,
-        cadence: Cadence,
-        verdict: Option<Result<(), Finding>>,
-        claims: Option<MintedClaims>,
-        answer_by: Option<Timestamp>,
-        at: Timestamp,
-    ) {
-        let slot = self.next_slot(index, count, cadence.every, at);
-        let mut record =
-            LiveRecord { verified_at: at, next_due: slot, inputs: wanted.inputs, verdict, claims };
+    /// Records the chain run for `wanted[index]` (`count` KSAs wanted in all).
+    pub fn verified(&mut self, wanted: &Wanted<'_>, index: usize, count: usize, cadence: Cadence, run: Run) {
+        let Run { verdict, claims, answer_by, at, crowded } = run;
+        let mut next_due = self.next_slot(index, count, cadence.every, at);
+        if crowded && elapsed(at, next_due) < cadence.every / 2 {
+            // The quota is the bottleneck: a KSA run out of turn skips a slot this close rather
+            // than be exchanged twice in one window (its verification is then up to 1.5 windows old).
+            next_due = later(next_due, cadence.every);
+        }
+        let mut record = LiveRecord { verified_at: at, next_due, inputs: wanted.inputs, verdict, claims };
         if record.undecided() || record.verdict.is_none() {
             record.next_due = record.next_due.min(later(at, cadence.retry.min(cadence.every)));
         }
@@ -290,7 +307,7 @@ mod tests {
             let s = ledger.schedule(w, c, t(now));
             for d in &s.due {
                 let i = w.iter().position(|x| x.namespace == d.key.0).unwrap();
-                ledger.verified(&w[i], i, w.len(), c, Some(Ok(())), None, None, t(now));
+                ledger.verified(&w[i], i, w.len(), c, Run::at(t(now), Some(Ok(()))));
                 runs.entry(d.key.0.clone()).or_default().push(now);
             }
             now += tick;
@@ -375,7 +392,7 @@ mod tests {
             assert!(s.due.len() <= 4, "{} at {now}", s.due.len());
             for d in &s.due {
                 let i = w.iter().position(|x| x.namespace == d.key.0).unwrap();
-                ledger.verified(&w[i], i, w.len(), c, Some(Ok(())), None, None, t(now));
+                ledger.verified(&w[i], i, w.len(), c, Run::at(t(now), Some(Ok(()))));
                 if d.why == Why::New {
                     first_runs.push(d.key.0.clone());
                 }
@@ -402,8 +419,8 @@ mod tests {
         let c = Cadence { every: 60 * MINUTE, retry: 10 * MINUTE, budget: 10 };
         let mut ledger = LiveLedger::default();
         let throttled = Finding::unknown(Stage::TokenExchange, Reason::GoogleThrottled, "429");
-        ledger.verified(&w[0], 0, 2, c, Some(Err(throttled)), None, None, t(0));
-        ledger.verified(&w[1], 1, 2, c, Some(Ok(())), None, None, t(0));
+        ledger.verified(&w[0], 0, 2, c, Run::at(t(0), Some(Err(throttled))));
+        ledger.verified(&w[1], 1, 2, c, Run::at(t(0), Some(Ok(()))));
         assert_eq!(ledger.record("ns-00", "app").unwrap().next_due, t(600));
         assert_eq!(ledger.record("ns-01", "app").unwrap().next_due, t(1800), "its slot, half a window in");
         assert_eq!(ledger.live_verified(&w, c.every, t(1)), 1);
@@ -422,7 +439,7 @@ mod tests {
         let mut blind = w.clone();
         blind[1].inputs = None;
         assert!(ledger.schedule(&blind, c, t(1)).due.is_empty());
-        ledger.verified(&blind[1], 1, 3, c, Some(Ok(())), None, None, t(1));
+        ledger.verified(&blind[1], 1, 3, c, Run::at(t(1), Some(Ok(()))));
         assert_eq!(ledger.record("ns-01", "app").unwrap().inputs, Some(1), "keeps what it was judged on");
         ledger.retain(&w[..2]);
         let s = ledger.schedule(&w, c, t(2));
@@ -437,7 +454,44 @@ mod tests {
         let w = wanted(&n, &[1]);
         let c = Cadence { every: 60 * MINUTE, retry: 10 * MINUTE, budget: 10 };
         let mut ledger = LiveLedger::default();
-        ledger.verified(&w[0], 0, 1, c, Some(Ok(())), None, Some(t(2)), t(0));
+        ledger.verified(&w[0], 0, 1, c, Run { answer_by: Some(t(2)), ..Run::at(t(0), Some(Ok(()))) });
         assert_eq!(ledger.record("ns-00", "app").unwrap().next_due, t(5), "at least a tick later");
+    }
+
+    #[test]
+    fn a_sweep_held_back_by_the_budget_is_not_exchanged_twice_in_its_first_window() {
+        // 3,000 KSAs over an hour at 50 a pass, a pass a minute: the sweep takes the window.
+        let n = names(3000);
+        let w = wanted(&n, &vec![1; 3000]);
+        let c = Cadence { every: 60 * MINUTE, retry: 10 * MINUTE, budget: 50 };
+        let mut ledger = LiveLedger::default();
+        let (mut now, mut runs) = (0, 0);
+        while now < 7200 {
+            let s = ledger.schedule(&w, c, t(now));
+            let crowded = s.deferred > 0;
+            for d in &s.due {
+                let i = w.iter().position(|x| x.namespace == d.key.0).unwrap();
+                let run =
+                    Run { crowded: crowded && d.why != Why::Scheduled, ..Run::at(t(now), Some(Ok(()))) };
+                ledger.verified(&w[i], i, w.len(), c, run);
+                runs += 1;
+            }
+            if now == 3540 {
+                assert_eq!(runs, 3000, "every KSA once in the first hour, none twice");
+            }
+            now += 60;
+        }
+        assert!(runs <= 6000, "{runs} runs in two hours");
+        assert!(ledger.records.values().all(|r| elapsed(r.verified_at, t(7200)) <= 60 * MINUTE));
+        // Without the budget holding it back, the same sweep realigns at once: ages never pass T.
+        let mut free = LiveLedger::default();
+        let c = Cadence { budget: 10_000, ..c };
+        for now in (0..7200).step_by(60) {
+            for d in free.schedule(&w, c, t(now)).due {
+                let i = w.iter().position(|x| x.namespace == d.key.0).unwrap();
+                free.verified(&w[i], i, w.len(), c, Run::at(t(now), Some(Ok(()))));
+            }
+            assert_eq!(free.live_verified(&w, c.every, t(now)), 3000, "at {now}");
+        }
     }
 }
