@@ -200,7 +200,10 @@ impl RunArgs {
                 instance: std::env::var("POD_NAME").ok(),
                 pass_deadline: self.pass_deadline,
                 stuck_after: self.stuck_after,
-                exchange_budget: exchange_budget(self.google.quota_share),
+                // Probes reconciled at once share the quota: each pass stays near ten seconds.
+                exchange_budget: (exchange_budget(self.google.quota_share)
+                    / usize::from(self.concurrency.max(1)))
+                .max(1),
                 ..Default::default()
             },
             lease,

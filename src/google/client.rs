@@ -120,7 +120,8 @@ pub const TEST_IAM_PERMISSIONS_PER_MINUTE: f64 = 6_000.0;
 pub const DEFAULT_QUOTA_SHARE: f64 = 0.5;
 
 /// How long the live chains of one probe pass may keep the exchange quota busy: a pass takes at
-/// most this many seconds' worth of exchanges at the quota share, the rest wait for the next.
+/// most this many seconds' worth of exchanges at the quota share (shared by the probes reconciled
+/// at once), the rest wait for the next.
 pub const CHAIN_PASS_SECONDS: f64 = 10.0;
 
 /// The live chains one probe pass may run at `share` of the STS quota.
