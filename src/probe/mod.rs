@@ -289,7 +289,8 @@ pub async fn evaluate(
                 let done = verified.get(&key);
                 let run = Run {
                     verdict: done.map(|v| v.result.clone()),
-                    claims: exchanges.get(&key).and_then(|e| e.minted_claims()),
+                    // Only the Federation provider checks read them: GKE keeps none.
+                    claims: plan.federation.as_ref().and(exchanges.get(&key)).and_then(|e| e.minted_claims()),
                     answer_by: done.and_then(|v| v.pending_until).map(at),
                     at: finished,
                     crowded: deferred > 0 && *why != Why::Scheduled,
