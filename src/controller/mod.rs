@@ -71,6 +71,8 @@ pub struct Tuning {
     pub pass_deadline: Duration,
     /// `/healthz` fails when passes are attempted this long without one completing.
     pub stuck_after: Duration,
+    /// At most this many live chains per probe pass (the quota share's exchanges in a pass).
+    pub exchange_budget: usize,
 }
 
 impl Default for Tuning {
@@ -82,6 +84,9 @@ impl Default for Tuning {
             instance: None,
             pass_deadline: Duration::from_secs(600),
             stuck_after: Duration::from_secs(1800),
+            exchange_budget: crate::google::client::exchange_budget(
+                crate::google::client::DEFAULT_QUOTA_SHARE,
+            ),
         }
     }
 }
@@ -177,6 +182,7 @@ pub struct Context {
     fence: Arc<Fence>,
     progress: Arc<Progress>,
     pass_deadline: Duration,
+    exchange_budget: usize,
     google: Arc<Google>,
     issuers: ClusterIssuers,
     chain: Chain,
@@ -406,6 +412,7 @@ pub async fn run(
         fence: fence.clone(),
         progress: progress.clone(),
         pass_deadline: tuning.pass_deadline,
+        exchange_budget: tuning.exchange_budget,
         chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone(), Arc::new(endpoints)),
         google,
         issuers: ClusterIssuers::new(call.clone()),

@@ -28,8 +28,9 @@ use crate::{
         Candidate, Plan, Selection,
         decide::{Announcement, INVALID_SPEC_INTERVAL, PassResult, Regarding, Severity, decide},
         report::Report,
+        schedule::LiveLedger,
     },
-    probe::{self, Pass, Services},
+    probe::{self, Live, Pass, Services},
 };
 
 pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -57,8 +58,8 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
     let memory = ctx.states.take_memory(probe);
     let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).map(String::as_str);
 
-    let (report, outcomes, interval, probe_now, recheck_at) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None),
+    let (report, outcomes, interval, probe_now, recheck_at, chain_due) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None),
         Ok(plan) => {
             if plan.inspect_workloads {
                 // A pass before every workload was listed would miss them and read as passing;
@@ -68,7 +69,10 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             let forced = memory.forced_by(probe_now);
             let Selection { namespaces, candidates } = select(ctx, probe, plan, now);
             let max_age = if forced { Duration::ZERO } else { plan.interval };
-            let pass = Pass { probe: &name, plan, candidates, max_age, now };
+            // probe-now re-verifies every KSA live, as fast as the quota share allows.
+            let mut ledger = if forced { LiveLedger::default() } else { ctx.states.take_ledger(probe) };
+            let live = Live { ledger: &mut ledger, budget: ctx.exchange_budget };
+            let pass = Pass { probe: &name, plan, candidates, max_age, now, live: Some(live) };
             let services = Services {
                 google: &ctx.google,
                 issuers: &ctx.issuers,
@@ -77,9 +81,11 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
                 config_maps: &ctx.config_maps,
             };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
+            ctx.states.put_ledger(probe, ledger);
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
-            let report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
-            (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at)
+            let mut report = Report::build(&evaluated.outcomes, count, plan.token_exchange);
+            report.summary.live_verified = evaluated.live_verified;
+            (report, evaluated.outcomes, plan.interval, probe_now, evaluated.recheck_at, evaluated.chain_due)
         }
     };
 
@@ -94,6 +100,7 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             probe_now,
             interval,
             recheck_at,
+            chain_due,
             now,
             jitter: rand::random::<f64>(),
         },
@@ -105,7 +112,9 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         return Err(e);
     }
     let failed = publish(ctx, probe, &decision.announcements).await;
-    let (wrote, requeue_after) = (decision.write, decision.requeue_after);
+    // The decision counts from the pass's start; what is left of it counts from now.
+    let requeue_after = decision.requeue_after.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+    let wrote = decision.write;
     let finished =
         decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
     if ctx.states.put_memory(probe, decision.settle(&failed)) {

@@ -13,7 +13,7 @@ use kube::ResourceExt;
 
 use crate::{
     api::AuthProbe,
-    engine::{Plan, decide::Memory, stage::endpoint::EndpointAllow},
+    engine::{Plan, decide::Memory, schedule::LiveLedger, stage::endpoint::EndpointAllow},
 };
 
 /// How long a namespace's entry into a probe's scope keeps opening the propagation grace (longer
@@ -29,6 +29,8 @@ struct ProbeState {
     name: String,
     /// The engine's memory; out of the map while a pass works with it.
     memory: Option<Memory>,
+    /// The live chain's verifications; out of the map while a pass works with it.
+    ledger: Option<LiveLedger>,
     plan: Option<CachedPlan>,
     /// Namespaces selected in the last pass (compact keys), to notice coverage being lost or gained.
     scope: Option<HashSet<u64>>,
@@ -95,6 +97,16 @@ impl States {
     /// forgotten meanwhile, so nothing about a deleted probe is reported.
     pub fn put_memory(&self, probe: &AuthProbe, memory: Memory) -> bool {
         self.peek(probe, |s| s.memory = Some(memory)).is_some()
+    }
+
+    /// Takes the probe's live verifications for a pass (none yet for a new probe).
+    pub fn take_ledger(&self, probe: &AuthProbe) -> LiveLedger {
+        self.with(probe, |s| s.ledger.take().unwrap_or_default())
+    }
+
+    /// Puts the live verifications back after a pass (dropped if the probe was forgotten meanwhile).
+    pub fn put_ledger(&self, probe: &AuthProbe, ledger: LiveLedger) {
+        self.peek(probe, |s| s.ledger = Some(ledger));
     }
 
     /// Forgets every probe's memory of Events and writes: it is seeded again from status, as after

@@ -24,5 +24,6 @@ mod lifecycle;
 mod metrics;
 mod operability;
 mod operator;
+mod quota;
 mod token_type;
 mod workload;
