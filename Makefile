@@ -72,6 +72,7 @@ bench: tools ## Benchmarks at 1,000 and 10,000 namespaces (also with one Deploym
 	target/release/authprobe-bench --namespaces 10000 --workloads --federation-probes 2 --skip-baseline --out bench/results/10k-workloads.json
 	$(MAKE) static
 	target/release/authprobe-bench --namespaces 10000 --skip-baseline --operator target/$(MUSL)/release/authprobe --out bench/results/10k-musl.json
+	target/release/authprobe-bench --namespaces 10000 --workloads --federation-probes 2 --skip-baseline --operator target/$(MUSL)/release/authprobe --out bench/results/10k-workloads-musl.json
 
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := annotation principal resource_name google_response attribute_mapping

@@ -247,14 +247,15 @@ pub async fn check(
         config_maps: &config_maps,
     };
     let max_age = std::time::Duration::ZERO;
-    let pass = Pass { probe: &name, plan: &plan, candidates, max_age, now: Timestamp::now() };
+    let pass = Pass { probe: &name, plan: &plan, candidates, max_age, now: Timestamp::now(), live: None };
     // No history here: only a KSA's creation opens the propagation grace.
     let evaluated = probe::evaluate(services, pass, |c| c.ksa.as_ref().and_then(|k| k.created)).await;
-    let report = Report::build(
+    let mut report = Report::build(
         &evaluated.outcomes,
         u32::try_from(namespaces.len()).unwrap_or(u32::MAX),
         plan.token_exchange,
     );
+    report.summary.live_verified = evaluated.live_verified;
     let code = exit_code(&report);
     Ok(checked(name, &report, &evaluated.outcomes, code))
 }

@@ -72,7 +72,9 @@ pub struct Tuning {
     pub pass_deadline: Duration,
     /// `/healthz` fails when passes are attempted this long without one completing.
     pub stuck_after: Duration,
-    /// The image of canary Jobs; `None`: no canaries (and no watch on Jobs and Pods).
+    /// At most this many live chains per probe pass (the quota share's exchanges in a pass).
+    pub exchange_budget: usize,
+    /// The image of canary Jobs; `None`: no canaries (and no watch on canary Jobs and Pods).
     pub canary_image: Option<String>,
 }
 
@@ -85,6 +87,9 @@ impl Default for Tuning {
             instance: None,
             pass_deadline: Duration::from_secs(600),
             stuck_after: Duration::from_secs(1800),
+            exchange_budget: crate::google::client::exchange_budget(
+                crate::google::client::DEFAULT_QUOTA_SHARE,
+            ),
             canary_image: None,
         }
     }
@@ -181,6 +186,7 @@ pub struct Context {
     fence: Arc<Fence>,
     progress: Arc<Progress>,
     pass_deadline: Duration,
+    exchange_budget: usize,
     google: Arc<Google>,
     issuers: ClusterIssuers,
     chain: Chain,
@@ -439,6 +445,7 @@ pub async fn run(
         fence: fence.clone(),
         progress: progress.clone(),
         pass_deadline: tuning.pass_deadline,
+        exchange_budget: tuning.exchange_budget,
         chain: Chain::new(call.clone(), google.clone(), metrics.clone(), fence.clone(), Arc::new(endpoints)),
         google,
         issuers: ClusterIssuers::new(call.clone()),

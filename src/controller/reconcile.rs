@@ -30,9 +30,10 @@ use crate::{
         canary::{WorkloadRef, book::Book},
         decide::{Announcement, INVALID_SPEC_INTERVAL, PassResult, Regarding, Severity, decide},
         report::{KsaOutcome, Report},
+        schedule::LiveLedger,
         stage::canary::CanarySubject,
     },
-    probe::{self, Pass, Services},
+    probe::{self, Live, Pass, Services},
 };
 
 pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -60,12 +61,12 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
     let memory = ctx.states.take_memory(probe);
     let probe_now = probe.annotations().get(PROBE_NOW_ANNOTATION).map(String::as_str);
 
-    let (report, outcomes, interval, probe_now, recheck_at, canary) = match plan.as_ref() {
-        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None),
+    let (report, outcomes, interval, probe_now, recheck_at, chain_due, canary) = match plan.as_ref() {
+        Err(invalid) => (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None, None),
         Ok(plan) if plan.canary.is_some() && ctx.canaries.is_none() => {
             let invalid =
                 "spec.canary needs an operator started with --canary-image (the chart's canary.enabled)";
-            (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None)
+            (Report::invalid(invalid), vec![], INVALID_SPEC_INTERVAL, None, None, None, None)
         }
         Ok(plan) => {
             if plan.inspect_workloads {
@@ -83,7 +84,10 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
                 None => Checked::new(),
             };
             let max_age = if forced { Duration::ZERO } else { plan.interval };
-            let pass = Pass { probe: &name, plan, candidates, max_age, now };
+            // probe-now re-verifies every KSA live, as fast as the quota share allows.
+            let mut ledger = if forced { LiveLedger::default() } else { ctx.states.take_ledger(probe) };
+            let live = Live { ledger: &mut ledger, budget: ctx.exchange_budget };
+            let pass = Pass { probe: &name, plan, candidates, max_age, now, live: Some(live) };
             let services = Services {
                 google: &ctx.google,
                 issuers: &ctx.issuers,
@@ -92,6 +96,7 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
                 config_maps: &ctx.config_maps,
             };
             let evaluated = probe::evaluate(services, pass, |c| changed_at(ctx, probe, c)).await;
+            ctx.states.put_ledger(probe, ledger);
             let mut outcomes = evaluated.outcomes;
             let mut recheck_at = evaluated.recheck_at;
             let canary = match &ctx.canaries {
@@ -125,8 +130,9 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
                 None => None,
             };
             let count = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
-            let report = Report::build(&outcomes, count, plan.token_exchange);
-            (report, outcomes, plan.interval, probe_now, recheck_at, canary)
+            let mut report = Report::build(&outcomes, count, plan.token_exchange);
+            report.summary.live_verified = evaluated.live_verified;
+            (report, outcomes, plan.interval, probe_now, recheck_at, evaluated.chain_due, canary)
         }
     };
 
@@ -141,6 +147,7 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
             probe_now,
             interval,
             recheck_at,
+            chain_due,
             now,
             jitter: rand::random::<f64>(),
         },
@@ -156,7 +163,9 @@ async fn pass(probe: &Arc<AuthProbe>, ctx: &Arc<Context>) -> Result<Action, Erro
         announce_changes(ctx, probe, &mut book, &workload).await;
         ctx.states.put_book(probe, book);
     }
-    let (wrote, requeue_after) = (decision.write, decision.requeue_after);
+    // The decision counts from the pass's start; what is left of it counts from now.
+    let requeue_after = decision.requeue_after.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+    let wrote = decision.write;
     let finished =
         decision.status.last_probe_time.as_ref().map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
     if ctx.states.put_memory(probe, decision.settle(&failed)) {

@@ -13,7 +13,9 @@ use kube::ResourceExt;
 
 use crate::{
     api::{AuthProbe, AuthProbeStatus},
-    engine::{Plan, canary::book::Book, decide::Memory, stage::endpoint::EndpointAllow},
+    engine::{
+        Plan, canary::book::Book, decide::Memory, schedule::LiveLedger, stage::endpoint::EndpointAllow,
+    },
 };
 
 /// How long a namespace's entry into a probe's scope keeps opening the propagation grace (longer
@@ -29,6 +31,8 @@ struct ProbeState {
     name: String,
     /// The engine's memory; out of the map while a pass works with it.
     memory: Option<Memory>,
+    /// The live chain's verifications; out of the map while a pass works with it.
+    ledger: Option<LiveLedger>,
     /// What the probe's canaries said; out of the map while a pass works with it.
     canary: Option<Book>,
     plan: Option<CachedPlan>,
@@ -97,6 +101,16 @@ impl States {
     /// forgotten meanwhile, so nothing about a deleted probe is reported.
     pub fn put_memory(&self, probe: &AuthProbe, memory: Memory) -> bool {
         self.peek(probe, |s| s.memory = Some(memory)).is_some()
+    }
+
+    /// Takes the probe's live verifications for a pass (none yet for a new probe).
+    pub fn take_ledger(&self, probe: &AuthProbe) -> LiveLedger {
+        self.with(probe, |s| s.ledger.take().unwrap_or_default())
+    }
+
+    /// Puts the live verifications back after a pass (dropped if the probe was forgotten meanwhile).
+    pub fn put_ledger(&self, probe: &AuthProbe, ledger: LiveLedger) {
+        self.peek(probe, |s| s.ledger = Some(ledger));
     }
 
     /// Takes the probe's canary book for `workload` for a pass: a new one, carrying what

@@ -69,22 +69,65 @@ impl Api {
         }
     }
 
-    /// Requests per second, at most half of each default quota (google-wif.md §9.1).
-    fn per_second(self) -> u32 {
+    /// The default quota this method counts against, in requests per minute per project.
+    fn quota_per_minute(self) -> f64 {
         match self {
-            // IAM v1 reads: 6,000/min per project, shared by these two.
-            Api::GetServiceAccount | Api::GetIamPolicy => 25,
-            // Workload Identity Federation reads: 600/min per project.
-            Api::GetPool | Api::GetProvider => 5,
-            // STS: 6,000/min.
-            Api::StsToken | Api::IdentityBindingToken => 50,
-            // IAM Credentials: 60,000/min.
-            Api::GenerateAccessToken | Api::GenerateIdToken => 500,
-            // Cloud Run Admin reads: assumed 1,000/min per region like its other read quotas.
-            Api::GetRunService => 8,
-            Api::TestIamPermissions(_) => 50,
+            // IAM v1 reads, shared by these two: half each.
+            Api::GetServiceAccount | Api::GetIamPolicy => IAM_READS_PER_MINUTE / 2.0,
+            Api::GetPool | Api::GetProvider => WIF_READS_PER_MINUTE / 2.0,
+            Api::StsToken | Api::IdentityBindingToken => STS_EXCHANGES_PER_MINUTE,
+            Api::GenerateAccessToken | Api::GenerateIdToken => IAM_CREDENTIALS_PER_MINUTE,
+            Api::GetRunService => RUN_READS_PER_MINUTE,
+            Api::TestIamPermissions(_) => TEST_IAM_PERMISSIONS_PER_MINUTE,
         }
     }
+
+    /// Requests per minute at `share` of the default quota (at least one).
+    pub fn per_minute(self, share: f64) -> u32 {
+        let rate = (self.quota_per_minute() * share).floor();
+        if rate < 1.0 { 1 } else { rate.min(f64::from(u32::MAX)) as u32 }
+    }
+
+    /// The limiter's quota: evenly spaced requests, no burst, so no minute (and no 60 s window
+    /// starting at a request) holds more than [`Api::per_minute`].
+    fn quota(self, share: f64) -> Quota {
+        let spacing = Duration::from_secs(60).div_f64(f64::from(self.per_minute(share)));
+        Quota::with_period(spacing.max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::MIN)
+    }
+}
+
+// Default quotas per project, from /work/shared/reference/google-wif.md §9.1 (which cites
+// https://docs.cloud.google.com/iam/quotas). `--google-quota-share` caps each API at that share.
+/// IAM v1 reads (`getIamPolicy`, `serviceAccounts.get`): 6,000 per minute.
+pub const IAM_READS_PER_MINUTE: f64 = 6_000.0;
+/// Workload Identity Federation reads (pools, providers): 600 per minute.
+pub const WIF_READS_PER_MINUTE: f64 = 600.0;
+/// STS token exchange, global, non-workforce: 6,000 per minute. The GKE `securetoken`
+/// identity-binding exchange is held to the same figure (its own quota is not documented there).
+pub const STS_EXCHANGES_PER_MINUTE: f64 = 6_000.0;
+/// Service Account Credentials, generate credentials (`generateAccessToken`, `generateIdToken`):
+/// 60,000 per minute.
+pub const IAM_CREDENTIALS_PER_MINUTE: f64 = 60_000.0;
+/// Cloud Run Admin reads: not in §9.1; assumed 1,000 per minute per region like its other reads.
+pub const RUN_READS_PER_MINUTE: f64 = 1_000.0;
+/// `testIamPermissions` (answered by each target's own API): not in §9.1; assumed 6,000 per
+/// minute like IAM v1 reads (UNCONFIRMED).
+pub const TEST_IAM_PERMISSIONS_PER_MINUTE: f64 = 6_000.0;
+
+/// The default `--google-quota-share`.
+pub const DEFAULT_QUOTA_SHARE: f64 = 0.5;
+
+/// How long the live chains of one probe pass may keep the exchange quota busy: a pass takes at
+/// most this many seconds' worth of exchanges at the quota share (shared by the probes reconciled
+/// at once), the rest wait for the next.
+pub const CHAIN_PASS_SECONDS: f64 = 10.0;
+
+/// The live chains one probe pass may run at `share` of the STS quota.
+pub fn exchange_budget(share: f64) -> usize {
+    let per_pass = (f64::from(Api::StsToken.per_minute(share)) * CHAIN_PASS_SECONDS / 60.0).floor();
+    (per_pass as usize).max(1)
 }
 
 /// When and how often to retry.
@@ -207,11 +250,11 @@ impl GoogleClient {
         self.limiters.get(api.as_str()).cloned()
     }
 
-    /// Builds the per-API limiters (done once; `new` stays cheap for tests that need none).
-    pub fn with_rate_limits(mut self, apis: &[Api]) -> Self {
+    /// Builds the per-API limiters at `share` of each default quota (done once; `new` stays cheap
+    /// for tests that need none).
+    pub fn with_rate_limits(mut self, apis: &[Api], share: f64) -> Self {
         for api in apis {
-            let rate = NonZeroU32::new(api.per_second()).unwrap_or(NonZeroU32::MIN);
-            self.limiters.insert(api.as_str(), Arc::new(RateLimiter::direct(Quota::per_second(rate))));
+            self.limiters.insert(api.as_str(), Arc::new(RateLimiter::direct(api.quota(share))));
         }
         self
     }
@@ -234,10 +277,8 @@ impl GoogleClient {
             }
             let outcome = self.attempt(api, method.clone(), url.clone(), body, auth).await;
             let wait = match &outcome {
-                // Google's Retry-After, but never sooner than our own backoff (a 0 or a past
-                // date would otherwise retry at once).
                 Ok(answer) if retryable(answer.status) => {
-                    answer.retry_after.map_or(self.backoff(attempt), |r| r.max(self.backoff(attempt)))
+                    retry_wait(answer.retry_after, self.backoff(attempt))
                 }
                 Err(SendError::Transport { .. }) => self.backoff(attempt),
                 _ => break outcome,
@@ -325,6 +366,22 @@ impl GoogleClient {
     }
 }
 
+/// Google's `Retry-After`, but never sooner than our own backoff: a 0 or a past date would
+/// otherwise retry at once.
+fn retry_wait(retry_after: Option<Duration>, backoff: Duration) -> Duration {
+    retry_after.map_or(backoff, |r| r.max(backoff))
+}
+
+/// Whether `share` is a quota share `--google-quota-share` takes: in (0, 1].
+pub fn parse_quota_share(value: &str) -> Result<f64, String> {
+    let share: f64 = value.trim().parse().map_err(|e| format!("{value:?} is not a number: {e}"))?;
+    if share > 0.0 && share <= 1.0 {
+        Ok(share)
+    } else {
+        Err(format!("{value:?} must be above 0 and at most 1, e.g. 0.5 for half of each default quota"))
+    }
+}
+
 /// `Retry-After` as delay-seconds or an HTTP date (a past date is zero).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.trim().parse::<u64>() {
@@ -345,4 +402,49 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_zero_or_past_still_backs_off_and_huge_values_parse() {
+        let backoff = Duration::from_millis(400);
+        assert_eq!(retry_wait(None, backoff), backoff);
+        assert_eq!(retry_wait(parse_retry_after("0"), backoff), backoff);
+        assert_eq!(retry_wait(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), backoff), backoff);
+        assert_eq!(retry_wait(parse_retry_after(" 30 "), backoff), Duration::from_secs(30));
+        // The retry loop adds this to now with checked arithmetic and gives up past its deadline.
+        let huge = parse_retry_after("18446744073709551615").unwrap();
+        assert!(Instant::now().checked_add(retry_wait(Some(huge), backoff)).is_none());
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn each_api_is_capped_at_its_share_of_the_default_quota() {
+        assert_eq!(Api::StsToken.per_minute(0.5), 3_000);
+        assert_eq!(Api::IdentityBindingToken.per_minute(0.1), 600);
+        assert_eq!(Api::GenerateAccessToken.per_minute(0.5), 30_000);
+        assert_eq!(Api::TestIamPermissions("storage").per_minute(1.0), 6_000);
+        assert_eq!(Api::GetIamPolicy.per_minute(0.5), 1_500, "IAM reads are shared by two methods");
+        assert_eq!(Api::GetProvider.per_minute(0.001), 1, "never zero");
+        assert_eq!(exchange_budget(0.1), 100, "ten seconds of 600 a minute");
+        assert_eq!(exchange_budget(0.5), 500);
+        assert_eq!(parse_quota_share("0.1"), Ok(0.1));
+        for bad in ["0", "-0.5", "1.5", "half", "NaN"] {
+            assert!(parse_quota_share(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_limiter_spaces_requests_without_a_burst() {
+        let limiter = RateLimiter::direct(Api::StsToken.quota(0.1));
+        let started = Instant::now();
+        for _ in 0..4 {
+            limiter.until_ready().await;
+        }
+        // 600 a minute: one every 100 ms, the first at once.
+        assert!(started.elapsed() >= Duration::from_millis(290), "{:?}", started.elapsed());
+    }
 }

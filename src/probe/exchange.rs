@@ -94,6 +94,11 @@ impl Exchange {
     pub fn claims(&self) -> Option<TokenClaims<'_>> {
         self.minted.as_ref().ok().map(|(claims, kid)| TokenClaims { claims, kid: kid.as_deref() })
     }
+
+    /// The minted token's claims and key id (never the token), for the schedule to carry.
+    pub fn minted_claims(&self) -> Option<crate::engine::schedule::MintedClaims> {
+        self.minted.as_ref().ok().map(|c| Arc::new(c.clone()))
+    }
 }
 
 /// The chain's state shared by every probe.

@@ -23,12 +23,13 @@ use self::{
 };
 use crate::{
     engine::{
-        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, Verdict,
+        Candidate, Facts, Finding, GsaFacts, Ksa, Plan, Prepared, TokenClaims, Verdict,
         annotation::GsaEmail,
         canary,
         grace::Grace,
         principal::KsaIdentity,
         report::KsaOutcome,
+        schedule::{Cadence, LiveLedger, Run, Wanted, Why, inputs_fingerprint},
         stage::cloud_run::{self, RunServices},
         workload::{Workload, WorkloadView},
     },
@@ -66,7 +67,22 @@ pub struct Pass<'a> {
     pub max_age: Duration,
     /// The pass's clock.
     pub now: Timestamp,
+    /// The probe's live verifications: the chain runs only for the KSAs it schedules. `None`
+    /// (`authprobe check`): it runs for every KSA.
+    pub live: Option<Live<'a>>,
 }
+
+/// The live chain's schedule for one probe.
+#[derive(Debug)]
+pub struct Live<'a> {
+    /// Its live verifications, updated with this pass's.
+    pub ledger: &'a mut LiveLedger,
+    /// At most this many chains in this pass.
+    pub budget: usize,
+}
+
+/// Why a KSA's chain runs in this pass, and the age of a cached exchange it may reuse.
+type DueNow = (Duration, Why);
 
 /// A KSA past the mapping stages, with the principal it maps to, or why not.
 type Mapped = Result<(Prepared, KsaIdentity), Finding>;
@@ -81,6 +97,10 @@ pub struct Evaluated {
     pub recheck_at: Option<Timestamp>,
     /// With a canary: per KSA (namespace, name), the fingerprint its canary should report.
     pub fingerprints: HashMap<(String, String), String>,
+    /// With the live chain: how many KSAs were verified live within `tokenExchangeInterval`.
+    pub live_verified: Option<u32>,
+    /// With a schedule: when the next chains are due.
+    pub chain_due: Option<Timestamp>,
 }
 
 /// Evaluates every candidate. `changed_at` says when a KSA last changed in a way that opens the
@@ -90,7 +110,7 @@ pub async fn evaluate(
     pass: Pass<'_>,
     changed_at: impl Fn(&Candidate) -> Option<Timestamp>,
 ) -> Evaluated {
-    let Pass { probe, plan, candidates, max_age, now } = pass;
+    let Pass { probe, plan, candidates, max_age, now, live } = pass;
     let pass_started = Instant::now();
     let prepared = plan.static_stage(candidates);
 
@@ -126,7 +146,8 @@ pub async fn evaluate(
         tokio::join!(gsa_reads, federation_reads, services.config_maps.read(mounted));
     let facts =
         Facts { gsas: &gsas, provider: provider.as_deref(), cluster: cluster.as_ref(), now: now.as_second() };
-    let fingerprints = match plan.canary {
+    // With a canary: the fingerprint each KSA's canary should report.
+    let expected_fingerprints = match plan.canary {
         Some(_) => prepared
             .iter()
             .filter_map(|(_, p)| {
@@ -173,16 +194,62 @@ pub async fn evaluate(
         })
         .collect();
 
-    // The live chain: mint and exchange first (shared per KSA and audience), so the provider
-    // checks read the claims the cluster really issues.
+    // The live chain: which KSAs it runs for now (all of them without a schedule), each with
+    // the age of a cached exchange it may reuse.
     let chain = services.chain.filter(|_| plan.token_exchange);
+    let ready: Vec<&Prepared> = prepared.iter().filter_map(|(_, p, _)| p.as_ref().ok()).collect();
+    let fingerprints: Vec<Option<u64>> = ready
+        .iter()
+        .map(|p| {
+            let ran_by = workloads.get(&(p.ksa.namespace.clone(), p.ksa.name.clone()));
+            inputs(p, ran_by, &gsas, provider.as_deref(), cluster.as_ref())
+        })
+        .collect();
+    let ready_keys: Vec<(String, String)> =
+        ready.iter().map(|p| (p.ksa.namespace.clone(), p.ksa.name.clone())).collect();
+    let live_wanted: Vec<Wanted<'_>> = ready_keys
+        .iter()
+        .zip(&fingerprints)
+        .map(|((namespace, name), inputs)| Wanted { namespace, name, inputs: *inputs })
+        .collect();
+    let cadence = Cadence {
+        every: plan.exchange_interval,
+        retry: plan.interval,
+        budget: live.as_ref().map_or(usize::MAX, |l| l.budget),
+    };
+    let (due, deferred): (HashMap<(String, String), DueNow>, usize) = match (chain, &live) {
+        (None, _) => (HashMap::new(), 0),
+        (Some(_), None) => (
+            ready
+                .iter()
+                .map(|p| ((p.ksa.namespace.clone(), p.ksa.name.clone()), (max_age, Why::New)))
+                .collect(),
+            0,
+        ),
+        (Some(_), Some(l)) => {
+            let schedule = l.ledger.schedule(&live_wanted, cadence, now);
+            // Never older than the pass allows: a forced pass (probe-now) reuses nothing.
+            (
+                schedule.due.into_iter().map(|d| (d.key, (d.max_age.min(max_age), d.why))).collect(),
+                schedule.deferred,
+            )
+        }
+    };
+
+    // Mint and exchange first (shared per KSA and audience), so the provider checks read the
+    // claims the cluster really issues; a KSA not due keeps the claims of its last exchange.
     let exchanges: HashMap<(String, String), Arc<Exchange>> = match chain {
         Some(chain) => {
-            let work: Vec<Ksa> =
-                prepared.iter().filter_map(|(_, p, _)| Some(p.as_ref().ok()?.ksa.clone())).collect();
+            let work: Vec<(Ksa, Duration)> = ready
+                .iter()
+                .filter_map(|p| {
+                    let (age, _) = due.get(&(p.ksa.namespace.clone(), p.ksa.name.clone()))?;
+                    Some((p.ksa.clone(), *age))
+                })
+                .collect();
             stream::iter(work)
-                .map(|ksa: Ksa| async move {
-                    let exchange = chain.exchange(plan, &ksa, max_age).await;
+                .map(|(ksa, age): (Ksa, Duration)| async move {
+                    let exchange = chain.exchange(plan, &ksa, age).await;
                     ((ksa.namespace, ksa.name), exchange)
                 })
                 .buffer_unordered(READ_CONCURRENCY)
@@ -191,12 +258,21 @@ pub async fn evaluate(
         }
         None => HashMap::new(),
     };
+    let ledger: Option<&LiveLedger> = live.as_ref().map(|l| &*l.ledger);
     let mapped: Vec<(Candidate, Mapped, Option<Finding>)> = prepared
         .into_iter()
         .map(|(candidate, prepared, undecided)| {
             let exchange = exchanges.get(&(candidate.namespace.clone(), candidate.name.clone()));
+            let carried = ledger
+                .and_then(|l| l.record(&candidate.namespace, &candidate.name))
+                .and_then(|r| r.claims.clone());
             let checked = prepared.and_then(|p| {
-                let identity = plan.check_mapping(&p, &facts, exchange.and_then(|e| e.claims()))?;
+                let claims = match (exchange, &carried) {
+                    (Some(e), _) => e.claims(),
+                    (None, Some(c)) => Some(TokenClaims { claims: &c.0, kid: c.1.as_deref() }),
+                    (None, None) => None,
+                };
+                let identity = plan.check_mapping(&p, &facts, claims)?;
                 Ok((p, identity))
             });
             (candidate, checked, undecided)
@@ -204,17 +280,18 @@ pub async fn evaluate(
         .collect();
     let verified: HashMap<(String, String), Verified> = match chain {
         Some(chain) => {
-            let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>)> = mapped
+            let work: Vec<(Prepared, KsaIdentity, Arc<Exchange>, Duration)> = mapped
                 .iter()
                 .filter_map(|(c, m, _)| {
                     let (p, identity) = m.as_ref().ok()?;
-                    let exchange = exchanges.get(&(c.namespace.clone(), c.name.clone()))?;
-                    Some((p.clone(), identity.clone(), exchange.clone()))
+                    let key = (c.namespace.clone(), c.name.clone());
+                    let exchange = exchanges.get(&key)?;
+                    Some((p.clone(), identity.clone(), exchange.clone(), due.get(&key)?.0))
                 })
                 .collect();
             let run_services = &run_services;
             stream::iter(work)
-                .map(|(p, identity, exchange): (Prepared, KsaIdentity, Arc<Exchange>)| async move {
+                .map(|(p, identity, exchange, max_age): (Prepared, KsaIdentity, Arc<Exchange>, Duration)| async move {
                     let job = Job {
                         probe,
                         plan,
@@ -247,7 +324,44 @@ pub async fn evaluate(
             .collect(),
     };
     let pending_until = verified.values().filter_map(|v| v.pending_until).min();
+    let at = |instant: Instant| {
+        let now = Timestamp::now();
+        now.checked_add(instant.saturating_duration_since(Instant::now())).unwrap_or(now)
+    };
 
+    // Record this pass's chains; the KSAs not due keep their last verdict.
+    let mut live = live;
+    let (live_verified, chain_due) = match (chain.is_some(), live.as_mut()) {
+        (false, _) => (None, None),
+        (true, None) => {
+            let passed = verified.values().filter(|v| v.result.is_ok()).count();
+            (Some(u32::try_from(passed).unwrap_or(u32::MAX)), None)
+        }
+        (true, Some(live)) => {
+            let finished = Timestamp::now();
+            let count = live_wanted.len();
+            for (index, w) in live_wanted.iter().enumerate() {
+                let key = (w.namespace.to_string(), w.name.to_string());
+                let Some((_, why)) = due.get(&key) else { continue };
+                let done = verified.get(&key);
+                let run = Run {
+                    verdict: done.map(|v| v.result.clone()),
+                    // Only the Federation provider checks read them: GKE keeps none.
+                    claims: plan.federation.as_ref().and(exchanges.get(&key)).and_then(|e| e.minted_claims()),
+                    answer_by: done.and_then(|v| v.pending_until).map(at),
+                    at: finished,
+                    crowded: deferred > 0 && *why != Why::Scheduled,
+                };
+                live.ledger.verified(w, index, count, cadence, run);
+            }
+            live.ledger.retain(&live_wanted);
+            let live_verified = live.ledger.live_verified(&live_wanted, plan.exchange_interval, finished);
+            // Passes come at least a tick apart, counted from their starts.
+            (Some(live_verified), live.ledger.next_pass(&live_wanted, deferred, now))
+        }
+    };
+
+    let ledger_after: Option<&LiveLedger> = live.as_ref().map(|l| &*l.ledger);
     let policy_changes: HashMap<&str, Timestamp> =
         gsas.keys().filter_map(|g| services.google.policy_changed_at(g).map(|t| (g.as_str(), t))).collect();
     let mut grace = Grace::new(plan.grace, now);
@@ -260,24 +374,57 @@ pub async fn evaluate(
                 .and_then(|k| k.gsa_annotation.as_deref())
                 .and_then(|a| policy_changes.get(a).copied());
             let changed = [changed_at(&candidate), gsa_change].into_iter().flatten().max();
-            let chain = verified
-                .get(&(candidate.namespace.clone(), candidate.name.clone()))
-                .map(|v| v.result.clone().map_err(|f| grace.judge(f, changed)));
+            let key = (candidate.namespace.clone(), candidate.name.clone());
+            let chain = match verified.get(&key) {
+                Some(v) => Some(v.result.clone()),
+                // Not due: the last live verdict, carried, for a KSA whose mapping passes.
+                None if mapped.is_ok() && !due.contains_key(&key) => ledger_after
+                    .and_then(|l| l.record(&candidate.namespace, &candidate.name))
+                    .and_then(|r| r.verdict.clone()),
+                None => None,
+            }
+            .map(|c| c.map_err(|f| grace.judge(f, changed)));
             let mapping = Finding::decisive(undecided.as_ref(), mapped.as_ref().err())
                 .cloned()
                 .map(|f| grace.judge(f, changed));
             KsaOutcome { namespace: candidate.namespace, name: candidate.name, mapping, chain, canary: None }
         })
         .collect();
-    let endpoints_answered = pending_until.map(|until| {
-        let at = Timestamp::now();
-        at.checked_add(until.saturating_duration_since(Instant::now())).unwrap_or(at)
-    });
+    let endpoints_answered = pending_until.map(at);
     Evaluated {
         outcomes,
         recheck_at: [grace.recheck_at(), endpoints_answered].into_iter().flatten().min(),
-        fingerprints,
+        fingerprints: expected_fingerprints,
+        live_verified,
+        chain_due,
     }
+}
+
+/// What a KSA's live verdict depends on (the workloads running as it among them: a fixed
+/// workload is verified live at once), or `None` while some of it could not be read.
+fn inputs(
+    p: &Prepared,
+    workloads: Option<&Vec<Arc<Workload>>>,
+    gsas: &BTreeMap<GsaEmail, Arc<GsaFacts>>,
+    provider: Option<&crate::engine::ProviderFacts>,
+    cluster: Option<&Result<crate::engine::facts::ClusterIssuer, crate::engine::facts::FetchFailure>>,
+) -> Option<u64> {
+    let gsa = match &p.gsa {
+        Some(g) => {
+            let facts = gsas.get(g)?;
+            Some((facts.account.as_ref().ok()?, facts.policy.as_ref().ok()?))
+        }
+        None => None,
+    };
+    let provider = match provider {
+        Some(f) => Some((f.pool.as_ref().ok()?, f.provider.as_ref().ok()?)),
+        None => None,
+    };
+    let cluster = match cluster {
+        Some(c) => Some(c.as_ref().ok()?),
+        None => None,
+    };
+    Some(inputs_fingerprint(&[&p.ksa.uid, &p.ksa.gsa_annotation, &workloads, &gsa, &provider, &cluster]))
 }
 
 /// Each static-passed KSA's workloads (those of its namespace running as it), when the probe

@@ -134,6 +134,28 @@ fn a_disruption_budget_only_with_more_than_one_replica() -> Result<()> {
     Ok(())
 }
 
+/// `google.quotaShare` is `--google-quota-share`, half of each quota by default, and the schema
+/// refuses a share outside (0, 1].
+#[test]
+fn the_quota_share_is_the_operators_flag() -> Result<()> {
+    let args = args_of(&template("authprobe", &[])?);
+    assert!(args.iter().any(|a| a == "--google-quota-share=0.5"), "the default share: {args:?}");
+    // `--set` gives helm a string, a values file or `--set-json` a number: both are taken.
+    let tenth = args_of(&template("authprobe", &refs(&sets(&["google.quotaShare=0.1"])))?);
+    assert!(tenth.iter().any(|a| a == "--google-quota-share=0.1"), "{tenth:?}");
+    let quarter = args_of(&template("authprobe", &["--set-json", "google.quotaShare=0.25"])?);
+    assert!(quarter.iter().any(|a| a == "--google-quota-share=0.25"), "{quarter:?}");
+    for bad in
+        ["google.quotaShare=0", "google.quotaShare=0.0", "google.quotaShare=1.5", "google.quotaShare=half"]
+    {
+        assert!(template("authprobe", &refs(&sets(&[bad]))).is_err(), "{bad} is outside (0, 1]");
+    }
+    for bad in ["google.quotaShare=0", "google.quotaShare=2"] {
+        assert!(template("authprobe", &["--set-json", bad]).is_err(), "{bad} is outside (0, 1]");
+    }
+    Ok(())
+}
+
 #[test]
 fn two_replicas_without_leader_election_are_refused() -> Result<()> {
     let refused = template("authprobe", &refs(&sets(&["leaderElection.enabled=false"])));

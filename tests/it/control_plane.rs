@@ -286,7 +286,14 @@ async fn status_written_by_server_side_apply_reads_back() -> Result<()> {
     let created = api.create(&PostParams::default(), &probe("ssa-status", valid_spec())?).await?;
     let status = AuthProbeStatus {
         observed_generation: created.metadata.generation,
-        summary: Some(Summary { namespaces: 3, service_accounts: 3, passing: 2, failing: 1, unknown: 0 }),
+        summary: Some(Summary {
+            namespaces: 3,
+            service_accounts: 3,
+            passing: 2,
+            failing: 1,
+            unknown: 0,
+            live_verified: None,
+        }),
         ..Default::default()
     };
     let patch = json!({"apiVersion": "authprobe.io/v1alpha1", "kind": "AuthProbe", "status": status});

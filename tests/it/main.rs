@@ -25,5 +25,6 @@ mod lifecycle;
 mod metrics;
 mod operability;
 mod operator;
+mod quota;
 mod token_type;
 mod workload;

@@ -307,6 +307,14 @@ pub struct ProbeSettings {
     #[serde(default)]
     pub token_exchange: bool,
 
+    /// How often each KSA's live chain must run, spread evenly over this window; the mapping
+    /// checks keep running every `interval`. 30s to 24h; absent: `interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("{DURATION_SHAPE} && duration(self) >= duration('30s') && duration(self) <= duration('24h')"))
+        .message("probe.tokenExchangeInterval must be a duration from 30s to 24h, like 10m, 1h or 6h"))]
+    pub token_exchange_interval: Option<String>,
+
     /// Failures within this long after a change are Unknown/PropagationPending instead of False. 0s to 1h.
     #[serde(default = "default_propagation_grace")]
     #[schemars(length(max = 32))]
@@ -370,6 +378,7 @@ impl Default for ProbeSettings {
         Self {
             interval: default_interval(),
             token_exchange: false,
+            token_exchange_interval: None,
             propagation_grace: default_propagation_grace(),
             inspect_workloads: true,
         }
@@ -422,10 +431,19 @@ pub struct Summary {
     /// KSAs authprobe could not decide.
     #[schemars(schema_with = "count")]
     pub unknown: u32,
+    /// With the live chain: KSAs whose live chain succeeded within the last
+    /// `tokenExchangeInterval` (the current window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_count")]
+    pub live_verified: Option<u32>,
 }
 
 /// A count, in a format Kubernetes knows (`uint32` is not one).
 fn count(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "format": "int32", "minimum": 0})
+}
+
+fn optional_count(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "integer", "format": "int32", "minimum": 0})
 }
 
@@ -700,6 +718,7 @@ mod tests {
         assert_eq!(spec.probe.propagation_grace, "7m");
         assert!(!spec.probe.token_exchange);
         assert!(spec.probe.inspect_workloads);
+        assert_eq!(spec.probe.token_exchange_interval, None, "absent: the probe's interval");
         assert_eq!(spec.identity.access, Access::Impersonation);
     }
 

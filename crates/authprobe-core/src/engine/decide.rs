@@ -65,6 +65,8 @@ pub struct PassResult<'a> {
     pub interval: Duration,
     /// When a propagation grace that softened a failure ends.
     pub recheck_at: Option<Timestamp>,
+    /// When the live chain's next scheduled KSAs are due (see [`super::schedule`]).
+    pub chain_due: Option<Timestamp>,
     /// The pass's clock.
     pub now: Timestamp,
     /// A random number in `[0, 1)`, spreading periodic passes (see [`JITTER`]).
@@ -236,7 +238,8 @@ pub fn decide(mut memory: Memory, pass: PassResult<'_>) -> Decision {
     let last = if write { pass.now } else { last_probe.unwrap_or(pass.now) };
     let periodic = last.checked_add(pass.interval.mul_f64(1.0 + pass.jitter * JITTER)).unwrap_or(pass.now);
     // A failure waiting out its propagation grace is judged again as soon as the grace ends.
-    let next_due = pass.recheck_at.map_or(periodic, |r| r.min(periodic));
+    // So is the live chain's next scheduled KSA.
+    let next_due = [pass.recheck_at, pass.chain_due].into_iter().flatten().fold(periodic, Timestamp::min);
     let requeue_after =
         Duration::try_from(next_due.duration_since(pass.now)).unwrap_or(Duration::ZERO).max(MIN_REQUEUE);
 
@@ -345,6 +348,7 @@ mod tests {
                     probe_now: self.probe_now,
                     interval: Duration::from_secs(600),
                     recheck_at: None,
+                    chain_due: None,
                     now: self.now,
                     jitter: 0.0,
                 },
@@ -444,6 +448,7 @@ mod tests {
                 probe_now: None,
                 interval: INVALID_SPEC_INTERVAL,
                 recheck_at: None,
+                chain_due: None,
                 now: run.now,
                 jitter: 0.0,
             },
@@ -534,11 +539,29 @@ mod tests {
                 probe_now: None,
                 interval: Duration::from_secs(600),
                 recheck_at: Some(at("2026-01-01T00:02:00Z")),
+                chain_due: None,
                 now: run.now,
                 jitter: 0.5,
             },
         );
         assert_eq!(d.requeue_after, Duration::from_secs(120));
+        let d = decide(
+            Memory::default(),
+            PassResult {
+                probe: "payments",
+                report: &run.report,
+                outcomes: &run.outcomes,
+                cached: None,
+                generation: Some(1),
+                probe_now: None,
+                interval: Duration::from_secs(600),
+                recheck_at: Some(at("2026-01-01T00:02:00Z")),
+                chain_due: Some(at("2026-01-01T00:00:05Z")),
+                now: run.now,
+                jitter: 0.5,
+            },
+        );
+        assert_eq!(d.requeue_after, Duration::from_secs(5), "the next KSA due for its live chain");
     }
 
     #[test]

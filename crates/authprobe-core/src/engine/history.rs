@@ -300,6 +300,7 @@ mod tests {
                 passing: 0,
                 failing: 30,
                 unknown: 0,
+                live_verified: None,
             }),
             failures: vec![listed],
             ..Default::default()

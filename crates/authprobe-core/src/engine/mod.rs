@@ -12,6 +12,7 @@ mod plan;
 pub mod policy;
 pub mod principal;
 pub mod report;
+pub mod schedule;
 pub mod selector;
 pub mod stage;
 pub mod target;

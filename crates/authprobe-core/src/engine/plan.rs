@@ -203,6 +203,8 @@ pub struct Plan {
     pub endpoints: Vec<EndpointPlan>,
     /// Periodic re-check.
     pub interval: Duration,
+    /// How often each KSA's live chain runs (`probe.tokenExchangeInterval`, default `interval`).
+    pub exchange_interval: Duration,
     /// Propagation grace.
     pub grace: Duration,
     /// Whether the live chain runs.
@@ -343,6 +345,12 @@ impl Plan {
                 })
             })
             .transpose()?;
+        let (min_interval, max_interval) = (Duration::from_secs(30), Duration::from_secs(86_400));
+        let interval = duration("probe.interval", &spec.probe.interval, min_interval, max_interval)?;
+        let exchange_interval = match &spec.probe.token_exchange_interval {
+            Some(every) => duration("probe.tokenExchangeInterval", every, min_interval, max_interval)?,
+            None => interval,
+        };
         Ok(Plan {
             platform: identity.platform,
             project_id: identity.project_id.clone(),
@@ -353,12 +361,8 @@ impl Plan {
             federation,
             targets,
             endpoints,
-            interval: duration(
-                "probe.interval",
-                &spec.probe.interval,
-                Duration::from_secs(30),
-                Duration::from_secs(86_400),
-            )?,
+            interval,
+            exchange_interval,
             grace: duration(
                 "probe.propagationGrace",
                 &spec.probe.propagation_grace,

@@ -137,6 +137,7 @@ impl Report {
             passing: total - failing - unknown,
             failing,
             unknown,
+            live_verified: None,
         };
 
         let ready = verdict_condition(
@@ -289,14 +290,25 @@ fn exchange_condition(outcomes: &[KsaOutcome], token_exchange: bool) -> Conditio
                 message: format!("{headline}; first: {}/{} {}: {}", o.namespace, o.name, f.reason, f.message),
             }
         }
-        (None, Some(o)) => ConditionValue {
-            type_,
-            status: Status::Unknown,
-            reason: o.mapping.as_ref().map_or(Reason::Disabled, |f| f.reason),
-            message: format!(
-                "the live chain did not run for {} of {total} ServiceAccounts, whose mapping failed first",
-                not_run.len()
-            ),
+        (None, Some(o)) => match not_run.iter().filter(|o| o.mapping.is_none()).count() {
+            0 => ConditionValue {
+                type_,
+                status: Status::Unknown,
+                reason: o.mapping.as_ref().map_or(Reason::Disabled, |f| f.reason),
+                message: format!(
+                    "the live chain did not run for {} of {total} ServiceAccounts, whose mapping failed first",
+                    not_run.len()
+                ),
+            },
+            // Waiting for a first exchange the quota share has not allowed yet.
+            waiting => ConditionValue {
+                type_,
+                status: Status::Unknown,
+                reason: Reason::GoogleThrottled,
+                message: format!(
+                    "the live chain has not run yet for {waiting} of {total} ServiceAccounts: each waits for its first exchange within authprobe's share of Google's quota (--google-quota-share)"
+                ),
+            },
         },
         (None, None) => ConditionValue {
             type_,

@@ -416,6 +416,9 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
         (json!({"namespaceSelector": {"matchLabels": {"bad key!": "x"}}}), "namespaceSelector"),
         (json!({"probe": {"interval": "forever"}}), "probe.interval"),
         (json!({"probe": {"interval": "5s"}}), "probe.interval"),
+        (json!({"probe": {"tokenExchangeInterval": "10s"}}), "probe.tokenExchangeInterval"),
+        (json!({"probe": {"tokenExchangeInterval": "25h"}}), "probe.tokenExchangeInterval"),
+        (json!({"probe": {"tokenExchangeInterval": "hourly"}}), "probe.tokenExchangeInterval"),
         (json!({"probe": {"tokenExchange": true}}), "identity.gke is required"),
         // What admission refuses, refused again: `authprobe check -f` bypasses admission.
         (json!({"identity": {"projectId": "Acme Prod"}}), "identity.projectId"),
@@ -442,6 +445,10 @@ fn what_admission_cannot_judge_is_an_invalid_spec() {
         let err = Plan::parse(&spec(extra.clone())).unwrap_err();
         assert!(err.contains(expected), "{extra}: {err}");
     }
+    let default = Plan::parse(&spec(json!({"probe": {"interval": "2m"}}))).unwrap();
+    assert_eq!(default.exchange_interval, std::time::Duration::from_secs(120), "absent: the interval");
+    let hourly = Plan::parse(&spec(json!({"probe": {"tokenExchangeInterval": "1h"}}))).unwrap();
+    assert_eq!(hourly.exchange_interval, std::time::Duration::from_secs(3600));
     let fed = spec(
         json!({"identity": {"platform": "Federation", "federation": {"provider": "projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/k8s"}}}),
     );
@@ -558,7 +565,14 @@ fn conditions_follow_the_worst_entry() {
     );
     assert_eq!(
         r.summary,
-        crate::api::Summary { namespaces: 4, service_accounts: 5, passing: 1, failing: 3, unknown: 1 }
+        crate::api::Summary {
+            namespaces: 4,
+            service_accounts: 5,
+            passing: 1,
+            failing: 3,
+            unknown: 1,
+            live_verified: None
+        }
     );
     let order: Vec<(&str, &str, Reason)> =
         r.entries.iter().map(|e| (e.namespace.as_str(), e.name.as_str(), e.finding.reason)).collect();
@@ -796,4 +810,20 @@ fn canary_findings_count_in_ready_only_and_come_last() {
     assert_eq!((exchange.status, exchange.reason), (Status::True, Reason::Verified));
     let ready = only_canary.condition(condition::READY).unwrap();
     assert_eq!((ready.status, ready.reason), (Status::False, Reason::AdcSourceUnexpected));
+}
+
+#[test]
+fn ksas_waiting_for_their_first_exchange_leave_the_live_chain_unknown_not_disabled() {
+    let verified = KsaOutcome { chain: Some(Ok(())), ..outcome("a", "app", None) };
+    let waiting = outcome("b", "app", None);
+    let unmapped =
+        outcome("c", "app", Some(Finding::fail(Stage::IamPolicy, Reason::PrincipalNotMapped, "x")));
+    let r = Report::build(&[verified.clone(), waiting, unmapped.clone()], 3, true);
+    let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!((exchange.status, exchange.reason), (Status::Unknown, Reason::GoogleThrottled));
+    assert!(exchange.message.contains("1 of 3") && exchange.message.contains("--google-quota-share"));
+    assert_eq!(r.summary.failing, 1, "waiting is not failing");
+    let r = Report::build(&[verified, unmapped], 2, true);
+    let exchange = r.condition(condition::TOKEN_EXCHANGE_VERIFIED).unwrap();
+    assert_eq!((exchange.status, exchange.reason), (Status::Unknown, Reason::PrincipalNotMapped));
 }
