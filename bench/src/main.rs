@@ -591,6 +591,18 @@ fn audit_counts(cp: &ControlPlane, from: u64) -> Result<BTreeMap<String, u64>> {
 }
 
 /// Changes a KSA's annotation to a GSA that does not map it, times the status showing it, and back.
+/// Waits (at most a minute) until `probe`'s status shows `failing` failing KSAs.
+async fn await_failing(summaries: &Summaries, probe: &str, failing: u32) -> Result<()> {
+    let mut rx = summaries.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        rx.wait_for(|m| m.get(probe).is_some_and(|x| x.failing == failing)),
+    )
+    .await
+    .with_context(|| format!("{probe} never showed {failing} failing"))??;
+    Ok(())
+}
+
 async fn change_latencies(client: &Client, summaries: &Summaries, args: &Args) -> Result<Vec<f64>> {
     let mut latencies = Vec::new();
     for s in 0..args.samples {
@@ -607,13 +619,7 @@ async fn change_latencies(client: &Client, summaries: &Summaries, args: &Args) -
             let patch = json!({"metadata": {"annotations": {"iam.gke.io/gcp-service-account": to}}});
             let started = Instant::now();
             sas.patch(&format!("sa-{j}"), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            let mut rx = summaries.clone();
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                rx.wait_for(|m| m.get(&probe).is_some_and(|x| x.failing == failing)),
-            )
-            .await
-            .with_context(|| format!("{probe} never showed {failing} failing"))??;
+            await_failing(summaries, &probe, failing).await?;
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
@@ -715,13 +721,7 @@ async fn workload_latencies(client: &Client, summaries: &Summaries, args: &Args)
             deployments
                 .patch(&format!("app-{j}"), &PatchParams::default(), &Patch::Strategic(&patch))
                 .await?;
-            let mut rx = summaries.clone();
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                rx.wait_for(|m| m.get(&probe).is_some_and(|x| x.failing == failing)),
-            )
-            .await
-            .with_context(|| format!("{probe} never showed {failing} failing"))??;
+            await_failing(summaries, &probe, failing).await?;
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }

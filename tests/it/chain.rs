@@ -125,6 +125,16 @@ async fn federation(env: &Env, pool_id: &str, provider: Provider) -> String {
     format!("{pool}/providers/k8s")
 }
 
+/// [`federation`] with the default mapping and the cluster's keys uploaded, no condition.
+async fn default_federation(env: &Env, pool_id: &str) -> String {
+    let provider = Provider {
+        attribute_mapping: default_mapping(),
+        jwks_json: cluster_jwks(env).await,
+        ..Default::default()
+    };
+    federation(env, pool_id, provider).await
+}
+
 async fn cluster_jwks(env: &Env) -> String {
     let client = env.client().await;
     client.request_text(http::Request::get("/openid/v1/jwks").body(Vec::new()).unwrap()).await.unwrap()
@@ -371,16 +381,7 @@ async fn an_api_that_refuses_federated_tokens() {
     let client = env.client().await;
     let id = unique("direct");
     let pool_id = unique("pool");
-    let provider = federation(
-        &env,
-        &pool_id,
-        Provider {
-            attribute_mapping: default_mapping(),
-            jwks_json: cluster_jwks(&env).await,
-            ..Default::default()
-        },
-    )
-    .await;
+    let provider = default_federation(&env, &pool_id).await;
     let ns = env.namespace(&client, "direct", &[("team", id.as_str())]).await;
     service_account(&client, &ns, "app", None).await;
     env.fake.update(|s| {
@@ -417,16 +418,7 @@ async fn malformed_answers_from_every_chain_api_are_unknown() {
     let client = env.client().await;
     let fed_id = unique("garbled-fed");
     let pool_id = unique("pool");
-    let provider = federation(
-        &env,
-        &pool_id,
-        Provider {
-            attribute_mapping: default_mapping(),
-            jwks_json: cluster_jwks(&env).await,
-            ..Default::default()
-        },
-    )
-    .await;
+    let provider = default_federation(&env, &pool_id).await;
     let fed_gsa = gsa(&unique("garbled"));
     let fed_ns = env.namespace(&client, "garbled", &[("team", fed_id.as_str())]).await;
     service_account(&client, &fed_ns, "app", Some(&fed_gsa)).await;
