@@ -126,26 +126,46 @@ async fn connection(
         let (mut client_read, mut client_write) = client.split();
         let (mut server_read, mut server_write) = server.split();
         let (mut up, mut down) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
+        // A stall that began while bytes were being read holds those bytes too: the mode is
+        // checked first, and again between a read and its forwarding.
+        let stalled_since = |mode: &watch::Receiver<Mode>| match *mode.borrow() {
+            Mode::Stalled { epoch: stalled } if stalled > epoch => Some(stalled),
+            _ => None,
+        };
         loop {
             tokio::select! {
-                read = client_read.read(&mut up) => match read {
-                    Ok(n) if n > 0 && server_write.write_all(&up[..n]).await.is_ok() => {}
-                    _ => return,
-                },
-                read = server_read.read(&mut down) => match read {
-                    Ok(n) if n > 0 && client_write.write_all(&down[..n]).await.is_ok() => {}
-                    _ => return,
-                },
+                biased;
                 changed = mode.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    if let Mode::Stalled { epoch: stalled } = *mode.borrow_and_update()
-                        && stalled > epoch
-                    {
+                    if let Some(stalled) = stalled_since(&mode) {
                         break stalled;
                     }
                 }
+                read = client_read.read(&mut up) => match read {
+                    Ok(n) if n > 0 => {
+                        if let Some(stalled) = stalled_since(&mode) {
+                            held.fetch_add(n as u64, Ordering::SeqCst);
+                            break stalled;
+                        }
+                        if server_write.write_all(&up[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+                read = server_read.read(&mut down) => match read {
+                    Ok(n) if n > 0 => {
+                        if let Some(stalled) = stalled_since(&mode) {
+                            break stalled;
+                        }
+                        if client_write.write_all(&down[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
             }
         }
     };
