@@ -29,8 +29,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::engine::canary::{
-    self, ATTEMPT_TIMEOUT, AdcEnv, DEADLINE, FingerprintOf, REPORT_VERSION, Report, Resolved, Source,
-    TokenType,
+    self, ATTEMPT_TIMEOUT, AdcEnv, DEADLINE, FingerprintOf, Report, Resolved, Source, TokenType,
 };
 
 /// `authprobe canary`.
@@ -79,19 +78,7 @@ pub fn run(args: &CanaryArgs, started: std::time::Instant) -> ExitCode {
 }
 
 async fn canary(env: &AdcEnv, limits: Limits, started: Instant) -> Report {
-    let mut report = Report {
-        version: REPORT_VERSION,
-        source: Source::MetadataServer,
-        path: None,
-        metadata_host: None,
-        credential_type: None,
-        token_type: None,
-        first_token_ms: None,
-        attempts: 0,
-        fingerprint: None,
-        fingerprint_of: None,
-        error: None,
-    };
+    let mut report = Report::new(Source::MetadataServer);
     match canary::resolve(env, Path::is_file) {
         Resolved::MetadataServer { host } => {
             metadata_server(&mut report, &host, limits, started).await;

@@ -222,6 +222,23 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report of this version from `source` with nothing measured yet.
+    pub fn new(source: Source) -> Self {
+        Self {
+            version: REPORT_VERSION,
+            source,
+            path: None,
+            metadata_host: None,
+            credential_type: None,
+            token_type: None,
+            first_token_ms: None,
+            attempts: 0,
+            fingerprint: None,
+            fingerprint_of: None,
+            error: None,
+        }
+    }
+
     /// The report as its termination message: JSON, token-like text redacted, every free-text
     /// field flattened and cut so that even fully escaped it stays under 4 KiB.
     pub fn to_message(&self) -> String {

@@ -3,7 +3,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::*;
 use crate::{
     api::{Failure, Reason},
-    engine::canary::{REPORT_VERSION, Source},
+    engine::canary::Source,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -14,17 +14,10 @@ fn at(s: &str) -> Timestamp {
 
 fn report(fingerprint: Option<&str>) -> Report {
     Report {
-        version: REPORT_VERSION,
-        source: Source::MetadataServer,
-        path: None,
-        metadata_host: None,
-        credential_type: None,
-        token_type: None,
         first_token_ms: Some(120),
         attempts: 1,
         fingerprint: fingerprint.map(str::to_string),
-        fingerprint_of: None,
-        error: None,
+        ..Report::new(Source::MetadataServer)
     }
 }
 

@@ -2,7 +2,7 @@ use k8s_openapi::api::{batch::v1::JobStatus, core::v1::PodStatus};
 use serde_json::json;
 
 use super::*;
-use crate::engine::canary::{REPORT_VERSION, Source};
+use crate::engine::canary::Source;
 
 fn pod(spec: serde_json::Value) -> PodSpec {
     serde_json::from_value(spec).unwrap()
@@ -220,19 +220,8 @@ fn terminated(exit_code: i32, message: Option<&str>) -> Pod {
 
 #[test]
 fn a_finished_canary_reports_and_a_killed_one_does_not() {
-    let report = Report {
-        version: REPORT_VERSION,
-        source: Source::MetadataServer,
-        path: None,
-        metadata_host: None,
-        credential_type: None,
-        token_type: None,
-        first_token_ms: None,
-        attempts: 20,
-        fingerprint: None,
-        fingerprint_of: None,
-        error: Some("no answer".into()),
-    };
+    let report =
+        Report { attempts: 20, error: Some("no answer".into()), ..Report::new(Source::MetadataServer) };
     let message = report.to_message();
     let running = job(json!([]));
     for exit_code in [0, 1] {
