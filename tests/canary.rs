@@ -648,9 +648,14 @@ async fn a_canary_killed_mid_run_gives_no_verdict() -> Result<()> {
     // status of that pass (a forced one always does), while the third polls the hanging server.
     probe_now(&test).await?;
     let third = canary_job(&ns.name, false, &[&first.name_any(), &second]).await?;
+    // lastProbeTime is the pass's start, which may fall in the second before the Job it created
+    // (both have one-second resolution); a later pass would come after the third run's own 60 s.
     let started = third.creation_timestamp().context("creationTimestamp")?.0;
+    let pass_start = started
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(1))
+        .context("creationTimestamp minus a second")?;
     let p = wait_probe(&test, "the pass that started the third run", |p| {
-        p.status.as_ref().and_then(|s| s.last_probe_time.as_ref()).is_some_and(|t| t.0 >= started)
+        p.status.as_ref().and_then(|s| s.last_probe_time.as_ref()).is_some_and(|t| t.0 >= pass_start)
     })
     .await?;
     assert_eq!(ready(&p), ("True".into(), "Verified".into()), "no verdict from a half result");
