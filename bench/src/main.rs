@@ -135,9 +135,10 @@ async fn main() -> Result<()> {
     results.insert("size", json!({"namespaces": args.namespaces, "ksasPerNamespace": args.ksas, "gsas": args.gsas, "probes": args.probes, "latencyMs": args.latency_ms, "intervalSeconds": args.interval_seconds, "chain": args.chain, "workloads": args.workloads, "federationProbes": args.federation_probes, "tokenExchangeIntervalSeconds": args.token_exchange_interval_seconds, "googleQuotaShare": args.google_quota_share}));
 
     eprintln!("bench: starting the control plane");
-    let cp =
-        tokio::task::spawn_blocking(|| ControlPlane::start(Options { install_crds: true, audit_log: true }))
-            .await??;
+    let cp = tokio::task::spawn_blocking(|| {
+        ControlPlane::start(Options { install_crds: true, audit_log: true, ..Options::default() })
+    })
+    .await??;
     let client = cp.client().await?;
     let fake = fake_google::start("127.0.0.1:0".parse()?, scenario(&args, &cp)?).await?;
 

@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod progress;
 mod reconcile;
 mod state;
+mod watch;
 pub mod workloads;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
@@ -36,7 +37,7 @@ use k8s_openapi::api::{
 };
 
 use self::{
-    inventory::{AnnotationChanges, NamespaceMeta, ServiceAccountMeta, key},
+    inventory::{Index, NamespaceMeta, ServiceAccountMeta, key},
     progress::Progress,
     state::States,
     workloads::{ConfigMapMeta, Touched, Workloads},
@@ -45,7 +46,7 @@ use crate::{
     api::AuthProbe,
     engine::{
         Plan,
-        selector::{Labels, NO_LABELS},
+        selector::{LabelLookup, NO_LABELS},
         workload::Lean,
     },
     fence::Fence,
@@ -193,9 +194,8 @@ pub struct Context {
     metrics: Arc<Metrics>,
     recorder: Recorder,
     probes: Store<AuthProbe>,
-    namespaces: Store<NamespaceMeta>,
-    service_accounts: Store<ServiceAccountMeta>,
-    annotation_changes: Arc<AnnotationChanges>,
+    /// Namespaces and ServiceAccounts.
+    index: Arc<Index>,
     states: Arc<States>,
     workloads: Arc<Workloads>,
     config_maps: Arc<ConfigMaps>,
@@ -205,7 +205,7 @@ pub struct Context {
 
 impl Context {
     /// The probes a namespace change concerns: those selecting it now or in their last pass.
-    fn probes_for_namespace(&self, namespace: &str, labels: &Labels) -> Vec<ObjectRef<AuthProbe>> {
+    fn probes_for_namespace(&self, namespace: &str, labels: &dyn LabelLookup) -> Vec<ObjectRef<AuthProbe>> {
         let ns_key = key(&[namespace]);
         self.probes
             .state()
@@ -222,35 +222,30 @@ impl Context {
     /// The probes a ServiceAccount change concerns: those covering its namespace.
     fn probes_for_service_account(&self, sa: &ServiceAccountMeta) -> Vec<ObjectRef<AuthProbe>> {
         let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-        let ns = self.namespaces.get(&ObjectRef::new(namespace));
-        self.probes_for_namespace(
-            namespace,
-            ns.as_ref().and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&NO_LABELS),
-        )
+        self.index.with_namespace_labels(namespace, |labels| self.probes_for_namespace(namespace, labels))
     }
 
     /// The probes a workload or mounted-ConfigMap change in `namespace` concerns: those selecting
     /// it now whose plan passes `reads` (inspects workloads, or reads ConfigMaps).
     fn probes_inspecting(&self, namespace: &str, reads: fn(&Plan) -> bool) -> Vec<ObjectRef<AuthProbe>> {
-        let ns = self.namespaces.get(&ObjectRef::new(namespace));
-        let labels = ns.as_ref().and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&NO_LABELS);
-        self.probes
-            .state()
-            .iter()
-            .filter(|p| {
-                self.states
-                    .plan(p)
-                    .as_ref()
-                    .as_ref()
-                    .is_ok_and(|plan| reads(plan) && plan.selects_namespace(labels))
-            })
-            .map(|p| ObjectRef::from_obj(p.as_ref()))
-            .collect()
+        self.index.with_namespace_labels(namespace, |labels| {
+            self.probes
+                .state()
+                .iter()
+                .filter(|p| {
+                    self.states
+                        .plan(p)
+                        .as_ref()
+                        .as_ref()
+                        .is_ok_and(|plan| reads(plan) && plan.selects_namespace(labels))
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect()
+        })
     }
 
     async fn wait_for_caches(&self) -> Result<(), Error> {
-        self.namespaces.wait_until_ready().await.map_err(|_| Error::CachesGone)?;
-        self.service_accounts.wait_until_ready().await.map_err(|_| Error::CachesGone)
+        self.index.wait_until_ready().await.map_err(|_| Error::CachesGone)
     }
 }
 
@@ -344,26 +339,24 @@ pub async fn run(
 ) {
     let Clients { watch: client, call } = clients;
     let watch_config = watcher::Config::default().page_size(tuning.page_size);
-    let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
-    let ns_events = watcher(Api::<NamespaceMeta>::all(client.clone()), watch_config.clone())
-        .backoff(watch_backoff())
-        .inspect(observe(&progress, "Namespace"))
-        .modify(inventory::prune_namespace)
-        .reflect(ns_writer)
-        .touched_objects()
-        .filter(objects_only);
-
-    let annotation_changes = Arc::new(AnnotationChanges::default());
-    let (service_accounts, sa_writer) = reflector::store::<ServiceAccountMeta>();
-    let changes = annotation_changes.clone();
-    let sa_events = watcher(Api::<ServiceAccountMeta>::all(client.clone()), watch_config.clone())
-        .backoff(watch_backoff())
-        .inspect(observe(&progress, "ServiceAccount"))
-        .modify(inventory::prune_service_account)
-        .inspect_ok(move |event| changes.observe(event))
-        .reflect(sa_writer)
-        .touched_objects()
-        .filter(objects_only);
+    // Namespaces and ServiceAccounts go into the compact index as they arrive.
+    let index = Arc::new(Index::default());
+    let ns_events = inventory::follow(
+        watch::listing(Api::<NamespaceMeta>::all(client.clone()), watch_config.clone())
+            .backoff(watch_backoff())
+            .inspect(observe(&progress, "Namespace")),
+        index.clone(),
+        Index::namespace_event,
+    )
+    .filter(objects_only);
+    let sa_events = inventory::follow(
+        watch::listing(Api::<ServiceAccountMeta>::all(client.clone()), watch_config.clone())
+            .backoff(watch_backoff())
+            .inspect(observe(&progress, "ServiceAccount")),
+        index.clone(),
+        Index::service_account_event,
+    )
+    .filter(objects_only);
 
     // Workloads, pruned to the stage's view as they arrive; ConfigMaps by metadata only.
     let workloads = Arc::new(Workloads::default());
@@ -371,7 +364,7 @@ pub async fn run(
     macro_rules! workload_events {
         ($kind:ty, $name:literal) => {
             workloads::watch_kind(
-                watcher(Api::<Lean<$kind>>::all(client.clone()), watch_config.clone())
+                watch::listing(Api::<Lean<$kind>>::all(client.clone()), watch_config.clone())
                     .backoff(watch_backoff())
                     .inspect(observe(&progress, $name)),
                 workloads.clone(),
@@ -388,7 +381,7 @@ pub async fn run(
         workload_events!(Pod, "Pod").boxed(),
     ]);
     let config_map_events = workloads::watch_config_maps(
-        watcher(Api::<ConfigMapMeta>::all(client.clone()), watch_config.clone())
+        watch::listing(Api::<ConfigMapMeta>::all(client.clone()), watch_config.clone())
             .backoff(watch_backoff())
             .inspect(observe(&progress, "ConfigMap"))
             .modify(inventory::prune_config_map),
@@ -455,9 +448,7 @@ pub async fn run(
             Reporter { controller: "authprobe".into(), instance: tuning.instance.clone() },
         ),
         probes: probes.clone(),
-        namespaces: namespaces.clone(),
-        service_accounts: service_accounts.clone(),
-        annotation_changes,
+        index: index.clone(),
         states,
         workloads: workloads.clone(),
         config_maps,
@@ -465,12 +456,13 @@ pub async fn run(
     });
 
     let stores_ready = {
-        let (p, n, s) = (probes.clone(), namespaces.clone(), service_accounts.clone());
+        let probes = probes.clone();
         async move {
-            let synced = futures::try_join!(p.wait_until_ready(), n.wait_until_ready(), s.wait_until_ready());
+            let synced = probes.wait_until_ready().await.is_ok() && index.wait_until_ready().await.is_ok();
             workloads.wait_until_ready().await;
-            if synced.is_ok() {
-                tracing::info!(workloads = workloads.len(), "watches synced");
+            if synced {
+                let (namespaces, service_accounts) = index.len();
+                tracing::info!(namespaces, service_accounts, workloads = workloads.len(), "watches synced");
                 progress.synced();
             }
         }

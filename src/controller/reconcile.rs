@@ -14,14 +14,13 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType},
-        reflector::ObjectRef,
     },
 };
 
 use super::{
     Context, Error, FIELD_MANAGER,
     canary::{self, Canaries, Checked},
-    inventory::{self, MetaView},
+    inventory,
 };
 use crate::{
     api::{AuthProbe, AuthProbeStatus, PROBE_NOW_ANNOTATION, condition},
@@ -243,7 +242,7 @@ async fn announce_changes(ctx: &Context, probe: &AuthProbe, book: &mut Book, wor
 /// The engine's one selection over the caches; records the namespaces in scope and when each
 /// entered it.
 fn select(ctx: &Context, probe: &AuthProbe, plan: &Plan, now: Timestamp) -> Selection {
-    let selection = plan.select(&MetaView::new(ctx.namespaces.state(), ctx.service_accounts.state()));
+    let selection = plan.select(&ctx.index.view());
     let keys: HashSet<u64> = selection.namespaces.iter().map(|n| inventory::key(&[n])).collect();
     ctx.states.record_scope(probe, keys, now);
     selection
@@ -252,7 +251,7 @@ fn select(ctx: &Context, probe: &AuthProbe, plan: &Plan, now: Timestamp) -> Sele
 /// The latest change that opens the propagation grace: creation, annotation, entering scope.
 fn changed_at(ctx: &Context, probe: &AuthProbe, c: &Candidate) -> Option<Timestamp> {
     let created = c.ksa.as_ref().and_then(|k| k.created);
-    let annotated = ctx.annotation_changes.changed_at(&c.namespace, &c.name);
+    let annotated = ctx.index.annotation_changed_at(&c.namespace, &c.name);
     let entered = ctx.states.entered(probe, inventory::key(&[&c.namespace]));
     [created, annotated, entered].into_iter().flatten().max()
 }
@@ -291,11 +290,7 @@ async fn publish(ctx: &Context, probe: &AuthProbe, announcements: &[Announcement
         let reference = match &a.regarding {
             Regarding::Probe => probe.object_ref(&()),
             Regarding::ServiceAccount { namespace, name } => {
-                let Some(uid) = ctx
-                    .service_accounts
-                    .get(&ObjectRef::new(name).within(namespace))
-                    .and_then(|sa| sa.metadata.uid.clone())
-                else {
+                let Some(uid) = ctx.index.service_account_uid(namespace, name) else {
                     continue;
                 };
                 ObjectReference {

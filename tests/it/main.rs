@@ -22,6 +22,7 @@ mod image;
 mod key_rotation;
 mod leadership;
 mod lifecycle;
+mod listing;
 mod metrics;
 mod operability;
 mod operator;

@@ -70,11 +70,13 @@ pub struct Options {
     pub install_crds: bool,
     /// Write an audit log (metadata level) of every request to `audit.log`.
     pub audit_log: bool,
+    /// kube-apiserver's `--feature-gates`, e.g. `WatchList=false` for a server without streaming lists.
+    pub feature_gates: Option<&'static str>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { install_crds: true, audit_log: false }
+        Self { install_crds: true, audit_log: false, feature_gates: None }
     }
 }
 
@@ -304,6 +306,9 @@ impl ControlPlane {
             ]),
         }
         args.extend(procs.verify_keys.iter().map(|k| format!("--service-account-key-file={}", k.display())));
+        if let Some(gates) = self.options.feature_gates {
+            args.push(format!("--feature-gates={gates}"));
+        }
         if self.options.audit_log {
             let policy = self.dir.join("audit-policy.yaml");
             fs::write(&policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")?;

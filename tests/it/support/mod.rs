@@ -71,11 +71,14 @@ pub struct Setup {
     pub start_operator: bool,
     /// Whether the control plane writes an audit log of every request ([`ControlPlane::audit_log`]).
     pub audit_log: bool,
+    /// The API server's feature gates ([`Options::feature_gates`]).
+    pub feature_gates: Option<&'static str>,
 }
 
 impl Setup {
     /// An operator with [`SHORT_RETRIES`], running.
-    pub const DEFAULT: Setup = Setup { operator_args: SHORT_RETRIES, start_operator: true, audit_log: false };
+    pub const DEFAULT: Setup =
+        Setup { operator_args: SHORT_RETRIES, start_operator: true, audit_log: false, feature_gates: None };
 }
 
 /// A control plane, a fake Google and an operator.
@@ -148,15 +151,17 @@ impl Private {
 /// connection opened meanwhile can take one; that is the likely cause of the one failed start
 /// seen here in about 200 (kube-apiserver exited with status 1; its log went with the failed
 /// start's directory).
-fn control_plane(name: &str, audit_log: bool) -> ControlPlane {
+fn control_plane(name: &str, setup: Setup) -> ControlPlane {
+    let Setup { audit_log, feature_gates, .. } = setup;
     let mut attempt = 0;
     loop {
         attempt += 1;
         // ControlPlane::start runs a runtime of its own: not from within a test's.
-        let started =
-            std::thread::spawn(move || ControlPlane::start(Options { audit_log, ..Options::default() }))
-                .join()
-                .expect("the control plane start does not panic");
+        let started = std::thread::spawn(move || {
+            ControlPlane::start(Options { audit_log, feature_gates, ..Options::default() })
+        })
+        .join()
+        .expect("the control plane start does not panic");
         match started {
             Ok(cp) => return cp,
             Err(e) if attempt < 3 => {
@@ -173,7 +178,7 @@ fn control_plane(name: &str, audit_log: bool) -> ControlPlane {
 impl Env {
     /// Starts a control plane, a fake and (per `setup`) the operator. Blocking.
     fn start(name: &str, setup: Setup) -> Env {
-        let cp = control_plane(name, setup.audit_log);
+        let cp = control_plane(name, setup);
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()

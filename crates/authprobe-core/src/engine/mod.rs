@@ -92,8 +92,6 @@ pub struct Ksa {
     pub name: String,
     /// UID.
     pub uid: String,
-    /// Labels, for `serviceAccounts.selector`.
-    pub labels: BTreeMap<String, String>,
     /// The `iam.gke.io/gcp-service-account` value.
     pub gsa_annotation: Option<String>,
     /// `metadata.creationTimestamp`.

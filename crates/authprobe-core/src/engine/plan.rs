@@ -13,7 +13,7 @@ use super::{
     annotation::{GsaEmail, is_project_id, quote},
     canary::WorkloadRef,
     principal::{KsaIdentity, PoolRef},
-    selector::{Labels, Selector},
+    selector::{LabelLookup, Selector},
     stage::{
         endpoint::{AUDIENCE_SHAPE, EndpointAllow, EndpointPlan, is_audience},
         provider::Mapped,
@@ -104,7 +104,7 @@ pub struct KsaRef<'a> {
     /// UID.
     pub uid: &'a str,
     /// Labels, for `serviceAccounts.selector`.
-    pub labels: &'a Labels,
+    pub labels: &'a dyn LabelLookup,
     /// The `iam.gke.io/gcp-service-account` value.
     pub gsa_annotation: Option<&'a str>,
     /// `metadata.creationTimestamp`.
@@ -118,7 +118,6 @@ impl KsaRef<'_> {
             namespace: self.namespace.to_string(),
             name: self.name.to_string(),
             uid: self.uid.to_string(),
-            labels: self.labels.clone(),
             gsa_annotation: self.gsa_annotation.map(str::to_string),
             created: self.created,
         }
@@ -129,7 +128,7 @@ impl KsaRef<'_> {
 /// operator's caches, the lists `authprobe check` makes) lends them through this.
 pub trait ClusterView {
     /// Calls `f` with every Namespace's name and labels.
-    fn each_namespace(&self, f: &mut dyn FnMut(&str, &Labels));
+    fn each_namespace(&self, f: &mut dyn FnMut(&str, &dyn LabelLookup));
     /// Calls `f` with at least every ServiceAccount in `namespaces` (others are skipped).
     fn each_service_account(&self, namespaces: &BTreeSet<String>, f: &mut dyn FnMut(KsaRef<'_>));
 }
@@ -392,7 +391,7 @@ impl Plan {
     }
 
     /// Whether a namespace with these labels is in scope.
-    pub fn selects_namespace(&self, labels: &Labels) -> bool {
+    pub fn selects_namespace(&self, labels: &dyn LabelLookup) -> bool {
         self.namespaces.matches(labels)
     }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::Expression;
 
 /// Labels as Kubernetes objects carry them.
 pub type Labels = BTreeMap<String, String>;
@@ -10,10 +11,24 @@ pub type Labels = BTreeMap<String, String>;
 /// No labels at all, for objects that carry none.
 pub static NO_LABELS: Labels = BTreeMap::new();
 
-/// A selector that was checked once and can be matched many times. Matching is kube's; what is
-/// authprobe's own is the validation of keys, values and operators that admission cannot do.
+/// An object's labels, read one key at a time: the operator's compact index lends interned
+/// labels through this without building a map per object.
+pub trait LabelLookup: std::fmt::Debug {
+    /// The value of label `key`.
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelLookup for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// A selector that was checked once and can be matched many times. Parsing into expressions is
+/// kube's; what is authprobe's own is the validation of keys, values and operators that admission
+/// cannot do, and matching through [`LabelLookup`] (kube's matching needs a whole map).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Selector(kube::core::Selector);
+pub struct Selector(Vec<Expression>);
 
 impl Selector {
     /// Parses a LabelSelector; `{}` selects everything.
@@ -40,12 +55,21 @@ impl Selector {
                 ));
             }
         }
-        kube::core::Selector::try_from(selector.clone()).map(Self).map_err(|e| format!("selector: {e}"))
+        kube::core::Selector::try_from(selector.clone())
+            .map(|s| Self(s.into_iter().collect()))
+            .map_err(|e| format!("selector: {e}"))
     }
 
-    /// Whether an object with these labels is selected.
-    pub fn matches(&self, labels: &Labels) -> bool {
-        kube::core::SelectorExt::matches(&self.0, labels)
+    /// Whether an object with these labels is selected: every expression holds, as in kube.
+    pub fn matches(&self, labels: &dyn LabelLookup) -> bool {
+        self.0.iter().all(|expression| match expression {
+            Expression::In(key, values) => labels.label(key).is_some_and(|v| values.contains(v)),
+            Expression::NotIn(key, values) => labels.label(key).is_none_or(|v| !values.contains(v)),
+            Expression::Exists(key) => labels.label(key).is_some(),
+            Expression::DoesNotExist(key) => labels.label(key).is_none(),
+            Expression::Equal(key, value) => labels.label(key) == Some(value),
+            Expression::NotEqual(key, value) => labels.label(key) != Some(value),
+        })
     }
 }
 
@@ -137,6 +161,45 @@ mod tests {
             ("tier", "batch")
         ])));
         assert!(!s.matches(&NO_LABELS));
+    }
+
+    #[test]
+    fn matching_agrees_with_kube_on_every_operator() {
+        let selectors = [
+            LabelSelector { match_labels: Some(labels(&[("team", "payments")])), ..Default::default() },
+            LabelSelector { match_labels: Some(labels(&[("team", "")])), ..Default::default() },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "In", &["payments", ""])]),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "NotIn", &["payments"])]),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "Exists", &[])]),
+                ..Default::default()
+            },
+            LabelSelector {
+                match_expressions: Some(vec![expr("team", "DoesNotExist", &[])]),
+                ..Default::default()
+            },
+        ];
+        let objects = [
+            labels(&[]),
+            labels(&[("team", "payments")]),
+            labels(&[("team", "")]),
+            labels(&[("team", "search"), ("env", "prod")]),
+            labels(&[("env", "prod")]),
+        ];
+        for selector in &selectors {
+            let ours = Selector::parse(selector).unwrap();
+            let kubes = kube::core::Selector::try_from(selector.clone()).unwrap();
+            for object in &objects {
+                let expected = kube::core::SelectorExt::matches(&kubes, object);
+                assert_eq!(ours.matches(object), expected, "{selector:?} on {object:?}");
+            }
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::{
     facts::{Binding, Expr, FailureKind},
     principal::KsaIdentity,
     report::{KsaOutcome, Report, Status, to_status},
-    selector::Labels,
+    selector::{LabelLookup, Labels},
     *,
 };
 use crate::api::{AuthProbeSpec, condition};
@@ -49,7 +49,6 @@ fn ksa(ns: &str, name: &str, gsa: Option<&str>) -> Ksa {
         namespace: ns.into(),
         name: name.into(),
         uid: format!("uid-{ns}-{name}"),
-        labels: BTreeMap::new(),
         gsa_annotation: gsa.map(Into::into),
         created: None,
     }
@@ -333,10 +332,17 @@ fn new_user_mistakes_are_told_apart() {
 }
 
 /// A cluster for the selection tests: namespaces `a`, `b`, `c` of team payments, `x` of another.
-struct Cluster(Vec<Ksa>);
+/// KSAs, each with its labels.
+struct Cluster(Vec<(Ksa, Labels)>);
+
+impl Cluster {
+    fn unlabelled(ksas: Vec<Ksa>) -> Self {
+        Self(ksas.into_iter().map(|k| (k, Labels::new())).collect())
+    }
+}
 
 impl ClusterView for Cluster {
-    fn each_namespace(&self, f: &mut dyn FnMut(&str, &Labels)) {
+    fn each_namespace(&self, f: &mut dyn FnMut(&str, &dyn LabelLookup)) {
         let team = |t: &str| BTreeMap::from([("team".to_string(), t.to_string())]);
         for (ns, t) in [("a", "payments"), ("b", "payments"), ("c", "payments"), ("x", "search")] {
             f(ns, &team(t));
@@ -344,12 +350,12 @@ impl ClusterView for Cluster {
     }
 
     fn each_service_account(&self, _: &std::collections::BTreeSet<String>, f: &mut dyn FnMut(KsaRef<'_>)) {
-        for k in &self.0 {
+        for (k, labels) in &self.0 {
             f(KsaRef {
                 namespace: &k.namespace,
                 name: &k.name,
                 uid: &k.uid,
-                labels: &k.labels,
+                labels,
                 gsa_annotation: k.gsa_annotation.as_deref(),
                 created: k.created,
             });
@@ -357,12 +363,8 @@ impl ClusterView for Cluster {
     }
 }
 
-fn selected(plan: &Plan, ksas: Vec<Ksa>) -> Vec<(String, String, bool)> {
-    plan.select(&Cluster(ksas))
-        .candidates
-        .into_iter()
-        .map(|c| (c.namespace, c.name, c.ksa.is_some()))
-        .collect()
+fn selected(plan: &Plan, cluster: &Cluster) -> Vec<(String, String, bool)> {
+    plan.select(cluster).candidates.into_iter().map(|c| (c.namespace, c.name, c.ksa.is_some())).collect()
 }
 
 fn named(pairs: &[(&str, &str, bool)]) -> Vec<(String, String, bool)> {
@@ -378,29 +380,29 @@ fn selection_by_names_selector_and_annotation() {
         ksa("b", "app", None),
         ksa("x", "app", Some(GSA)),
     ];
-    let selection = by_names.select(&Cluster(ksas.clone()));
+    let cluster = Cluster::unlabelled(ksas);
+    let selection = by_names.select(&cluster);
     assert_eq!(selection.namespaces, vec!["a", "b", "c"]);
     // Required names everywhere in scope, a missing one included; namespace x is out of scope.
     assert_eq!(
-        selected(&by_names, ksas.clone()),
+        selected(&by_names, &cluster),
         named(&[("a", "app", true), ("b", "app", true), ("c", "app", false)])
     );
 
     let mut annotated_only = spec(json!({}));
     annotated_only.service_accounts = None;
     let p = Plan::parse(&annotated_only).unwrap();
-    assert_eq!(selected(&p, ksas), named(&[("a", "app", true), ("a", "other", true)]));
+    assert_eq!(selected(&p, &cluster), named(&[("a", "app", true), ("a", "other", true)]));
 
     let by_selector = Plan::parse(&spec(
         json!({"serviceAccounts": {"names": [], "selector": {"matchLabels": {"wif": "yes"}}}}),
     ))
     .unwrap();
-    let mut labelled = ksa("a", "labelled", None);
-    labelled.labels.insert("wif".into(), "yes".into());
-    assert_eq!(
-        selected(&by_selector, vec![labelled, ksa("a", "plain", Some(GSA))]),
-        named(&[("a", "labelled", true)])
-    );
+    let labelled = Cluster(vec![
+        (ksa("a", "labelled", None), Labels::from([("wif".into(), "yes".into())])),
+        (ksa("a", "plain", Some(GSA)), Labels::new()),
+    ]);
+    assert_eq!(selected(&by_selector, &labelled), named(&[("a", "labelled", true)]));
 
     assert!(by_names.selects_namespace(&BTreeMap::from([("team".into(), "payments".into())])));
     assert!(!by_names.selects_namespace(&BTreeMap::from([("team".into(), "search".into())])));
