@@ -836,7 +836,7 @@ async fn a_secret_held_configuration_is_unknown_and_no_secret_is_read() {
         "the ConfigMap-held configuration was read: {requests:?}"
     );
     assert!(
-        requests.contains_key("list deployments"),
+        requests.contains_key("watch deployments"),
         "the operator's requests are in the log: {requests:?}"
     );
     let secrets: Vec<&String> = requests.keys().filter(|k| k.ends_with(" secrets")).collect();
