@@ -50,7 +50,7 @@ struct Entry {
 type InNamespace = Vec<Entry>;
 
 fn find(entries: &InNamespace, kind: WorkloadKind, name: &str) -> Result<usize, usize> {
-    entries.binary_search_by(|e| (e.workload.kind, e.workload.name.as_str()).cmp(&(kind, name)))
+    entries.binary_search_by(|e| (e.workload.kind, &*e.workload.name).cmp(&(kind, name)))
 }
 
 /// Every workload, pruned, by namespace.
@@ -93,9 +93,9 @@ impl Workloads {
     pub fn apply(&self, workload: Workload) -> bool {
         let epoch = self.epochs()[workload.kind as usize];
         let mut all = self.write();
-        let entries = match all.get_mut(workload.namespace.as_str()) {
+        let entries = match all.get_mut(&*workload.namespace) {
             Some(entries) => entries,
-            None => all.entry(workload.namespace.clone()).or_default(),
+            None => all.entry(workload.namespace.to_string()).or_default(),
         };
         match find(entries, workload.kind, &workload.name) {
             Ok(i) => {
@@ -175,7 +175,7 @@ impl Workloads {
     pub fn uid(&self, namespace: &str, kind: WorkloadKind, name: &str) -> Option<String> {
         let all = self.read();
         let entries = all.get(namespace)?;
-        find(entries, kind, name).ok().map(|i| entries[i].workload.uid.clone())
+        find(entries, kind, name).ok().map(|i| entries[i].workload.uid.to_string())
     }
 
     /// How many workloads are stored.
