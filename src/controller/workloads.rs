@@ -5,7 +5,9 @@
 //! view unchanged (a rollout's status, replicas, labels) triggers nothing.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
     sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
@@ -20,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::{
     api::Reason,
-    engine::workload::{Lean, LeanKind, Unavailable, Workload, WorkloadKind, WorkloadView, prune},
+    engine::workload::{Lean, LeanKind, Text, Unavailable, Workload, WorkloadKind, WorkloadView, prune},
     probe::config_maps::ConfigMaps,
     redact,
 };
@@ -50,13 +52,33 @@ struct Entry {
 type InNamespace = Vec<Entry>;
 
 fn find(entries: &InNamespace, kind: WorkloadKind, name: &str) -> Result<usize, usize> {
-    entries.binary_search_by(|e| (e.workload.kind, e.workload.name.as_str()).cmp(&(kind, name)))
+    entries.binary_search_by(|e| (e.workload.kind, &*e.workload.name).cmp(&(kind, name)))
 }
+
+/// A namespace as the key of its workloads: the interned text they hold, so the name is stored
+/// once; hashed as its text, so a lookup by `&str` needs no interning. (Equality is the pointer's,
+/// which for interned text is the text's.)
+#[derive(Debug, PartialEq, Eq)]
+struct NamespaceKey(Text);
+
+impl Hash for NamespaceKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        str::hash(&self.0, state);
+    }
+}
+
+impl Borrow<str> for NamespaceKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+type ByNamespace = HashMap<NamespaceKey, InNamespace>;
 
 /// Every workload, pruned, by namespace.
 #[derive(Debug)]
 pub struct Workloads {
-    by_namespace: RwLock<HashMap<String, InNamespace>>,
+    by_namespace: RwLock<ByNamespace>,
     /// Per kind, the current list's epoch: a re-list drops what it did not show by comparing
     /// epochs, with no set of listed names held meanwhile.
     epochs: Mutex<[u32; WorkloadKind::ALL.len()]>,
@@ -77,11 +99,11 @@ impl Default for Workloads {
 }
 
 impl Workloads {
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, InNamespace>> {
+    fn read(&self) -> RwLockReadGuard<'_, ByNamespace> {
         self.by_namespace.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, InNamespace>> {
+    fn write(&self) -> RwLockWriteGuard<'_, ByNamespace> {
         self.by_namespace.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -93,9 +115,9 @@ impl Workloads {
     pub fn apply(&self, workload: Workload) -> bool {
         let epoch = self.epochs()[workload.kind as usize];
         let mut all = self.write();
-        let entries = match all.get_mut(workload.namespace.as_str()) {
+        let entries = match all.get_mut(&*workload.namespace) {
             Some(entries) => entries,
-            None => all.entry(workload.namespace.clone()).or_default(),
+            None => all.entry(NamespaceKey(workload.namespace.clone())).or_default(),
         };
         match find(entries, workload.kind, &workload.name) {
             Ok(i) => {
@@ -137,8 +159,11 @@ impl Workloads {
             let before = entries.len();
             entries.retain(|e| e.workload.kind != kind || e.epoch == epoch);
             if entries.len() != before {
-                touched.push(namespace.clone());
+                touched.push(namespace.0.to_string());
             }
+            // Vectors grow by doubling while a list fills them; what is spare then stays spare in
+            // every one of thousands of namespaces, so it is given back once the list is done.
+            entries.shrink_to_fit();
         }
         all.retain(|_, entries| !entries.is_empty());
         drop(all);
@@ -175,7 +200,7 @@ impl Workloads {
     pub fn uid(&self, namespace: &str, kind: WorkloadKind, name: &str) -> Option<String> {
         let all = self.read();
         let entries = all.get(namespace)?;
-        find(entries, kind, name).ok().map(|i| entries[i].workload.uid.clone())
+        find(entries, kind, name).ok().map(|i| entries[i].workload.uid.to_string())
     }
 
     /// How many workloads are stored.

@@ -5,6 +5,7 @@
 
 use std::{borrow::Cow, collections::BTreeMap, sync::Arc};
 
+use internment::ArcIntern;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
@@ -14,6 +15,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use serde::{Deserialize, de::DeserializeOwned};
+use uuid::Uuid;
 
 use crate::api::Reason;
 
@@ -95,36 +97,77 @@ impl WorkloadKind {
     }
 }
 
+/// Text the pruned views keep, interned process-wide: a namespace, a container's name, a mount
+/// path or a ConfigMap's name repeats across many workloads and is held once for all of them.
+pub type Text = ArcIntern<str>;
+
 /// A workload, pruned to what the stage reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// What it is.
     pub kind: WorkloadKind,
     /// Namespace.
-    pub namespace: String,
+    pub namespace: Text,
     /// Name.
-    pub name: String,
+    pub name: Text,
     /// UID, for Events about it.
-    pub uid: String,
+    pub uid: Uid,
+    /// What its pods run, as far as the stage reads. Interned: the workloads of one chart installed
+    /// in many namespaces, or whose templates differ only in what pruning drops (images,
+    /// resources, probes, other variables), hold one copy.
+    pub pod: ArcIntern<PodView>,
+}
+
+/// A UID: the API server writes UUIDs, held as their 16 bytes; any other as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uid {
+    /// A UUID in the API server's form (lowercase, hyphenated), which it gives back exactly.
+    Uuid(Uuid),
+    /// Anything else.
+    Other(Box<str>),
+}
+
+impl Uid {
+    /// `uid` as stored: as a UUID only when that writes it back unchanged.
+    pub fn new(uid: &str) -> Self {
+        match Uuid::try_parse(uid) {
+            Ok(u) if *u.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == *uid => Uid::Uuid(u),
+            _ => Uid::Other(uid.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Uid::Uuid(u) => u.hyphenated().fmt(f),
+            Uid::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A pod spec, pruned.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodView {
     /// `serviceAccountName`, `default` when empty.
-    pub service_account: String,
+    pub service_account: Text,
     /// `hostNetwork`.
     pub host_network: bool,
     /// Init containers first, then containers, each list in spec order.
-    pub containers: Vec<Container>,
+    pub containers: Box<[Container]>,
     /// Volumes.
-    pub volumes: Vec<Volume>,
+    pub volumes: Box<[Volume]>,
 }
 
 /// A container, pruned.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Container {
     /// Name.
-    pub name: String,
+    pub name: Text,
     /// Whether it is an init container.
     pub init: bool,
     /// Its index in `containers` or `initContainers`.
-    pub index: usize,
+    pub index: u16,
     /// `GOOGLE_APPLICATION_CREDENTIALS`.
     pub credentials: Option<EnvValue>,
     /// `CLOUDSDK_CONFIG`.
@@ -132,97 +175,96 @@ pub struct Container {
     /// Whether it has `envFrom`, which may set either variable unseen.
     pub env_from: bool,
     /// Every volume mount, in spec order.
-    pub mounts: Vec<Mount>,
+    pub mounts: Box<[Mount]>,
 }
 
 /// An environment variable's value as the spec gives it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum EnvValue {
     /// A literal (with `$(VAR)` references to earlier literals expanded).
-    Value(String),
+    Value(Text),
     /// `valueFrom`, or a reference to a variable that is: known only in the running pod.
     ValueFrom,
 }
 
 /// A volume mount.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Mount {
     /// The volume's name.
-    pub volume: String,
+    pub volume: Text,
     /// `mountPath`.
-    pub path: String,
+    pub path: Text,
     /// `subPath`, or `subPathExpr` (kept with its `$(…)`, so it never resolves to a file).
-    pub sub_path: Option<String>,
+    pub sub_path: Option<Text>,
 }
 
 /// A volume, by what it serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Volume {
     /// Name.
-    pub name: String,
+    pub name: Text,
     /// What serves its files.
     pub source: VolumeSource,
 }
 
 /// What serves a volume's files.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum VolumeSource {
     /// A ConfigMap's keys (`items` empty: every key, under its own name).
     ConfigMap {
         /// The ConfigMap.
-        name: String,
+        name: Text,
         /// `items`.
-        items: Vec<KeyToPath>,
+        items: Box<[KeyToPath]>,
     },
     /// A Secret's keys: only its name is ever looked at.
     Secret {
         /// The Secret.
-        name: String,
+        name: Text,
         /// `items`.
-        items: Vec<KeyToPath>,
+        items: Box<[KeyToPath]>,
     },
     /// Several sources in one directory.
-    Projected(Vec<Projection>),
+    Projected(Box<[Projection]>),
     /// Anything else (emptyDir, hostPath, CSI, …), by its field name.
     Other(&'static str),
 }
 
 /// A source of a projected volume.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Projection {
     /// A ServiceAccount token.
     ServiceAccountToken {
         /// `audience`; absent: the API server's own audience.
-        audience: Option<String>,
+        audience: Option<Text>,
         /// `path` within the volume.
-        path: String,
+        path: Text,
     },
     /// A ConfigMap's keys.
     ConfigMap {
         /// The ConfigMap.
-        name: String,
+        name: Text,
         /// `items`.
-        items: Vec<KeyToPath>,
+        items: Box<[KeyToPath]>,
     },
     /// A Secret's keys.
     Secret {
         /// The Secret.
-        name: String,
+        name: Text,
         /// `items`.
-        items: Vec<KeyToPath>,
+        items: Box<[KeyToPath]>,
     },
     /// downwardAPI, clusterTrustBundle, podCertificate.
     Other,
 }
 
 /// A key projected to a path.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KeyToPath {
     /// The key.
-    pub key: String,
+    pub key: Text,
     /// The path within the volume.
-    pub path: String,
+    pub path: Text,
 }
 
 impl Workload {
@@ -233,15 +275,15 @@ impl Workload {
 
     /// Whether its pods run as the ServiceAccount `name`.
     pub fn runs_as(&self, name: &str) -> bool {
-        self.service_account == name
+        self.pod.service_account == name
     }
 
     /// Whether any volume serves keys of ConfigMap `name`.
     pub fn mounts_config_map(&self, name: &str) -> bool {
-        self.volumes.iter().any(|v| match &v.source {
-            VolumeSource::ConfigMap { name: n, .. } => n == name,
+        self.pod.volumes.iter().any(|v| match &v.source {
+            VolumeSource::ConfigMap { name: n, .. } => *n == name,
             VolumeSource::Projected(sources) => {
-                sources.iter().any(|p| matches!(p, Projection::ConfigMap { name: n, .. } if n == name))
+                sources.iter().any(|p| matches!(p, Projection::ConfigMap { name: n, .. } if *n == name))
             }
             _ => false,
         })
@@ -329,8 +371,6 @@ fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Er
 /// skipped.
 pub mod lean {
     use serde::{Deserialize, de::IgnoredAny};
-
-    use super::KeyToPath;
 
     /// `spec.template` of a Deployment, StatefulSet, DaemonSet or Job.
     #[derive(Clone, Debug, Default, Deserialize)]
@@ -450,6 +490,14 @@ pub mod lean {
         pub(super) audience: Option<String>,
         pub(super) path: String,
     }
+
+    /// A key projected to a path.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct KeyToPath {
+        pub(super) key: String,
+        pub(super) path: String,
+    }
 }
 
 impl LeanKind for Deployment {
@@ -529,51 +577,64 @@ pub fn prune<K: LeanKind>(object: &Lean<K>) -> Option<Workload> {
         .map(|(i, c)| container(c, true, i))
         .chain(regular.iter().enumerate().map(|(i, c)| container(c, false, i)))
         .collect();
+    let text = |s: &Option<String>| Text::from(s.as_deref().unwrap_or_default());
     Some(Workload {
         kind: K::WORKLOAD,
-        namespace: meta.namespace.clone().unwrap_or_default(),
-        name: meta.name.clone().unwrap_or_default(),
-        uid: meta.uid.clone().unwrap_or_default(),
-        service_account: service_account.to_string(),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        containers,
-        volumes: spec.map(|s| s.volumes.as_slice()).unwrap_or_default().iter().map(volume).collect(),
+        namespace: text(&meta.namespace),
+        name: text(&meta.name),
+        uid: Uid::new(meta.uid.as_deref().unwrap_or_default()),
+        pod: ArcIntern::new(PodView {
+            service_account: service_account.into(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            containers,
+            volumes: spec.map(|s| s.volumes.as_slice()).unwrap_or_default().iter().map(volume).collect(),
+        }),
     })
 }
 
 fn container(c: &lean::Container, init: bool, index: usize) -> Container {
-    // Later entries of the same name win, and `$(VAR)` refers to entries before it, as the kubelet
-    // resolves them.
-    let mut seen: BTreeMap<&str, EnvValue> = BTreeMap::new();
+    // Each variable's value, `None` for `valueFrom` (known only in the running pod). Later entries
+    // of the same name win, and `$(VAR)` refers to entries before it, as the kubelet resolves them.
+    let mut seen: BTreeMap<&str, Option<String>> = BTreeMap::new();
     for e in &c.env {
         let value = match (&e.value_from, &e.value) {
-            (Some(_), _) => EnvValue::ValueFrom,
+            (Some(_), _) => None,
             (None, value) => expand(value.as_deref().unwrap_or_default(), &seen),
         };
         seen.insert(&e.name, value);
     }
+    // Only the two variables the stage reads are kept, so only they are interned.
+    let mut kept =
+        |name| seen.remove(name).map(|v| v.map_or(EnvValue::ValueFrom, |v| EnvValue::Value(v.into())));
     Container {
-        name: c.name.clone(),
+        name: c.name.as_str().into(),
         init,
-        index,
-        credentials: seen.remove(CREDENTIALS_VAR),
-        cloudsdk_config: seen.remove(CLOUDSDK_CONFIG_VAR),
+        // An object of at most 1.5 MiB (etcd's limit) has fewer containers than a u16 counts.
+        index: u16::try_from(index).unwrap_or(u16::MAX),
+        credentials: kept(CREDENTIALS_VAR),
+        cloudsdk_config: kept(CLOUDSDK_CONFIG_VAR),
         env_from: !c.env_from.is_empty(),
         mounts: c
             .volume_mounts
             .iter()
             .map(|m| Mount {
-                volume: m.name.clone(),
-                path: m.mount_path.clone(),
-                sub_path: m.sub_path_expr.clone().or_else(|| m.sub_path.clone()).filter(|s| !s.is_empty()),
+                volume: m.name.as_str().into(),
+                path: m.mount_path.as_str().into(),
+                sub_path: m
+                    .sub_path_expr
+                    .as_deref()
+                    .or(m.sub_path.as_deref())
+                    .filter(|s| !s.is_empty())
+                    .map(Text::from),
             })
             .collect(),
     }
 }
 
 /// Kubernetes' `$(VAR)` expansion against earlier variables; `$$` is a literal `$`, and an
-/// unknown reference stays as written. A reference to a `valueFrom` variable is unknowable here.
-fn expand(value: &str, earlier: &BTreeMap<&str, EnvValue>) -> EnvValue {
+/// unknown reference stays as written. A reference to a `valueFrom` variable is unknowable here:
+/// `None`.
+fn expand(value: &str, earlier: &BTreeMap<&str, Option<String>>) -> Option<String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(at) = rest.find('$') {
@@ -584,8 +645,8 @@ fn expand(value: &str, earlier: &BTreeMap<&str, EnvValue>) -> EnvValue {
             rest = after;
         } else if let Some((name, after)) = tail.strip_prefix("$(").and_then(|t| t.split_once(')')) {
             match earlier.get(name) {
-                Some(EnvValue::Value(v)) => out.push_str(v),
-                Some(EnvValue::ValueFrom) => return EnvValue::ValueFrom,
+                Some(Some(v)) => out.push_str(v),
+                Some(None) => return None,
                 None => {
                     out.push_str("$(");
                     out.push_str(name);
@@ -599,11 +660,14 @@ fn expand(value: &str, earlier: &BTreeMap<&str, EnvValue>) -> EnvValue {
         }
     }
     out.push_str(rest);
-    EnvValue::Value(out)
+    Some(out)
 }
 
-fn keys(k: &lean::Keys) -> (String, Vec<KeyToPath>) {
-    (k.name.clone().or_else(|| k.secret_name.clone()).unwrap_or_default(), k.items.clone())
+fn keys(k: &lean::Keys) -> (Text, Box<[KeyToPath]>) {
+    let name = k.name.as_deref().or(k.secret_name.as_deref()).unwrap_or_default();
+    let items =
+        k.items.iter().map(|i| KeyToPath { key: i.key.as_str().into(), path: i.path.as_str().into() });
+    (name.into(), items.collect())
 }
 
 fn volume(v: &lean::Volume) -> Volume {
@@ -618,12 +682,15 @@ fn volume(v: &lean::Volume) -> Volume {
     } else {
         VolumeSource::Other(other_kind(v))
     };
-    Volume { name: v.name.clone(), source }
+    Volume { name: v.name.as_str().into(), source }
 }
 
 fn projection(p: &lean::Projection) -> Projection {
     if let Some(t) = &p.service_account_token {
-        Projection::ServiceAccountToken { audience: t.audience.clone(), path: t.path.clone() }
+        Projection::ServiceAccountToken {
+            audience: t.audience.as_deref().map(Text::from),
+            path: t.path.as_str().into(),
+        }
     } else if let Some(c) = &p.config_map {
         let (name, items) = keys(c);
         Projection::ConfigMap { name, items }
@@ -763,10 +830,10 @@ mod tests {
         }));
         let w = prune(&d).expect("a Deployment is a workload");
         assert_eq!(
-            (w.reference(), w.service_account.as_str(), w.host_network),
+            (w.reference(), &*w.pod.service_account, w.pod.host_network),
             ("Deployment/api".into(), "default", true)
         );
-        let [setup, api] = &w.containers[..] else { panic!("two containers: {w:?}") };
+        let [setup, api] = &w.pod.containers[..] else { panic!("two containers: {w:?}") };
         assert!(setup.init && setup.credentials == Some(EnvValue::ValueFrom));
         assert!(!api.init && api.index == 0 && api.env_from);
         assert_eq!(
@@ -777,9 +844,27 @@ mod tests {
         assert_eq!(api.cloudsdk_config, Some(EnvValue::Value("$HOME/$(UNKNOWN)".into())));
         assert_eq!(api.mounts[1].sub_path.as_deref(), Some("$(POD)"));
         assert!(w.mounts_config_map("wi") && !w.mounts_config_map("sa-key"));
-        assert_eq!(w.volumes[1].source, VolumeSource::Secret { name: "sa-key".into(), items: vec![] });
-        assert_eq!(w.volumes[3].source, VolumeSource::Other("emptyDir"));
-        assert!(matches!(&w.volumes[2].source, VolumeSource::Projected(p) if p.len() == 2));
+        assert_eq!(w.pod.volumes[1].source, VolumeSource::Secret { name: "sa-key".into(), items: [].into() });
+        assert_eq!(w.pod.volumes[3].source, VolumeSource::Other("emptyDir"));
+        assert!(matches!(&w.pod.volumes[2].source, VolumeSource::Projected(p) if p.len() == 2));
+    }
+
+    #[test]
+    fn workloads_with_the_same_pruned_pod_spec_share_it() {
+        let a = prune(&deployment(json!({"containers": [{"name": "api", "image": "a:1"}]}))).unwrap();
+        let b = prune(&deployment(json!({"containers": [{"name": "api", "image": "a:2"}]}))).unwrap();
+        assert!(std::ptr::eq(&*a.pod, &*b.pod), "the image is pruned away, so the views are one");
+        let c = prune(&deployment(json!({"containers": [{"name": "web"}]}))).unwrap();
+        assert_ne!(a.pod, c.pod);
+    }
+
+    #[test]
+    fn a_uid_is_kept_as_written() {
+        let uuid = "3c2b1a09-0000-4000-8000-000000000001";
+        assert!(matches!(Uid::new(uuid), Uid::Uuid(_)));
+        for uid in [uuid, "3C2B1A09-0000-4000-8000-000000000001", "u1", ""] {
+            assert_eq!(Uid::new(uid).to_string(), uid);
+        }
     }
 
     #[test]

@@ -134,11 +134,11 @@ fn resolve<'a>(w: &'a Workload, c: &Container, path: &str) -> Served<'a> {
     if relative.is_empty() {
         return Served::Directory;
     }
-    let Some((index, volume)) = w.volumes.iter().enumerate().find(|(_, v)| v.name == mount.volume) else {
+    let Some((index, volume)) = w.pod.volumes.iter().enumerate().find(|(_, v)| v.name == mount.volume) else {
         return Served::NotMounted;
     };
     let by_item =
-        |items: &[KeyToPath]| items.iter().find(|i| trimmed(&i.path) == relative).map(|i| i.key.clone());
+        |items: &[KeyToPath]| items.iter().find(|i| trimmed(&i.path) == relative).map(|i| i.key.to_string());
     // Without items every key is a file of its own name, so no key is in a subdirectory.
     let whole = |items: &[KeyToPath]| {
         if items.is_empty() && !relative.contains('/') { Some(relative.clone()) } else { by_item(items) }
@@ -368,7 +368,7 @@ fn merge_patch(w: &Workload, pod_spec: serde_json::Value, what: &str) -> String 
 impl Check<'_> {
     fn problems(&self, w: &Workload) -> Vec<Problem> {
         let mut found = Vec::new();
-        for c in &w.containers {
+        for c in &w.pod.containers {
             let at = At { w, c };
             self.user_credentials(&at, &mut found);
             if self.plan.platform == Platform::Gke
@@ -377,7 +377,7 @@ impl Check<'_> {
                 found.push(self.overrides(&at, value));
             }
         }
-        if self.plan.platform == Platform::Gke && w.host_network {
+        if self.plan.platform == Platform::Gke && w.pod.host_network {
             found.push(Problem::fail(
                 Reason::HostNetworkBypassesWorkloadIdentity,
                 format!(
@@ -432,7 +432,7 @@ impl Check<'_> {
         }
         for (index, mount) in at.c.mounts.iter().enumerate() {
             let path = trimmed(&mount.path);
-            let item_named = at.w.volumes.iter().find(|v| v.name == mount.volume).is_some_and(|v| {
+            let item_named = at.w.pod.volumes.iter().find(|v| v.name == mount.volume).is_some_and(|v| {
                 let named = |items: &[KeyToPath]| {
                     items.iter().any(|i| file_name(&i.path) == "application_default_credentials.json")
                 };
@@ -499,7 +499,7 @@ impl Check<'_> {
         at.c.mounts
             .iter()
             .find_map(|m| {
-                let v = at.w.volumes.iter().find(|v| v.name == m.volume && m.sub_path.is_none())?;
+                let v = at.w.pod.volumes.iter().find(|v| v.name == m.volume && m.sub_path.is_none())?;
                 let VolumeSource::Projected(sources) = &v.source else { return None };
                 sources.iter().find_map(|p| match p {
                     Projection::ServiceAccountToken { path, .. } => {
@@ -521,10 +521,10 @@ impl Check<'_> {
     }
 
     fn federation_config(&self, w: &Workload, federation: &FederationPlan, found: &mut Vec<Problem>) {
-        let setters: Vec<&Container> = w.containers.iter().filter(|c| c.credentials.is_some()).collect();
+        let setters: Vec<&Container> = w.pod.containers.iter().filter(|c| c.credentials.is_some()).collect();
         if setters.is_empty() {
             let who = format!("{} {}/{}", w.kind, w.namespace, w.name);
-            if let Some(c) = w.containers.iter().find(|c| c.env_from) {
+            if let Some(c) = w.pod.containers.iter().find(|c| c.env_from) {
                 found.push(Problem::unknown(
                     Reason::CredentialConfigUnreadable,
                     format!(
@@ -534,7 +534,9 @@ impl Check<'_> {
                 ));
                 return;
             }
-            let Some(first) = w.containers.iter().find(|c| !c.init).or(w.containers.first()) else { return };
+            let Some(first) = w.pod.containers.iter().find(|c| !c.init).or(w.pod.containers.first()) else {
+                return;
+            };
             let at = At { w, c: first };
             let path = format!("{SAMPLE_CONFIG_DIR}/{SAMPLE_CONFIG_FILE}");
             let config_map = format!("{}-workload-identity", w.name);
@@ -545,7 +547,7 @@ impl Check<'_> {
                         {"name": "workload-identity-config", "configMap": {"name": config_map}},
                         {"name": "workload-identity-token", "projected": {"sources": [{"serviceAccountToken": {"audience": self.token_audience(federation), "expirationSeconds": 3600, "path": "token"}}]}}
                     ],
-                    at.list(): [{"name": first.name, "volumeMounts": [
+                    at.list(): [{"name": &*first.name, "volumeMounts": [
                         {"name": "workload-identity-config", "mountPath": SAMPLE_CONFIG_DIR, "readOnly": true},
                         {"name": "workload-identity-token", "mountPath": SAMPLE_TOKEN_DIR, "readOnly": true}
                     ]}]
@@ -635,7 +637,7 @@ impl Check<'_> {
         };
         let from = format!("{who} loads {CREDENTIALS_VAR}={shown}, key {} of ConfigMap {name}", quote(&key));
         let regenerate = self.regenerate(federation, at, name, &key);
-        let data = match self.config_maps.get(&(ns.clone(), name.to_string())) {
+        let data = match self.config_maps.get(&(ns.to_string(), name.to_string())) {
             Some(ConfigMapRead::Found(data)) => data.clone(),
             Some(ConfigMapRead::Missing) => {
                 found.push(missing(format!("{from}, which does not exist. Fix: {regenerate}")));
@@ -826,7 +828,7 @@ impl Check<'_> {
                         at.w,
                         json!({
                             "volumes": [{"name": "workload-identity-token", "projected": {"sources": [{"serviceAccountToken": {"audience": audience, "expirationSeconds": 3600, "path": file_name(file)}}]}}],
-                            at.list(): [{"name": at.c.name, "volumeMounts": [{"name": "workload-identity-token", "mountPath": dir, "readOnly": true}]}]
+                            at.list(): [{"name": &*at.c.name, "volumeMounts": [{"name": "workload-identity-token", "mountPath": dir, "readOnly": true}]}]
                         }),
                         "a projected token mounted",
                     )
@@ -853,11 +855,11 @@ impl Plan {
         }
         let mut wanted = Vec::new();
         for w in workloads.iter().filter(|w| w.runs_as(ksa)) {
-            for c in &w.containers {
+            for c in &w.pod.containers {
                 if let Some(EnvValue::Value(path)) = &c.credentials
                     && let Served::ConfigMap { name, .. } = resolve(w, c, path)
                 {
-                    wanted.push((w.namespace.clone(), name.to_string()));
+                    wanted.push((w.namespace.to_string(), name.to_string()));
                 }
             }
         }

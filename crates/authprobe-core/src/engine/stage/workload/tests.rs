@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use internment::ArcIntern;
 use k8s_openapi::api::{apps::v1::Deployment, batch::v1::CronJob, core::v1::Pod};
 use serde_json::{Value, json};
 
@@ -13,7 +14,7 @@ use crate::{
         Ksa, ProviderFacts,
         annotation::parse_gsa,
         facts::{ClusterIssuer, Oidc, Pool, Provider, State},
-        workload::{ConfigMapData, Lean, prune},
+        workload::{ConfigMapData, Lean, PodView, prune},
     },
 };
 
@@ -510,7 +511,7 @@ fn workloads_are_listed_sorted_at_most_five_and_others_ignored() {
     let mut workloads: Vec<Arc<Workload>> =
         (0..7).rev().map(|i| deployment(&format!("w{i}"), spec.clone())).collect();
     let mut other = (*deployment("other", spec.clone())).clone();
-    other.service_account = "default".into();
+    other.pod = ArcIntern::new(PodView { service_account: "default".into(), ..(*other.pod).clone() });
     workloads.push(Arc::new(other));
     let f = Run::gke().check(&workloads).unwrap();
     assert_eq!(
@@ -559,7 +560,7 @@ fn paths_resolve_through_sub_paths_and_projections() {
         ]
     });
     let w = deployment("api", spec);
-    let c = &w.containers[0];
+    let c = &w.pod.containers[0];
     assert_eq!(resolve(&w, c, "/p/dir/a.json"), Served::ConfigMap { name: "a", key: "k".into() });
     assert_eq!(resolve(&w, c, "/p/token"), Served::Token { audience: Some("x"), volume: 0, source: 1 });
     assert_eq!(resolve(&w, c, "/p/other"), Served::Secret { name: "s" }, "the item-less Secret may hold it");
