@@ -69,32 +69,15 @@ static-mimalloc: ## The static binary with mimalloc as its allocator (cargo feat
 # `make bench MIMALLOC=1` also measures the static binary with mimalloc at 10k × 3, without and
 # with the Deployments.
 MIMALLOC ?=
-MIMALLOC_BIN := target/mimalloc/$(MUSL)/release/authprobe
-
-# The live chain at 10k × 3 within a tenth of STS's quota over an hour: both binaries at once
-# (each run starts its own control plane and mostly waits on the pacing), progress prefixed, the
-# tables printed when both are done; fails when either fails.
-CHAIN_1H := --namespaces 10000 --chain --token-exchange-interval-seconds 3600 --google-quota-share 0.1 --skip-baseline
 
 .PHONY: bench
-bench: tools ## Benchmarks at 1,000 and 10,000 namespaces (also with one Deployment per KSA, and the live chain over an hour) next to a naive checker (~2 h; not part of make test)
+bench: tools ## Benchmarks at 1,000 and 10,000 namespaces (with one Deployment per KSA, the musl binary, and the live chain over an hour) next to a naive checker (~75 min; not part of make test)
 	command -v jq >/dev/null || tools/apt-install.sh jq
 	$(CARGO) build --locked --release -p authprobe --bin authprobe
 	$(CARGO) build --locked --release -p authprobe-bench
-	target/release/authprobe-bench --namespaces 1000 --out bench/results/1k.json
-	target/release/authprobe-bench --namespaces 10000 --out bench/results/10k.json
-	target/release/authprobe-bench --namespaces 1000 --chain --skip-baseline --interval-seconds 120 --samples 10 --out bench/results/1k-chain.json
-	target/release/authprobe-bench --namespaces 10000 --workloads --federation-probes 2 --skip-baseline --out bench/results/10k-workloads.json
 	$(MAKE) static
-	target/release/authprobe-bench --namespaces 10000 --skip-baseline --operator target/$(MUSL)/release/authprobe --out bench/results/10k-musl.json
-	target/release/authprobe-bench --namespaces 10000 --workloads --federation-probes 2 --skip-baseline --operator target/$(MUSL)/release/authprobe --out bench/results/10k-workloads-musl.json
 	$(if $(MIMALLOC),$(MAKE) static-mimalloc)
-	$(if $(MIMALLOC),target/release/authprobe-bench --namespaces 10000 --skip-baseline --operator $(MIMALLOC_BIN) --out bench/results/10k-musl-mimalloc.json)
-	$(if $(MIMALLOC),target/release/authprobe-bench --namespaces 10000 --workloads --federation-probes 2 --skip-baseline --operator $(MIMALLOC_BIN) --out bench/results/10k-workloads-musl-mimalloc.json)
-	tables=$$(mktemp -d); rc=0; \
-	target/release/authprobe-bench $(CHAIN_1H) --out bench/results/10k-chain-1h.json > $$tables/glibc 2> >(sed -u 's/^/[10k-chain-1h] /' >&2) & glibc=$$!; \
-	target/release/authprobe-bench $(CHAIN_1H) --operator target/$(MUSL)/release/authprobe --out bench/results/10k-chain-1h-musl.json > $$tables/musl 2> >(sed -u 's/^/[10k-chain-1h-musl] /' >&2) & musl=$$!; \
-	wait $$glibc || rc=$$?; wait $$musl || rc=$$?; cat $$tables/glibc $$tables/musl; rm -rf $$tables; exit $$rc
+	MIMALLOC=$(MIMALLOC) bench/make-bench.sh
 
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := annotation principal resource_name google_response attribute_mapping
