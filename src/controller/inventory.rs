@@ -306,8 +306,9 @@ fn find(sas: &[ServiceAccountEntry], name: &str) -> Result<usize, usize> {
     sas.binary_search_by(|sa| (*sa.name).cmp(name))
 }
 
-/// An object known only by its namespace and name: what a re-list no longer shows.
-fn named<K: kube::Resource>(namespace: Option<&str>, name: &str) -> PartialObjectMeta<K> {
+/// An object known only by its namespace and name: what a re-list no longer shows, or the
+/// namespace a change touched.
+pub(super) fn named<K: kube::Resource>(namespace: Option<&str>, name: &str) -> PartialObjectMeta<K> {
     PartialObjectMeta {
         types: None,
         metadata: kube::api::ObjectMeta {

@@ -263,11 +263,7 @@ impl WorkloadView for Workloads {
 pub type Touched = PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>;
 
 fn touched(namespace: String) -> Touched {
-    PartialObjectMeta {
-        types: None,
-        metadata: kube::api::ObjectMeta { name: Some(namespace), ..Default::default() },
-        _phantom: Default::default(),
-    }
+    super::inventory::named(None, &namespace)
 }
 
 /// Watches every object of kind `K`, keeps `workloads` up to date, and yields the namespace of each
