@@ -196,6 +196,8 @@ pub struct Context {
     probes: Store<AuthProbe>,
     /// Namespaces and ServiceAccounts.
     index: Arc<Index>,
+    /// Turns for passes: `Tuning::concurrency` at once (0: unbounded), in the order they asked.
+    passes: tokio::sync::Semaphore,
     states: Arc<States>,
     workloads: Arc<Workloads>,
     config_maps: Arc<ConfigMaps>,
@@ -449,6 +451,10 @@ pub async fn run(
         ),
         probes: probes.clone(),
         index: index.clone(),
+        passes: tokio::sync::Semaphore::new(match tuning.concurrency {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => usize::from(n),
+        }),
         states,
         workloads: workloads.clone(),
         config_maps,
@@ -481,7 +487,8 @@ pub async fn run(
     let config_map_ctx = ctx.clone();
     let mut controller = Controller::for_stream(probe_events, probes.clone())
         .reconcile_all_on(new_terms)
-        .with_config(controller::Config::default().concurrency(tuning.concurrency).debounce(tuning.debounce))
+        // Unbounded here: `passes` limits them, fairly.
+        .with_config(controller::Config::default().concurrency(0).debounce(tuning.debounce))
         .watches_stream(ns_events, move |ns: NamespaceMeta| {
             ns_ctx.probes_for_namespace(
                 ns.metadata.name.as_deref().unwrap_or_default(),

@@ -40,6 +40,9 @@ pub(super) async fn reconcile(probe: Arc<AuthProbe>, ctx: Arc<Context>) -> Resul
         // A standby: every probe is reconciled again when this replica starts leading.
         return Ok(Action::await_change());
     }
+    // Passes wait their turn first come, first served (the semaphore is fair); kube's own limit
+    // picks among held probes in hash order, which starved some while others kept requeueing.
+    let Ok(_turn) = ctx.passes.acquire().await else { return Ok(Action::await_change()) };
     ctx.progress.pass_started();
     let name = probe.name_any();
     let deadline = ctx.pass_deadline;
