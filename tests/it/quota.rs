@@ -3,8 +3,8 @@
 //! 0.01 (60 exchanges a minute, one a second, at most 10 per pass), so the budget shows at the
 //! scale of a test.
 //!
-//! The fake's call counts are global and the test reads their timing, so this module has a
-//! control plane, fake and operator of its own, and one test.
+//! The fake's call counts are global and the tests read their timing, so each test has a control
+//! plane, fake and operator of its own.
 
 use std::{
     collections::BTreeMap,
@@ -192,4 +192,58 @@ async fn exchanges_are_spread_over_the_interval_within_the_quota_share_and_a_cha
             took.as_secs_f64()
         ),
     );
+}
+
+/// One probe at a time, each pass deferring exchanges (forty KSAs, ten a pass at one a second):
+/// every probe still gets its turn, first come, first served.
+static TURNS: Private = Private::new(
+    "quota_turns",
+    Setup {
+        operator_args: &["--google-retry-deadline=8s", "--google-quota-share=0.01", "--concurrency=1"],
+        ..Setup::DEFAULT
+    },
+);
+
+#[tokio::test]
+async fn probes_whose_passes_keep_requeueing_do_not_starve_the_others() {
+    let env = TURNS.get();
+    trust_cluster(&env);
+    let client = env.client().await;
+    let id = unique("turns");
+    let email = format!("{}@acme-prod.iam.gserviceaccount.com", unique("turns"));
+    let mut members = vec![];
+    let probes: Vec<String> = (0..3).map(|i| format!("{id}-{i}")).collect();
+    for probe in &probes {
+        for _ in 0..40 {
+            let ns = env.namespace(&client, "turns", &[("team", probe.as_str())]).await;
+            service_account(&client, &ns, "app", Some(&email)).await;
+            members.push(member(&ns, "app"));
+        }
+    }
+    env.fake.update(|s| s.service_accounts.push(gsa(&email, members, true)));
+    let started = Instant::now();
+    for probe in &probes {
+        let spec = gke_spec(
+            "team",
+            probe,
+            json!({
+                "identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "prod-1"}},
+                "targets": [{"resource": BUCKET, "permissions": ["storage.objects.get"]}],
+                "probe": {"tokenExchange": true, "interval": "10m", "tokenExchangeInterval": "1h"}
+            }),
+        );
+        apply_probe(&client, probe, spec).await;
+    }
+    // Each pass runs ten exchanges (about ten seconds) and asks for the next at once, for the
+    // four passes of its sweep. In turn, the three have a complete first status within 80 s; a
+    // probe that kept winning would take its whole sweep first.
+    let mut firsts = vec![];
+    for probe in &probes {
+        env.wait_for_within(&client, probe, "a complete first status", Duration::from_secs(80), |p| {
+            p.status.as_ref().and_then(|s| s.summary.as_ref()).is_some_and(|s| s.service_accounts == 40)
+        })
+        .await;
+        firsts.push(started.elapsed());
+    }
+    support::report("quota", &format!("three probes at --concurrency 1, each first status after {firsts:?}"));
 }
