@@ -56,6 +56,20 @@ fn gsa(email: &str, members: Vec<String>, reads: bool) -> ServiceAccount {
     }
 }
 
+/// A GKE probe over the `team=<team>` namespaces with the live chain every
+/// `token_exchange_interval` (the mapping checks every 10 minutes) and the bucket as its target.
+fn chain_spec(team: &str, token_exchange_interval: &str) -> serde_json::Value {
+    gke_spec(
+        "team",
+        team,
+        json!({
+            "identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "prod-1"}},
+            "targets": [{"resource": BUCKET, "permissions": ["storage.objects.get"]}],
+            "probe": {"tokenExchange": true, "interval": "10m", "tokenExchangeInterval": token_exchange_interval}
+        }),
+    )
+}
+
 fn live_verified(p: &AuthProbe) -> Option<u32> {
     p.status.as_ref()?.summary.as_ref()?.live_verified
 }
@@ -105,16 +119,7 @@ async fn exchanges_are_spread_over_the_interval_within_the_quota_share_and_a_cha
     env.fake.update(|s| s.service_accounts.push(gsa(&main, members, true)));
 
     let (samples, sampler) = sample(&env);
-    let spec = gke_spec(
-        "team",
-        &id,
-        json!({
-            "identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "prod-1"}},
-            "targets": [{"resource": BUCKET, "permissions": ["storage.objects.get"]}],
-            "probe": {"tokenExchange": true, "interval": "10m", "tokenExchangeInterval": "1m"}
-        }),
-    );
-    apply_probe(&client, &id, spec).await;
+    apply_probe(&client, &id, chain_spec(&id, "1m")).await;
 
     // Every KSA is verified live within the window, never verified ones first.
     let probe = env.wait_for(&client, &id, "liveVerified 12", |p| live_verified(p) == Some(12)).await;
@@ -223,16 +228,7 @@ async fn probes_whose_passes_keep_requeueing_do_not_starve_the_others() {
     env.fake.update(|s| s.service_accounts.push(gsa(&email, members, true)));
     let started = Instant::now();
     for probe in &probes {
-        let spec = gke_spec(
-            "team",
-            probe,
-            json!({
-                "identity": {"gke": {"clusterLocation": "us-central1", "clusterName": "prod-1"}},
-                "targets": [{"resource": BUCKET, "permissions": ["storage.objects.get"]}],
-                "probe": {"tokenExchange": true, "interval": "10m", "tokenExchangeInterval": "1h"}
-            }),
-        );
-        apply_probe(&client, probe, spec).await;
+        apply_probe(&client, probe, chain_spec(probe, "1h")).await;
     }
     // Each pass runs ten exchanges (about ten seconds) and asks for the next at once, for the
     // four passes of its sweep. In turn, the three have a complete first status within 80 s; a
