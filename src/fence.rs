@@ -55,6 +55,16 @@ impl Fence {
         }
     }
 
+    /// Resolves when the fence, as it stands now, stops holding (never for a replica without
+    /// leader election), so whoever waits on it learns of the end at the moment it comes.
+    pub async fn lapsed(&self) {
+        match self.holds_now() {
+            Holds::Never => {}
+            Holds::Always => std::future::pending().await,
+            Holds::Until(until) => tokio::time::sleep_until(until.into()).await,
+        }
+    }
+
     /// The replica leads until `until`; a new term when it did not lead before.
     pub fn extend_to(&self, until: Instant) {
         let was = {
@@ -111,5 +121,17 @@ mod tests {
         fence.extend_to(Instant::now() + Duration::from_secs(10));
         assert_eq!(*terms.borrow(), 3);
         assert!(Fence::always().holds_for(Duration::from_secs(3600)));
+    }
+
+    #[tokio::test]
+    async fn lapsed_resolves_when_the_fence_ends_and_never_without_election() {
+        let fence = Fence::standby();
+        let until = Instant::now() + Duration::from_millis(200);
+        fence.extend_to(until);
+        tokio::time::timeout(Duration::from_secs(10), fence.lapsed()).await.expect("the fence lapses");
+        assert!(Instant::now() >= until && !fence.holds());
+        let always = Fence::always();
+        let never = tokio::time::timeout(Duration::from_millis(300), always.lapsed()).await;
+        assert!(never.is_err(), "a replica without election never lapses");
     }
 }

@@ -238,6 +238,11 @@ impl Candidate {
         }
     }
 
+    fn expired(&self) -> TermEnded {
+        tracing::warn!(lease = %self.name, "no renewal succeeded in time: stopped acting");
+        TermEnded::Expired
+    }
+
     /// Renews the lease until asked to release it or the term ends.
     async fn hold(self, mut lease: Lease, mut release: oneshot::Receiver<()>) -> Result<(), TermEnded> {
         let mut attempt = 0;
@@ -257,12 +262,16 @@ impl Candidate {
                     return Ok(());
                 }
                 () = tokio::time::sleep_until(next) => {}
+                () = self.fence.lapsed() => return Err(self.expired()),
             }
-            if !self.fence.holds() {
-                tracing::warn!(lease = %self.name, "no renewal succeeded in time: stopped acting");
-                return Err(TermEnded::Expired);
-            }
-            match self.write(&self.held(Some(&lease), Timestamp::now(), false), false).await {
+            // A renewal that hangs past the fence ends the term when the fence does, not when the
+            // call gives up.
+            let request = self.held(Some(&lease), Timestamp::now(), false);
+            let renewal = tokio::select! {
+                renewal = self.write(&request, false) => renewal,
+                () = self.fence.lapsed() => return Err(self.expired()),
+            };
+            match renewal {
                 Ok(renewed) => {
                     lease = renewed;
                     attempt = 0;
