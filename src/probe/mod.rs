@@ -198,11 +198,12 @@ pub async fn evaluate(
     // the age of a cached exchange it may reuse.
     let chain = services.chain.filter(|_| plan.token_exchange);
     let ready: Vec<&Prepared> = prepared.iter().filter_map(|(_, p, _)| p.as_ref().ok()).collect();
+    let shared = SharedInputs::of(&gsas, provider.as_deref(), cluster.as_ref());
     let fingerprints: Vec<Option<u64>> = ready
         .iter()
         .map(|p| {
             let ran_by = workloads.get(&(p.ksa.namespace.clone(), p.ksa.name.clone()));
-            inputs(p, ran_by, &gsas, provider.as_deref(), cluster.as_ref())
+            inputs(p, ran_by, &shared)
         })
         .collect();
     let ready_keys: Vec<(String, String)> =
@@ -400,31 +401,53 @@ pub async fn evaluate(
     }
 }
 
+/// Fingerprints of the inputs many KSAs share, each taken once per pass: a GSA's account and
+/// policy (whose bindings can name hundreds of members), and the provider and cluster keys.
+/// Taken per KSA instead, they were most of a pass's CPU at 10k namespaces.
+struct SharedInputs<'a> {
+    /// Per GSA whose account and policy could be read.
+    gsas: HashMap<&'a GsaEmail, u64>,
+    /// The provider and the cluster's keys (Federation); `None` while either could not be read.
+    federation: Option<u64>,
+}
+
+impl<'a> SharedInputs<'a> {
+    fn of(
+        gsas: &'a BTreeMap<GsaEmail, Arc<GsaFacts>>,
+        provider: Option<&crate::engine::ProviderFacts>,
+        cluster: Option<&Result<crate::engine::facts::ClusterIssuer, crate::engine::facts::FetchFailure>>,
+    ) -> Self {
+        let gsas = gsas
+            .iter()
+            .filter_map(|(gsa, facts)| {
+                let (account, policy) = (facts.account.as_ref().ok()?, facts.policy.as_ref().ok()?);
+                Some((gsa, inputs_fingerprint(&[&account, &policy])))
+            })
+            .collect();
+        let federation = (|| {
+            let provider = match provider {
+                Some(f) => Some((f.pool.as_ref().ok()?, f.provider.as_ref().ok()?)),
+                None => None,
+            };
+            let cluster = match cluster {
+                Some(c) => Some(c.as_ref().ok()?),
+                None => None,
+            };
+            Some(inputs_fingerprint(&[&provider, &cluster]))
+        })();
+        Self { gsas, federation }
+    }
+}
+
 /// What a KSA's live verdict depends on (the workloads running as it among them: a fixed
 /// workload is verified live at once), or `None` while some of it could not be read.
-fn inputs(
-    p: &Prepared,
-    workloads: Option<&Vec<Arc<Workload>>>,
-    gsas: &BTreeMap<GsaEmail, Arc<GsaFacts>>,
-    provider: Option<&crate::engine::ProviderFacts>,
-    cluster: Option<&Result<crate::engine::facts::ClusterIssuer, crate::engine::facts::FetchFailure>>,
-) -> Option<u64> {
+fn inputs(p: &Prepared, workloads: Option<&Vec<Arc<Workload>>>, shared: &SharedInputs<'_>) -> Option<u64> {
     let gsa = match &p.gsa {
-        Some(g) => {
-            let facts = gsas.get(g)?;
-            Some((facts.account.as_ref().ok()?, facts.policy.as_ref().ok()?))
-        }
+        Some(g) => Some(*shared.gsas.get(g)?),
         None => None,
     };
-    let provider = match provider {
-        Some(f) => Some((f.pool.as_ref().ok()?, f.provider.as_ref().ok()?)),
-        None => None,
-    };
-    let cluster = match cluster {
-        Some(c) => Some(c.as_ref().ok()?),
-        None => None,
-    };
-    Some(inputs_fingerprint(&[&p.ksa.uid, &p.ksa.gsa_annotation, &workloads, &gsa, &provider, &cluster]))
+    let federation = shared.federation?;
+    Some(inputs_fingerprint(&[&p.ksa.uid, &p.ksa.gsa_annotation, &workloads, &gsa, &federation]))
 }
 
 /// Each static-passed KSA's workloads (those of its namespace running as it), when the probe

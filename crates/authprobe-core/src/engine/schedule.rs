@@ -257,11 +257,22 @@ impl LiveLedger {
 
 /// A fingerprint of what a KSA's live verdict depends on, from their `Debug` forms: its UID and
 /// annotation, its GSA's account and policy, the provider and the cluster's keys (Federation).
+/// The forms are streamed into the hasher, never built as strings: a policy's can be kilobytes.
 pub fn inputs_fingerprint(parts: &[&dyn std::fmt::Debug]) -> u64 {
-    use std::hash::{Hash, Hasher};
+    use std::{fmt::Write, hash::Hasher};
+    struct Streamed<'h>(&'h mut std::collections::hash_map::DefaultHasher);
+    impl Write for Streamed<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.write(s.as_bytes());
+            Ok(())
+        }
+    }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for part in parts {
-        format!("{part:?}").hash(&mut hasher);
+        // Writing to the hasher cannot fail.
+        let _ = write!(Streamed(&mut hasher), "{part:?}");
+        // Where one part ends, so ("ab", "c") and ("a", "bc") differ.
+        hasher.write_u8(0xff);
     }
     hasher.finish()
 }
@@ -493,5 +504,18 @@ mod tests {
             }
             assert_eq!(free.live_verified(&w, c.every, t(now)), 3000, "at {now}");
         }
+    }
+
+    #[test]
+    fn a_fingerprint_sees_any_change_in_any_part_and_where_parts_end() {
+        let members: Vec<String> =
+            (0..300).map(|i| format!("serviceAccount:p.svc.id.goog[ns-{i}/app]")).collect();
+        let mut one_more = members.clone();
+        one_more[299].push('x');
+        let uid = "0f6c1f4e-6a2b-4a4e-9d0b-2b1f5f7d3c11";
+        assert_eq!(inputs_fingerprint(&[&uid, &members]), inputs_fingerprint(&[&uid, &members.clone()]));
+        assert_ne!(inputs_fingerprint(&[&uid, &members]), inputs_fingerprint(&[&uid, &one_more]));
+        assert_ne!(inputs_fingerprint(&[&12, &3]), inputs_fingerprint(&[&1, &23]));
+        assert_ne!(inputs_fingerprint(&[&None::<u64>]), inputs_fingerprint(&[&Some(0u64)]));
     }
 }
