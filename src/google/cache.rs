@@ -12,6 +12,10 @@ use tokio::sync::OnceCell;
 
 /// By default entries older than this are dropped when new ones arrive (longer than the longest interval).
 const EVICT_AFTER: Duration = Duration::from_secs(25 * 3600);
+/// Expired entries are dropped at most this many times per eviction age, not on every new key: a
+/// scan of every entry per new key made the exchange cache quadratic (at 10k × 3 with the live
+/// chain, 30,000 entries scanned for each of 500 exchanges a minute).
+const SWEEPS_PER_EVICTION: u32 = 64;
 /// Keys come from untrusted input (annotations name GSAs): beyond this many entries the older
 /// half is dropped, whatever their age (far above 10,000 namespaces × 3 KSAs).
 const MAX_ENTRIES: usize = 1 << 17;
@@ -22,10 +26,17 @@ struct Slot<V> {
     value: OnceCell<V>,
 }
 
+#[derive(Debug)]
+struct Slots<K, V> {
+    by_key: HashMap<K, Arc<Slot<V>>>,
+    /// When expired entries are dropped next.
+    next_sweep: Instant,
+}
+
 /// Values by key, each fetched at most once per `max_age`.
 #[derive(Debug)]
 pub struct FetchCache<K, V> {
-    slots: Mutex<HashMap<K, Arc<Slot<V>>>>,
+    slots: Mutex<Slots<K, V>>,
     evict_after: Duration,
     max_entries: usize,
 }
@@ -39,7 +50,8 @@ impl<K, V> Default for FetchCache<K, V> {
 impl<K, V> FetchCache<K, V> {
     /// A cache that drops entries older than `evict_after` whenever it is used.
     pub fn evicting_after(evict_after: Duration) -> Self {
-        Self { slots: Mutex::new(HashMap::new()), evict_after, max_entries: MAX_ENTRIES }
+        let slots = Slots { by_key: HashMap::new(), next_sweep: Instant::now() };
+        Self { slots: Mutex::new(slots), evict_after, max_entries: MAX_ENTRIES }
     }
 }
 
@@ -73,20 +85,24 @@ impl<K: Eq + Hash + Clone, V: Clone> FetchCache<K, V> {
                 None => true,
                 Some(v) => slot.started.elapsed() < max_age && fresh(v),
             };
-            match slots.get(key) {
+            match slots.by_key.get(key) {
                 Some(slot) if reusable(slot) => (slot.clone(), None),
                 existing => {
                     let previous = existing.and_then(|s| s.value.get().cloned());
-                    let evict_after = self.evict_after;
-                    slots.retain(|_, s| s.started.elapsed() < evict_after);
-                    if slots.len() >= self.max_entries {
-                        let mut ages: Vec<Instant> = slots.values().map(|s| s.started).collect();
+                    let now = Instant::now();
+                    if now >= slots.next_sweep {
+                        let evict_after = self.evict_after;
+                        slots.by_key.retain(|_, s| now.duration_since(s.started) < evict_after);
+                        slots.next_sweep = now + evict_after / SWEEPS_PER_EVICTION;
+                    }
+                    if slots.by_key.len() >= self.max_entries {
+                        let mut ages: Vec<Instant> = slots.by_key.values().map(|s| s.started).collect();
                         ages.sort_unstable();
                         let cutoff = ages[ages.len() / 2];
-                        slots.retain(|_, s| s.started > cutoff);
+                        slots.by_key.retain(|_, s| s.started > cutoff);
                     }
-                    let slot = Arc::new(Slot { started: Instant::now(), value: OnceCell::new() });
-                    slots.insert(key.clone(), slot.clone());
+                    let slot = Arc::new(Slot { started: now, value: OnceCell::new() });
+                    slots.by_key.insert(key.clone(), slot.clone());
                     (slot, previous)
                 }
             }
@@ -133,8 +149,26 @@ mod tests {
         for key in 0..1000 {
             cache.get(&key, hour, async { 1 }).await;
         }
-        let kept = cache.slots.lock().unwrap().len();
+        let kept = cache.slots.lock().unwrap().by_key.len();
         assert!(kept <= 100, "{kept} entries kept");
-        assert!(cache.slots.lock().unwrap().contains_key(&999), "the newest stay");
+        assert!(cache.slots.lock().unwrap().by_key.contains_key(&999), "the newest stay");
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_dropped_by_the_next_sweep() {
+        let evict_after = Duration::from_millis(640);
+        let cache: FetchCache<u32, u32> = FetchCache::evicting_after(evict_after);
+        let keys = |cache: &FetchCache<u32, u32>| {
+            let mut k: Vec<u32> = cache.slots.lock().unwrap().by_key.keys().copied().collect();
+            k.sort_unstable();
+            k
+        };
+        cache.get(&1, evict_after, async { 1 }).await;
+        tokio::time::sleep(evict_after).await;
+        // The first key's sweep was due at once: the next is an eviction age / 64 later.
+        cache.get(&2, evict_after, async { 2 }).await;
+        assert_eq!(keys(&cache), [2], "an entry older than the eviction age is dropped");
+        cache.get(&3, evict_after, async { 3 }).await;
+        assert_eq!(keys(&cache), [2, 3], "a young entry stays");
     }
 }
