@@ -71,7 +71,7 @@ static-mimalloc: ## The static binary with mimalloc as its allocator (cargo feat
 MIMALLOC ?=
 
 .PHONY: bench
-bench: tools ## Benchmarks at 1,000 and 10,000 namespaces (with one Deployment per KSA, the musl binary, and the live chain over an hour) next to a naive checker (~75 min; not part of make test)
+bench: tools ## Benchmarks at 1,000 and 10,000 namespaces (with one Deployment per KSA, the musl binary, and the live chain over an hour) next to a naive checker (75 min to 2 h; not part of make test)
 	command -v jq >/dev/null || tools/apt-install.sh jq
 	$(CARGO) build --locked --release -p authprobe --bin authprobe
 	$(CARGO) build --locked --release -p authprobe-bench
