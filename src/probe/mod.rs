@@ -403,7 +403,8 @@ pub async fn evaluate(
 
 /// Fingerprints of the inputs many KSAs share, each taken once per pass: a GSA's account and
 /// policy (whose bindings can name hundreds of members), and the provider and cluster keys.
-/// Taken per KSA instead, they were most of a pass's CPU at 10k namespaces.
+/// Taken per KSA instead, their formatting and its allocations were the largest share of the
+/// musl operator's CPU with the chain at 10k namespaces (BENCHMARKS.md, "Where the CPU went").
 struct SharedInputs<'a> {
     /// Per GSA whose account and policy could be read.
     gsas: HashMap<&'a GsaEmail, u64>,
